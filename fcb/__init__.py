@@ -1,0 +1,57 @@
+"""fcb: functional, pure-state training callbacks for JAX and PyTorch."""
+
+import importlib.metadata
+
+from . import _monitor as monitor
+from ._chain import Chain as Chain, NamedChain as NamedChain, chain as chain, named_chain as named_chain
+from ._core import (
+    NO_STEP as NO_STEP,
+    ActionNames as ActionNames,
+    Actions as Actions,
+    Callback as Callback,
+    Metrics as Metrics,
+    StopReason as StopReason,
+    merge_actions as merge_actions,
+)
+from ._early_stopping import EarlyStopping as EarlyStopping, EarlyStoppingState as EarlyStoppingState
+from ._errors import (
+    ConfigChangedWarning as ConfigChangedWarning,
+    ConfigError as ConfigError,
+    MetricShapeError as MetricShapeError,
+    MetricTypeError as MetricTypeError,
+    MissingMetricError as MissingMetricError,
+    StateDictError as StateDictError,
+)
+from ._monitor import Outcome as Outcome
+from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
+
+try:
+    __version__ = importlib.metadata.version("fcb")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "NO_STEP",
+    "ActionNames",
+    "Actions",
+    "Callback",
+    "Chain",
+    "ConfigChangedWarning",
+    "ConfigError",
+    "EarlyStopping",
+    "EarlyStoppingState",
+    "MetricShapeError",
+    "MetricTypeError",
+    "Metrics",
+    "MissingMetricError",
+    "NamedChain",
+    "Outcome",
+    "StateDictError",
+    "StopReason",
+    "chain",
+    "load_state_dict",
+    "merge_actions",
+    "monitor",
+    "named_chain",
+    "state_dict",
+]

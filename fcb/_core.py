@@ -1,0 +1,200 @@
+"""Callback, Actions and StopReason: the contract between pure callbacks and adapters."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple, TypeAlias
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+Metrics: TypeAlias = Mapping[str, ArrayLike]
+"""A mapping from metric name to a scalar (Python number, NumPy or JAX scalar)."""
+
+StepLike: TypeAlias = int | Int[ArrayLike, ""]
+"""A step counter: a Python int or an integer scalar array."""
+
+NO_STEP = -1
+"""The step recorded for a slot, or a stop, that has not happened."""
+
+
+class StopReason(enum.IntEnum):
+    """Why a callback asked training to stop. `Actions.stop_reason` holds one of these codes.
+
+    Each member carries a human-readable message:
+
+    >>> fcb.StopReason.PATIENCE.message
+    'the monitored metric did not improve for `patience` consecutive checks'
+    >>> fcb.StopReason(0).name
+    'NONE'
+    """
+
+    NONE = 0
+    NON_FINITE = 1
+    STOPPING_THRESHOLD = 2
+    DIVERGENCE_THRESHOLD = 3
+    PATIENCE = 4
+    TERMINATE_ON_NAN = 5
+
+    @property
+    def message(self) -> str:
+        return _STOP_MESSAGES[self]
+
+
+_STOP_MESSAGES = {
+    StopReason.NONE: "training was not stopped",
+    StopReason.NON_FINITE: "the monitored metric is NaN or infinite (check_finite=True)",
+    StopReason.STOPPING_THRESHOLD: "the monitored metric reached `stopping_threshold`",
+    StopReason.DIVERGENCE_THRESHOLD: "the monitored metric crossed `divergence_threshold`",
+    StopReason.PATIENCE: "the monitored metric did not improve for `patience` consecutive checks",
+    StopReason.TERMINATE_ON_NAN: "a watched value is NaN or infinite (TerminateOnNaN)",
+}
+
+
+class ActionNames(NamedTuple):
+    """The names of the slots, log scalars and events a callback emits (static)."""
+
+    slots: tuple[str, ...] = ()
+    log: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+
+
+class Actions(eqx.Module):
+    """What a callback asks the outside world to do after one check.
+
+    A pytree of arrays: it crosses `jax.jit`, `lax.scan` and `jax.vmap` (under `vmap` every
+    field gains the leading configuration axis). Adapters read it and act on it.
+
+    Attributes:
+        stop: bool scalar. Training must stop at the next boundary.
+        stop_reason: int32 scalar holding a [`fcb.StopReason`][] code (`NONE` when not stopping).
+        save: bool scalar. The current step must be written, because at least one slot now
+            holds it. A step held by several slots is written once.
+        slots: slot name -> int32 step that slot must hold after this call (`-1`: empty).
+            The adapter keeps exactly the steps named here and may delete any other.
+        slot_values: slot name -> float32 metric value of the step the slot holds (NaN when
+            empty), for manifests and summaries.
+        lr_scale: float32 scalar. Multiply the learning rate by this now (1.0 = unchanged).
+        log: name -> float32 scalar to log.
+        events: name -> bool scalar, whether the named event happened at this check
+            (for example a new best, a missing metric, or VRAM drift).
+
+    >>> a = fcb.Actions.no_actions(fcb.ActionNames(events=("improved",)))
+    >>> bool(a.stop), float(a.lr_scale), sorted(a.events)
+    (False, 1.0, ['improved'])
+    """
+
+    stop: Bool[Array, ""]
+    stop_reason: Int[Array, ""]
+    save: Bool[Array, ""]
+    slots: dict[str, Int[Array, ""]]
+    slot_values: dict[str, Float[Array, ""]]
+    lr_scale: Float[Array, ""]
+    log: dict[str, Float[Array, ""]]
+    events: dict[str, Bool[Array, ""]]
+
+    @classmethod
+    def no_actions(cls, names: ActionNames = ActionNames()) -> Actions:
+        """Actions that ask for nothing, with every name in `names` present and inactive."""
+        return cls(
+            stop=jnp.asarray(False),
+            stop_reason=jnp.asarray(StopReason.NONE, jnp.int32),
+            save=jnp.asarray(False),
+            slots={n: jnp.asarray(NO_STEP, jnp.int32) for n in names.slots},
+            slot_values={n: jnp.asarray(jnp.nan, jnp.float32) for n in names.slots},
+            lr_scale=jnp.asarray(1.0, jnp.float32),
+            log={n: jnp.asarray(jnp.nan, jnp.float32) for n in names.log},
+            events={n: jnp.asarray(False) for n in names.events},
+        )
+
+    def stop_message(self) -> str:
+        """The human message of `stop_reason` (concrete, unbatched actions only)."""
+        return StopReason(int(self.stop_reason)).message
+
+
+def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = None) -> Actions:
+    """Merge the actions of several callbacks, as `fcb.chain` does.
+
+    Rules: `stop` is any; `stop_reason` is that of the first stopping callback in order;
+    `save` is any; `lr_scale` is the product; slots, log scalars and events are unioned (their
+    names are checked unique when the chain is built). With `prefixes`, log and event names of
+    the i-th actions are prefixed with `prefixes[i] + "/"`.
+    """
+    actions = list(actions)
+    prefix_list = [""] * len(actions) if prefixes is None else [p + "/" for p in prefixes]
+    if not actions:
+        return Actions.no_actions()
+    stop = jnp.asarray(False)
+    stop_reason = jnp.asarray(StopReason.NONE, jnp.int32)
+    save = jnp.asarray(False)
+    lr_scale = jnp.asarray(1.0, jnp.float32)
+    slots: dict[str, Any] = {}
+    slot_values: dict[str, Any] = {}
+    log: dict[str, Any] = {}
+    events: dict[str, Any] = {}
+    for prefix, a in zip(prefix_list, actions, strict=True):
+        stop_reason = jnp.where(stop, stop_reason, jnp.where(a.stop, a.stop_reason, stop_reason))
+        stop = stop | a.stop
+        save = save | a.save
+        lr_scale = lr_scale * a.lr_scale
+        slots.update(a.slots)
+        slot_values.update(a.slot_values)
+        log.update({prefix + k: v for k, v in a.log.items()})
+        events.update({prefix + k: v for k, v in a.events.items()})
+    return Actions(stop, stop_reason, save, slots, slot_values, lr_scale, log, events)
+
+
+class Callback(eqx.Module):
+    """Base class of every fcb callback: a pure `(state, metrics) -> (state, actions)` function.
+
+    Subclasses override only what they need; the defaults do nothing:
+
+    - `init()` returns the initial state (a pytree of arrays; default: empty tuple).
+    - `__call__(state, metrics, *, step)` runs one check and returns `(state, actions)`.
+    - `finalize(state)` runs once at the end of training and returns `(state, actions)`.
+    - `action_names()` declares the slot, log and event names the callback emits, so that
+      chains can check them for clashes when built.
+
+    Configuration lives on the callback (an `equinox.Module`); numeric hyperparameters are
+    array leaves, so a stack of callbacks can be `jax.vmap`-ed. State is a separate pytree.
+
+    >>> class CountChecks(fcb.Callback):
+    ...     def init(self):
+    ...         return jnp.asarray(0, jnp.int32)
+    ...     def __call__(self, state, metrics, *, step):
+    ...         return state + 1, self.no_actions()
+    >>> cb = CountChecks()
+    >>> state, actions = cb(cb.init(), {"loss": 1.0}, step=0)
+    >>> int(state), bool(actions.stop)
+    (1, False)
+    """
+
+    def __check_init__(self) -> None:
+        if type(self) is Callback:
+            raise TypeError(
+                "fcb.Callback is abstract: subclass it and override `init`, `__call__` or "
+                "`finalize`, or use a concrete callback such as fcb.EarlyStopping."
+            )
+
+    def init(self) -> Any:
+        """The initial state."""
+        return ()
+
+    def __call__(self, state: Any, metrics: Metrics, *, step: StepLike) -> tuple[Any, Actions]:
+        """One check. Pure: returns the new state and the actions; changes nothing."""
+        del metrics, step
+        return state, self.no_actions()
+
+    def finalize(self, state: Any) -> tuple[Any, Actions]:
+        """Called once when training ends (for summaries)."""
+        return state, self.no_actions()
+
+    def action_names(self) -> ActionNames:
+        """The static names of the slots, log scalars and events this callback emits."""
+        return ActionNames()
+
+    def no_actions(self) -> Actions:
+        """Inactive actions carrying this callback's declared names."""
+        return Actions.no_actions(self.action_names())

@@ -1,0 +1,221 @@
+"""state_dict / load_state_dict: versioned, JSON-safe snapshots of callback state."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._core import Callback
+from ._errors import ConfigChangedWarning, StateDictError
+
+FORMAT = "fcb.state_dict"
+VERSION = 1
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _json_number(x: Any) -> Any:
+    """A Python scalar with non-finite floats spelled as strings, so strict JSON holds them."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _encode_values(array: np.ndarray) -> Any:
+    values = array.tolist()
+    if array.ndim == 0:
+        return _json_number(values)
+    return jax.tree_util.tree_map(_json_number, values)
+
+
+def _decode_values(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_decode_values(v) for v in values]
+    if isinstance(values, str):
+        if values not in _NON_FINITE:
+            raise ValueError(f"unexpected string {values!r}")
+        return _NON_FINITE[values]
+    return values
+
+
+def describe(tree: Any) -> str:
+    """A readable structural type of a state pytree, e.g. `(EarlyStoppingState, ())`."""
+    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
+        return "(" + ", ".join(describe(t) for t in tree) + ")"
+    if isinstance(tree, list):
+        return "[" + ", ".join(describe(t) for t in tree) + "]"
+    if isinstance(tree, Mapping):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in sorted(tree.items())) + "}"
+    if tree is None:
+        return "None"
+    if dataclasses.is_dataclass(tree) or hasattr(tree, "_fields"):
+        return type(tree).__name__
+    return "array"
+
+
+def _leaves(tree: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+
+
+def encode_config(callback: Callback) -> dict[str, Any]:
+    """The callback's configuration as plain JSON-safe values, field by field."""
+    config: dict[str, Any] = {}
+    for field in dataclasses.fields(callback):
+        config[field.name] = _encode_config_value(getattr(callback, field.name))
+    return config
+
+
+def _encode_config_value(value: Any) -> Any:
+    if isinstance(value, Callback):
+        return {"callback": type(value).__name__, "config": encode_config(value)}
+    if isinstance(value, (tuple, list)):
+        return [_encode_config_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode_config_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return _json_number(value)
+    try:
+        return _encode_values(np.asarray(value))
+    except Exception:
+        return repr(value)
+
+
+def state_dict(state: Any, callback: Callback | None = None) -> dict[str, Any]:
+    """A JSON-safe snapshot of a callback state.
+
+    The result holds plain Python values only (non-finite floats are spelled `"nan"`, `"inf"`,
+    `"-inf"`), so it survives `json.dumps` / `json.loads` exactly. It records the format
+    version, the state's structure, and every leaf's dtype, shape and value. Pass the
+    `callback` to record its type and config too, so that loading can warn about changes.
+
+    >>> es = fcb.EarlyStopping(monitor="val_loss", patience=2)
+    >>> state, _ = es(es.init(), {"val_loss": 0.3}, step=0)
+    >>> d = json.loads(json.dumps(fcb.state_dict(state, es)))
+    >>> restored = fcb.load_state_dict(es, d)
+    >>> float(restored.best), int(restored.best_step)
+    (0.30000001192092896, 0)
+    """
+    leaves = {}
+    for path, leaf in _leaves(state).items():
+        array = np.asarray(leaf)
+        leaves[path] = {
+            "dtype": str(array.dtype),
+            "shape": list(array.shape),
+            "value": _encode_values(array),
+        }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "callback": None if callback is None else type(callback).__name__,
+        "config": None if callback is None else encode_config(callback),
+        "state": {"type": describe(state), "leaves": leaves},
+    }
+
+
+def _flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(_flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(config, list) and any(isinstance(v, (Mapping, list)) for v in config):
+        out = {}
+        for i, value in enumerate(config):
+            out.update(_flatten_config(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: config}
+
+
+def _warn_config_changes(callback: Callback, saved: Any) -> None:
+    current = _flatten_config(encode_config(callback))
+    before = _flatten_config(saved)
+    name = type(callback).__name__
+    for key in sorted(set(current) | set(before)):
+        if current.get(key, "<absent>") != before.get(key, "<absent>"):
+            warnings.warn(
+                f"{name}: the state dict was saved with {key} = {before.get(key, '<absent>')!r}, "
+                f"the current config has {key} = {current.get(key, '<absent>')!r}; the current "
+                f"config is used.",
+                ConfigChangedWarning,
+                stacklevel=3,
+            )
+
+
+def load_state_dict(callback: Callback, state_dict: Mapping[str, Any]) -> Any:
+    """Rebuild a state of `callback` from [`fcb.state_dict`][]'s output.
+
+    Checks the format version, the callback type, the state structure, and every leaf's shape
+    and dtype, and raises [`fcb.StateDictError`][] listing every mismatch. When the saved config
+    differs from `callback`'s, the current config wins and a [`fcb.ConfigChangedWarning`][]
+    names each differing field.
+    """
+    name = type(callback).__name__
+    if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
+        raise StateDictError(
+            f"{name}: expected a dict made by fcb.state_dict (with format {FORMAT!r}), got "
+            f"{type(state_dict).__name__}"
+            + (f" with format {state_dict.get('format')!r}" if isinstance(state_dict, Mapping) else "")
+            + "."
+        )
+    version = state_dict.get("version")
+    if version != VERSION:
+        raise StateDictError(
+            f"{name}: the state dict has format version {version!r}; this fcb reads version "
+            f"{VERSION}. Save it again with this fcb version, or load it with the fcb that wrote it."
+        )
+    saved_callback = state_dict.get("callback")
+    if saved_callback is not None and saved_callback != name:
+        raise StateDictError(
+            f"{name}: the state dict belongs to a {saved_callback} callback and cannot be loaded "
+            f"into {name}. Load it into a {saved_callback}, or start {name} from init()."
+        )
+    template = callback.init()
+    saved_state = state_dict.get("state")
+    if not isinstance(saved_state, Mapping) or not isinstance(saved_state.get("leaves"), Mapping):
+        raise StateDictError(f"{name}: the state dict has no 'state' with 'leaves'.")
+    expected_type, saved_type = describe(template), saved_state.get("type")
+    if saved_type != expected_type:
+        raise StateDictError(
+            f"{name}: the saved state has structure {saved_type!r}, this callback's state has "
+            f"{expected_type!r}. Was it saved from a callback with other options?"
+        )
+    template_leaves = _leaves(template)
+    saved_leaves = saved_state["leaves"]
+    problems = [f"missing leaf {p}" for p in template_leaves if p not in saved_leaves]
+    problems += [f"unexpected leaf {p}" for p in saved_leaves if p not in template_leaves]
+    loaded = []
+    for path, leaf in template_leaves.items():
+        if path not in saved_leaves:
+            continue
+        saved = saved_leaves[path]
+        expected = np.asarray(leaf)
+        if not isinstance(saved, Mapping) or not {"dtype", "shape", "value"} <= set(saved):
+            problems.append(f"{path}: expected a dict with dtype, shape and value, got {saved!r}")
+            continue
+        if saved["dtype"] != str(expected.dtype):
+            problems.append(f"{path}: dtype {saved['dtype']}, expected {expected.dtype}")
+        if list(saved["shape"]) != list(expected.shape):
+            problems.append(f"{path}: shape {tuple(saved['shape'])}, expected {expected.shape}")
+        try:
+            value = np.asarray(_decode_values(saved["value"]), dtype=expected.dtype)
+        except (TypeError, ValueError, OverflowError) as error:
+            problems.append(f"{path}: value {saved['value']!r} is not {expected.dtype} ({error})")
+            continue
+        if value.shape != expected.shape:
+            problems.append(f"{path}: value has shape {value.shape}, expected {expected.shape}")
+        loaded.append(jnp.asarray(value))
+    if problems:
+        raise StateDictError(f"{name}: the state dict does not fit this callback: " + "; ".join(problems) + ".")
+    if state_dict.get("config") is not None:
+        _warn_config_changes(callback, state_dict["config"])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), loaded)

@@ -1,0 +1,163 @@
+"""Validation of callback configuration and of metric values (host-side, at trace time)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from ._errors import ConfigError, MetricShapeError, MetricTypeError, MissingMetricError
+from ._monitor import MODES, THRESHOLD_MODES
+
+
+def concrete(value: Any) -> np.ndarray | None:
+    """`value` as a NumPy array, or None when it is traced (checked later, or not at all)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def check_choice(owner: str, field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        allowed = " or ".join(repr(c) for c in choices)
+        raise ConfigError(f"{owner}: `{field}` must be {allowed}, got {field} = {value!r}.")
+    return value
+
+
+def check_mode(owner: str, mode: Any, field: str = "mode") -> str:
+    return check_choice(owner, field, mode, MODES)
+
+
+def check_threshold_mode(owner: str, value: Any, field: str = "threshold_mode") -> str:
+    return check_choice(owner, field, value, THRESHOLD_MODES)
+
+
+def check_key(owner: str, field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"{owner}: `{field}` must be a non-empty metric name (str), got {field} = {value!r}."
+        )
+    return value
+
+
+def _reject_non_numeric(owner: str, field: str, value: Any) -> None:
+    if value is None or isinstance(value, (str, bytes)):
+        raise ConfigError(f"{owner}: `{field}` must be a number, got {field} = {value!r}.")
+
+
+def int_param(owner: str, field: str, value: Any, *, minimum: int) -> Array:
+    """An integer hyperparameter as an int32 array leaf (scalar, or batched for sweeps)."""
+    _reject_non_numeric(owner, field, value)
+    if isinstance(value, bool):
+        raise ConfigError(f"{owner}: `{field}` must be an integer, got {field} = {value!r}.")
+    array = concrete(value)
+    if array is not None:
+        if array.dtype.kind not in "iuf" or (
+            array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array)))
+        ):
+            raise ConfigError(f"{owner}: `{field}` must be an integer, got {field} = {value!r}.")
+        if np.any(array < minimum):
+            raise ConfigError(
+                f"{owner}: `{field}` must be an integer >= {minimum}, got {field} = {value!r}."
+            )
+    return jnp.asarray(value, jnp.int32)
+
+
+def float_param(
+    owner: str,
+    field: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    below: float | None = None,
+    allow_inf: bool = False,
+    hint: str = "",
+) -> Array:
+    """A real hyperparameter as a float32 array leaf, checked `minimum <= value < below`."""
+    _reject_non_numeric(owner, field, value)
+    array = concrete(value)
+    if array is not None:
+        if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
+            raise ConfigError(f"{owner}: `{field}` must be a real number, got {field} = {value!r}.")
+        bad = np.isnan(array) | (~np.isfinite(array) if not allow_inf else False)
+        if minimum is not None:
+            bad = bad | (array < minimum)
+        if below is not None:
+            bad = bad | (array >= below)
+        if np.any(bad):
+            parts = ["a finite number" if not allow_inf else "a number (not NaN)"]
+            if minimum is not None:
+                parts.append(f">= {minimum}")
+            if below is not None:
+                parts.append(f"< {below}")
+            raise ConfigError(
+                f"{owner}: `{field}` must be {' '.join(parts)}, got {field} = {value!r}.{hint}"
+            )
+    return jnp.asarray(value, jnp.float32)
+
+
+def optional_float_param(owner: str, field: str, value: Any, *, disabled: float) -> Array:
+    """A threshold that may be None; None becomes `disabled`, a value that never triggers."""
+    if value is None:
+        return jnp.asarray(disabled, jnp.float32)
+    return float_param(owner, field, value, allow_inf=True)
+
+
+def describe_keys(metrics: Mapping[str, Any]) -> str:
+    return "[" + ", ".join(repr(k) for k in sorted(map(str, metrics))) + "]"
+
+
+def check_metrics_mapping(owner: str, metrics: Any) -> None:
+    if not isinstance(metrics, Mapping):
+        raise MetricTypeError(
+            f"{owner}: metrics must be a mapping from name to scalar, got "
+            f"{type(metrics).__name__}: {metrics!r}. Pass a dict such as {{'val_loss': 0.25}}."
+        )
+
+
+def read_metric(owner: str, metrics: Any, key: str, *, strict: bool) -> Array | None:
+    """The metric `key` as a float32 scalar; None when absent and not `strict`."""
+    check_metrics_mapping(owner, metrics)
+    if key not in metrics:
+        if not strict:
+            return None
+        raise MissingMetricError(
+            f"{owner}: the monitored metric {key!r} is not in the metrics of this check; "
+            f"available keys: {describe_keys(metrics)}. Log {key!r} before this check, fix the "
+            f"monitored key, or pass strict=False to skip checks where it is absent."
+        )
+    return as_metric(owner, key, metrics[key])
+
+
+def as_metric(owner: str, key: str, value: Any) -> Array:
+    """A metric value as a float32 scalar array, with a clear error for anything else."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise MetricTypeError(
+            f"{owner}: metric {key!r} must be a real scalar, got {type(value).__name__}: "
+            f"{value!r}. Log a number, e.g. float(loss)."
+        )
+    if not isinstance(value, jax.Array):
+        try:
+            value = np.asarray(value)
+        except Exception as error:  # e.g. a torch tensor that requires grad
+            raise MetricTypeError(
+                f"{owner}: metric {key!r} cannot be read as a number "
+                f"({type(value).__name__}: {error}). Pass a float, e.g. loss.detach().item()."
+            ) from None
+    if value.dtype.kind not in "biuf":
+        raise MetricTypeError(
+            f"{owner}: metric {key!r} must be a real scalar, got dtype {value.dtype}: {value!r}."
+        )
+    if value.size != 1:
+        raise MetricShapeError(
+            f"{owner}: metric {key!r} must be a scalar, got shape {tuple(value.shape)}. "
+            f"Reduce it first, e.g. x.mean()."
+        )
+    return jnp.reshape(jnp.asarray(value, jnp.float32), ())
