@@ -12,6 +12,7 @@ from ._core import (
     Metrics as Metrics,
     StopReason as StopReason,
     merge_actions as merge_actions,
+    scaled_lr as scaled_lr,
 )
 from ._early_stopping import EarlyStopping as EarlyStopping, EarlyStoppingState as EarlyStoppingState
 from ._errors import (
@@ -53,5 +54,6 @@ __all__ = [
     "merge_actions",
     "monitor",
     "named_chain",
+    "scaled_lr",
     "state_dict",
 ]

@@ -77,6 +77,10 @@ class Actions(eqx.Module):
         slot_values: slot name -> float32 metric value of the step the slot holds (NaN when
             empty), for manifests and summaries.
         lr_scale: float32 scalar. Multiply the learning rate by this now (1.0 = unchanged).
+        min_lr: float32 scalar. The scaled learning rate is not taken below this (0.0 = no
+            floor). Adapters apply both with [`fcb.scaled_lr`][].
+        min_lr_change: float32 scalar. A change of the learning rate smaller than or equal to this
+            is skipped (torch's `eps`; 0.0 = apply every change).
         log: name -> float32 scalar to log.
         events: name -> bool scalar, whether the named event happened at this check
             (for example a new best, a missing metric, or VRAM drift).
@@ -92,6 +96,8 @@ class Actions(eqx.Module):
     slots: dict[str, Int[Array, ""]]
     slot_values: dict[str, Float[Array, ""]]
     lr_scale: Float[Array, ""]
+    min_lr: Float[Array, ""]
+    min_lr_change: Float[Array, ""]
     log: dict[str, Float[Array, ""]]
     events: dict[str, Bool[Array, ""]]
 
@@ -105,6 +111,8 @@ class Actions(eqx.Module):
             slots={n: jnp.asarray(NO_STEP, jnp.int32) for n in names.slots},
             slot_values={n: jnp.asarray(jnp.nan, jnp.float32) for n in names.slots},
             lr_scale=jnp.asarray(1.0, jnp.float32),
+            min_lr=jnp.asarray(0.0, jnp.float32),
+            min_lr_change=jnp.asarray(0.0, jnp.float32),
             log={n: jnp.asarray(jnp.nan, jnp.float32) for n in names.log},
             events={n: jnp.asarray(False) for n in names.events},
         )
@@ -118,7 +126,7 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
     """Merge the actions of several callbacks, as `fcb.chain` does.
 
     Rules: `stop` is any; `stop_reason` is that of the first stopping callback in order;
-    `save` is any; `lr_scale` is the product; slots, log scalars and events are unioned (their
+    `save` is any; `lr_scale` is the product; `min_lr` and `min_lr_change` the maximum; slots, log scalars and events are unioned (their
     names are checked unique when the chain is built). With `prefixes`, log and event names of
     the i-th actions are prefixed with `prefixes[i] + "/"`.
     """
@@ -130,6 +138,8 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
     stop_reason = jnp.asarray(StopReason.NONE, jnp.int32)
     save = jnp.asarray(False)
     lr_scale = jnp.asarray(1.0, jnp.float32)
+    min_lr = jnp.asarray(0.0, jnp.float32)
+    min_lr_change = jnp.asarray(0.0, jnp.float32)
     slots: dict[str, Any] = {}
     slot_values: dict[str, Any] = {}
     log: dict[str, Any] = {}
@@ -139,11 +149,41 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
         stop = stop | a.stop
         save = save | a.save
         lr_scale = lr_scale * a.lr_scale
+        min_lr = jnp.maximum(min_lr, a.min_lr)
+        min_lr_change = jnp.maximum(min_lr_change, a.min_lr_change)
         slots.update(a.slots)
         slot_values.update(a.slot_values)
         log.update({prefix + k: v for k, v in a.log.items()})
         events.update({prefix + k: v for k, v in a.events.items()})
-    return Actions(stop, stop_reason, save, slots, slot_values, lr_scale, log, events)
+    return Actions(
+        stop=stop,
+        stop_reason=stop_reason,
+        save=save,
+        slots=slots,
+        slot_values=slot_values,
+        lr_scale=lr_scale,
+        min_lr=min_lr,
+        min_lr_change=min_lr_change,
+        log=log,
+        events=events,
+    )
+
+
+def scaled_lr(lr: ArrayLike, actions: Actions) -> Array:
+    """The learning rate after applying `actions`: torch's `ReduceLROnPlateau` rule.
+
+    `new = max(lr * lr_scale, min(min_lr, lr))`, kept only when `|lr - new| > min_lr_change`;
+    otherwise `lr` is returned unchanged. The floor never raises a learning rate that is
+    already below it (as in torch). Works on Python floats, arrays and under `jit`.
+
+    >>> a = fcb.Actions.no_actions()
+    >>> float(fcb.scaled_lr(0.1, a))
+    0.1...
+    """
+    lr = jnp.asarray(lr)
+    floor = jnp.minimum(actions.min_lr, lr)
+    new = jnp.maximum(lr * actions.lr_scale, floor).astype(lr.dtype)
+    return jnp.where(jnp.abs(lr - new) > actions.min_lr_change, new, lr)
 
 
 class Callback(eqx.Module):

@@ -134,7 +134,7 @@ class EarlyStopping(Callback):
             best_step=jnp.full(jnp.shape(self.baseline), NO_STEP, jnp.int32),
             wait_count=jnp.zeros(jnp.shape(self.baseline), jnp.int32),
             stopped_step=jnp.full(jnp.shape(self.baseline), NO_STEP, jnp.int32),
-            stop_reason=jnp.full(jnp.shape(self.baseline), StopReason.NONE, jnp.int32),
+            stop_reason=jnp.full(jnp.shape(self.baseline), int(StopReason.NONE), jnp.int32),
         )
 
     def __call__(
