@@ -3,6 +3,10 @@
 import importlib.metadata
 
 from . import _monitor as monitor
+from ._best_checkpoint import (
+    BestCheckpoint as BestCheckpoint,
+    BestCheckpointState as BestCheckpointState,
+)
 from ._chain import Chain as Chain, NamedChain as NamedChain, chain as chain, named_chain as named_chain
 from ._core import (
     NO_STEP as NO_STEP,
@@ -23,7 +27,15 @@ from ._errors import (
     MissingMetricError as MissingMetricError,
     StateDictError as StateDictError,
 )
+from ._model_checkpoint import (
+    ModelCheckpoint as ModelCheckpoint,
+    ModelCheckpointState as ModelCheckpointState,
+)
 from ._monitor import Outcome as Outcome
+from ._reduce_lr_on_plateau import (
+    ReduceLROnPlateau as ReduceLROnPlateau,
+    ReduceLROnPlateauState as ReduceLROnPlateauState,
+)
 from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
 
 try:
@@ -35,6 +47,8 @@ __all__ = [
     "NO_STEP",
     "ActionNames",
     "Actions",
+    "BestCheckpoint",
+    "BestCheckpointState",
     "Callback",
     "Chain",
     "ConfigChangedWarning",
@@ -45,8 +59,12 @@ __all__ = [
     "MetricTypeError",
     "Metrics",
     "MissingMetricError",
+    "ModelCheckpoint",
+    "ModelCheckpointState",
     "NamedChain",
     "Outcome",
+    "ReduceLROnPlateau",
+    "ReduceLROnPlateauState",
     "StateDictError",
     "StopReason",
     "chain",

@@ -10,23 +10,24 @@ import equinox as eqx
 from ._core import ActionNames, Actions, Callback, Metrics, StepLike, merge_actions
 from ._errors import ConfigError
 
-_SINGULAR = {"slots": "slot", "log": "log", "events": "event"}
+_SINGULAR = {"slots": "slot", "log": "log", "events": "event", "evaluate": "evaluation request"}
 _CLASH_HINT = {
     "slots": "Give the checkpointing callbacks distinct filenames / slot names.",
     "log": "Use fcb.named_chain(name=callback, ...), which prefixes log names with each name.",
     "events": "Use fcb.named_chain(name=callback, ...), which prefixes event names.",
+    "evaluate": "Give the checkpointing callbacks distinct filenames.",
 }
 
 
 def _check_unique(owner: str, labels: Sequence[str], names: Sequence[ActionNames]) -> None:
-    for kind in ("slots", "log", "events"):
+    for kind in ("slots", "log", "events", "evaluate"):
         seen: dict[str, str] = {}
         for label, callback_names in zip(labels, names, strict=True):
             for name in getattr(callback_names, kind):
                 if name in seen:
                     raise ConfigError(
-                        f"{owner}: the {_SINGULAR[kind]} name {name!r} is emitted by both {seen[name]} and "
-                        f"{label}; names must be unique. {_CLASH_HINT[kind]}"
+                        f"{owner}: the {_SINGULAR[kind]} name {name!r} is emitted by both "
+                        f"{seen[name]} and {label}; names must be unique. {_CLASH_HINT[kind]}"
                     )
                 seen[name] = label
 
@@ -41,11 +42,14 @@ def _check_callbacks(owner: str, labels: Sequence[str], callbacks: Sequence[Any]
 
 
 def _prefixed(prefix: str, names: ActionNames) -> ActionNames:
-    return ActionNames(
-        slots=names.slots,
+    return names._replace(
         log=tuple(f"{prefix}/{n}" for n in names.log),
         events=tuple(f"{prefix}/{n}" for n in names.events),
     )
+
+
+def _union(names: Sequence[ActionNames]) -> ActionNames:
+    return ActionNames(*(sum((getattr(n, k) for n in names), ()) for k in ActionNames._fields))
 
 
 class Chain(Callback):
@@ -60,8 +64,7 @@ class Chain(Callback):
         self.callbacks = tuple(callbacks)
 
     def action_names(self) -> ActionNames:
-        names = [c.action_names() for c in self.callbacks]
-        return ActionNames(*(sum((getattr(n, k) for n in names), ()) for k in ActionNames._fields))
+        return _union([c.action_names() for c in self.callbacks])
 
     def init(self) -> tuple[Any, ...]:
         return tuple(c.init() for c in self.callbacks)
@@ -75,6 +78,15 @@ class Chain(Callback):
     def finalize(self, state: tuple[Any, ...]) -> tuple[tuple[Any, ...], Actions]:
         results = [c.finalize(s) for c, s in zip(self.callbacks, state, strict=True)]
         return tuple(s for s, _ in results), merge_actions(a for _, a in results)
+
+    def evaluated(
+        self, state: tuple[Any, ...], request: str, results: Metrics, *, step: StepLike
+    ) -> tuple[tuple[Any, ...], Actions]:
+        out = [
+            c.evaluated(s, request, results, step=step)
+            for c, s in zip(self.callbacks, state, strict=True)
+        ]
+        return tuple(s for s, _ in out), merge_actions(a for _, a in out)
 
 
 class NamedChain(Callback):
@@ -101,8 +113,7 @@ class NamedChain(Callback):
         self.callbacks = tuple(callbacks.values())
 
     def action_names(self) -> ActionNames:
-        names = [_prefixed(n, c.action_names()) for n, c in zip(self.names, self.callbacks)]
-        return ActionNames(*(sum((getattr(n, k) for n in names), ()) for k in ActionNames._fields))
+        return _union([_prefixed(n, c.action_names()) for n, c in zip(self.names, self.callbacks)])
 
     def init(self) -> dict[str, Any]:
         return {n: c.init() for n, c in zip(self.names, self.callbacks, strict=True)}
@@ -115,6 +126,16 @@ class NamedChain(Callback):
 
     def finalize(self, state: dict[str, Any]) -> tuple[dict[str, Any], Actions]:
         return self._merge([c.finalize(state[n]) for n, c in zip(self.names, self.callbacks)])
+
+    def evaluated(
+        self, state: dict[str, Any], request: str, results: Metrics, *, step: StepLike
+    ) -> tuple[dict[str, Any], Actions]:
+        return self._merge(
+            [
+                c.evaluated(state[n], request, results, step=step)
+                for n, c in zip(self.names, self.callbacks)
+            ]
+        )
 
     def _merge(self, results: list[tuple[Any, Actions]]) -> tuple[dict[str, Any], Actions]:
         states = {n: s for n, (s, _) in zip(self.names, results, strict=True)}

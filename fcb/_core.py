@@ -54,11 +54,16 @@ _STOP_MESSAGES = {
 
 
 class ActionNames(NamedTuple):
-    """The names of the slots, log scalars and events a callback emits (static)."""
+    """The static names a callback emits: slots, log scalars, events and evaluation requests.
+
+    `slot_models` maps a slot to the submodules it saves (slots not listed save everything).
+    """
 
     slots: tuple[str, ...] = ()
     log: tuple[str, ...] = ()
     events: tuple[str, ...] = ()
+    evaluate: tuple[str, ...] = ()
+    slot_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class Actions(eqx.Module):
@@ -72,6 +77,8 @@ class Actions(eqx.Module):
         stop_reason: int32 scalar holding a [`fcb.StopReason`][] code (`NONE` when not stopping).
         save: bool scalar. The current step must be written, because at least one slot now
             holds it. A step held by several slots is written once.
+        archive: bool scalar. The current step must be written and kept for good, outside any
+            slot (`ModelCheckpoint(save_top_k=-1)` keeps every checkpoint).
         slots: slot name -> int32 step that slot must hold after this call (`-1`: empty).
             The adapter keeps exactly the steps named here and may delete any other.
         slot_values: slot name -> float32 metric value of the step the slot holds (NaN when
@@ -84,6 +91,12 @@ class Actions(eqx.Module):
         log: name -> float32 scalar to log.
         events: name -> bool scalar, whether the named event happened at this check
             (for example a new best, a missing metric, or VRAM drift).
+        evaluate: request name -> bool scalar. When true, the adapter evaluates the live model
+            with the evaluation functions the user registered for that request and passes the
+            results back through `Callback.evaluated(state, request, results, step=...)`
+            (`BestCheckpoint` asks for this on each new best, for its nested callbacks).
+        slot_models: static. Pairs `(slot, model_names)`: the slot saves only these submodules
+            of a composite model. Slots not listed save the whole model.
 
     >>> a = fcb.Actions.no_actions(fcb.ActionNames(events=("improved",)))
     >>> bool(a.stop), float(a.lr_scale), sorted(a.events)
@@ -93,6 +106,7 @@ class Actions(eqx.Module):
     stop: Bool[Array, ""]
     stop_reason: Int[Array, ""]
     save: Bool[Array, ""]
+    archive: Bool[Array, ""]
     slots: dict[str, Int[Array, ""]]
     slot_values: dict[str, Float[Array, ""]]
     lr_scale: Float[Array, ""]
@@ -100,6 +114,8 @@ class Actions(eqx.Module):
     min_lr_change: Float[Array, ""]
     log: dict[str, Float[Array, ""]]
     events: dict[str, Bool[Array, ""]]
+    evaluate: dict[str, Bool[Array, ""]]
+    slot_models: tuple[tuple[str, tuple[str, ...]], ...] = eqx.field(static=True)
 
     @classmethod
     def no_actions(cls, names: ActionNames = ActionNames()) -> Actions:
@@ -108,6 +124,7 @@ class Actions(eqx.Module):
             stop=jnp.asarray(False),
             stop_reason=jnp.asarray(StopReason.NONE, jnp.int32),
             save=jnp.asarray(False),
+            archive=jnp.asarray(False),
             slots={n: jnp.asarray(NO_STEP, jnp.int32) for n in names.slots},
             slot_values={n: jnp.asarray(jnp.nan, jnp.float32) for n in names.slots},
             lr_scale=jnp.asarray(1.0, jnp.float32),
@@ -115,6 +132,8 @@ class Actions(eqx.Module):
             min_lr_change=jnp.asarray(0.0, jnp.float32),
             log={n: jnp.asarray(jnp.nan, jnp.float32) for n in names.log},
             events={n: jnp.asarray(False) for n in names.events},
+            evaluate={n: jnp.asarray(False) for n in names.evaluate},
+            slot_models=names.slot_models,
         )
 
     def stop_message(self) -> str:
@@ -126,28 +145,27 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
     """Merge the actions of several callbacks, as `fcb.chain` does.
 
     Rules: `stop` is any; `stop_reason` is that of the first stopping callback in order;
-    `save` is any; `lr_scale` is the product; `min_lr` and `min_lr_change` the maximum; slots, log scalars and events are unioned (their
-    names are checked unique when the chain is built). With `prefixes`, log and event names of
-    the i-th actions are prefixed with `prefixes[i] + "/"`.
+    `save` and `archive` are any; `lr_scale` is the product; `min_lr` and `min_lr_change` the
+    maximum; slots, log scalars, events, evaluation requests and slot models are unioned
+    (chains check the names unique when built). With `prefixes`, log and event names of the
+    i-th actions are prefixed with `prefixes[i] + "/"`; slot and request names never are.
     """
     actions = list(actions)
     prefix_list = [""] * len(actions) if prefixes is None else [p + "/" for p in prefixes]
-    if not actions:
-        return Actions.no_actions()
-    stop = jnp.asarray(False)
-    stop_reason = jnp.asarray(StopReason.NONE, jnp.int32)
-    save = jnp.asarray(False)
-    lr_scale = jnp.asarray(1.0, jnp.float32)
-    min_lr = jnp.asarray(0.0, jnp.float32)
-    min_lr_change = jnp.asarray(0.0, jnp.float32)
+    merged = Actions.no_actions()
+    stop, stop_reason, save, archive = merged.stop, merged.stop_reason, merged.save, merged.archive
+    lr_scale, min_lr, min_lr_change = merged.lr_scale, merged.min_lr, merged.min_lr_change
     slots: dict[str, Any] = {}
     slot_values: dict[str, Any] = {}
     log: dict[str, Any] = {}
     events: dict[str, Any] = {}
+    evaluate: dict[str, Any] = {}
+    slot_models: dict[str, tuple[str, ...]] = {}
     for prefix, a in zip(prefix_list, actions, strict=True):
         stop_reason = jnp.where(stop, stop_reason, jnp.where(a.stop, a.stop_reason, stop_reason))
         stop = stop | a.stop
         save = save | a.save
+        archive = archive | a.archive
         lr_scale = lr_scale * a.lr_scale
         min_lr = jnp.maximum(min_lr, a.min_lr)
         min_lr_change = jnp.maximum(min_lr_change, a.min_lr_change)
@@ -155,10 +173,13 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
         slot_values.update(a.slot_values)
         log.update({prefix + k: v for k, v in a.log.items()})
         events.update({prefix + k: v for k, v in a.events.items()})
+        evaluate.update(a.evaluate)
+        slot_models.update(a.slot_models)
     return Actions(
         stop=stop,
         stop_reason=stop_reason,
         save=save,
+        archive=archive,
         slots=slots,
         slot_values=slot_values,
         lr_scale=lr_scale,
@@ -166,6 +187,8 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
         min_lr_change=min_lr_change,
         log=log,
         events=events,
+        evaluate=evaluate,
+        slot_models=tuple(sorted(slot_models.items())),
     )
 
 
@@ -194,6 +217,8 @@ class Callback(eqx.Module):
     - `init()` returns the initial state (a pytree of arrays; default: empty tuple).
     - `__call__(state, metrics, *, step)` runs one check and returns `(state, actions)`.
     - `finalize(state)` runs once at the end of training and returns `(state, actions)`.
+    - `evaluated(state, request, results, *, step)` receives the results of an evaluation the
+      callback asked for through `Actions.evaluate` (see [`fcb.BestCheckpoint`][]).
     - `action_names()` declares the slot, log and event names the callback emits, so that
       chains can check them for clashes when built.
 
@@ -229,6 +254,17 @@ class Callback(eqx.Module):
 
     def finalize(self, state: Any) -> tuple[Any, Actions]:
         """Called once when training ends (for summaries)."""
+        return state, self.no_actions()
+
+    def evaluated(
+        self, state: Any, request: str, results: Metrics, *, step: StepLike
+    ) -> tuple[Any, Actions]:
+        """Receive the results of an evaluation this callback requested in `Actions.evaluate`.
+
+        The adapter calls it after evaluating the live model for `request`; callbacks that
+        made no such request ignore it (the default).
+        """
+        del request, results, step
         return state, self.no_actions()
 
     def action_names(self) -> ActionNames:

@@ -107,12 +107,15 @@ class EarlyStopping(Callback):
     ):
         owner = "EarlyStopping"
         self.monitor = check_key(owner, "monitor", monitor)
-        self.mode = check_mode(owner, mode)  # type: ignore[assignment]
+        self.mode = check_mode(owner, mode)
         self.check_finite = bool(check_finite)
         self.strict = bool(strict)
         self.patience = int_param(owner, "patience", patience, minimum=0)
         self.min_delta = float_param(
-            owner, "min_delta", min_delta, minimum=0.0,
+            owner,
+            "min_delta",
+            min_delta,
+            minimum=0.0,
             hint=" The sign is set by `mode`; pass the absolute margin.",
         )
         best_possible = -_monitor.worst_value(self.mode)
@@ -186,4 +189,3 @@ class EarlyStopping(Callback):
             stop_reason=jnp.where(stopping, reason, state.stop_reason),
         )
         return new_state, improved
-

@@ -30,7 +30,13 @@ class ConfigChangedWarning(UserWarning):
     """A state dict was saved with a different config; the current config is used."""
 
 
-for _cls in (ConfigError, MetricTypeError, MetricShapeError, MissingMetricError, StateDictError,
-             ConfigChangedWarning):
+for _cls in (
+    ConfigError,
+    MetricTypeError,
+    MetricShapeError,
+    MissingMetricError,
+    StateDictError,
+    ConfigChangedWarning,
+):
     _cls.__module__ = "fcb"  # shown as fcb.ConfigError in tracebacks: the public name
 del _cls

@@ -164,14 +164,19 @@ def load_state_dict(callback: Callback, state_dict: Mapping[str, Any]) -> Any:
         raise StateDictError(
             f"{name}: expected a dict made by fcb.state_dict (with format {FORMAT!r}), got "
             f"{type(state_dict).__name__}"
-            + (f" with format {state_dict.get('format')!r}" if isinstance(state_dict, Mapping) else "")
+            + (
+                f" with format {state_dict.get('format')!r}"
+                if isinstance(state_dict, Mapping)
+                else ""
+            )
             + "."
         )
     version = state_dict.get("version")
     if version != VERSION:
         raise StateDictError(
             f"{name}: the state dict has format version {version!r}; this fcb reads version "
-            f"{VERSION}. Save it again with this fcb version, or load it with the fcb that wrote it."
+            f"{VERSION}. Save it again with this fcb version, or load it with the fcb that "
+            f"wrote it."
         )
     saved_callback = state_dict.get("callback")
     if saved_callback is not None and saved_callback != name:
@@ -215,7 +220,9 @@ def load_state_dict(callback: Callback, state_dict: Mapping[str, Any]) -> Any:
             problems.append(f"{path}: value has shape {value.shape}, expected {expected.shape}")
         loaded.append(jnp.asarray(value))
     if problems:
-        raise StateDictError(f"{name}: the state dict does not fit this callback: " + "; ".join(problems) + ".")
+        raise StateDictError(
+            f"{name}: the state dict does not fit this callback: " + "; ".join(problems) + "."
+        )
     if state_dict.get("config") is not None:
         _warn_config_changes(callback, state_dict["config"])
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), loaded)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array
 
 from ._errors import ConfigError, MetricShapeError, MetricTypeError, MissingMetricError
-from ._monitor import MODES, THRESHOLD_MODES
+from ._monitor import MODES, THRESHOLD_MODES, Mode, ThresholdMode
 
 
 def concrete(value: Any) -> np.ndarray | None:
@@ -31,12 +31,12 @@ def check_choice(owner: str, field: str, value: Any, choices: tuple[str, ...]) -
     return value
 
 
-def check_mode(owner: str, mode: Any, field: str = "mode") -> str:
-    return check_choice(owner, field, mode, MODES)
+def check_mode(owner: str, mode: Any, field: str = "mode") -> Mode:
+    return cast(Mode, check_choice(owner, field, mode, MODES))
 
 
-def check_threshold_mode(owner: str, value: Any, field: str = "threshold_mode") -> str:
-    return check_choice(owner, field, value, THRESHOLD_MODES)
+def check_threshold_mode(owner: str, value: Any, field: str = "threshold_mode") -> ThresholdMode:
+    return cast(ThresholdMode, check_choice(owner, field, value, THRESHOLD_MODES))
 
 
 def check_key(owner: str, field: str, value: Any) -> str:

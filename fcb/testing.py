@@ -93,9 +93,7 @@ def assert_jit_equivalent(callback: Callback, history: History) -> None:
     chex.assert_trees_all_equal(eager, run_scan(callback, history))
 
 
-def assert_resume_equivalent(
-    callback: Callback, history: History, splits: Any = None
-) -> None:
+def assert_resume_equivalent(callback: Callback, history: History, splits: Any = None) -> None:
     """Interrupt after each split, save through JSON, resume: identical actions and state.
 
     `splits` defaults to every position `1..len(history)-1`.
@@ -117,9 +115,7 @@ def assert_vmap_equivalent(stacked: Callback, callbacks: list[Callback], history
     """A stacked callback under `jax.vmap` equals running each configuration on its own."""
     n = history_length(history)
     states = jax.vmap(lambda c: c.init())(stacked)
-    check = jax.jit(
-        jax.vmap(lambda c, s, m, i: c(s, m, step=i), in_axes=(0, 0, None, None))
-    )
+    check = jax.jit(jax.vmap(lambda c, s, m, i: c(s, m, step=i), in_axes=(0, 0, None, None)))
     batched = []
     for i in range(n):
         states, a = check(stacked, states, _metrics_at(history, i), jnp.asarray(i, jnp.int32))

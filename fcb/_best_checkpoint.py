@@ -1,0 +1,281 @@
+"""BestCheckpoint: the best checkpoint overall and per early-stopping tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from . import _monitor
+from ._chain import Chain
+from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, merge_actions
+from ._early_stopping import EarlyStopping, EarlyStoppingState
+from ._errors import ConfigError
+from ._monitor import Mode
+from ._slots import check_filename, count_check, holds, key_as_name
+from ._validate import check_key, check_mode, float_param, int_param, read_metric
+
+
+class BestCheckpointState(eqx.Module):
+    """State of [`fcb.BestCheckpoint`][].
+
+    Attributes:
+        best: the best value overall (the worst value before the first finite check).
+        best_step: its step (-1 before).
+        tolerances: one [`fcb.EarlyStoppingState`][] per tolerance, stacked on a leading axis:
+            exactly the state of `EarlyStopping(patience=t)` on the same checks.
+        check_count: checks seen so far (for `every_n`).
+        children: the state of the nested callbacks (a tuple, as in [`fcb.chain`][]).
+    """
+
+    best: Float[Array, ""]
+    best_step: Int[Array, ""]
+    tolerances: EarlyStoppingState
+    check_count: Int[Array, ""]
+    children: tuple[Any, ...]
+
+
+class BestCheckpoint(Callback):
+    """Keep the best checkpoint by a metric, plus one best checkpoint per tolerance.
+
+    For each tolerance `t` the slot `{filename}.tolerance={t}` holds exactly the best step that
+    `fcb.EarlyStopping(metric_key, mode, patience=t, min_delta=min_delta,
+    check_finite=check_finite)` would have kept when it stopped: it follows the best until `t`
+    consecutive scheduled checks pass without improvement, then freezes. One training run thus
+    evaluates several early-stopping configurations. The slot `{filename}` holds the best step
+    overall (tolerance infinite; the earliest of tied values).
+
+    Nested `callbacks` see the model at each new overall best: the check requests an
+    evaluation (`actions.evaluate[filename]`); the adapter evaluates the live model and calls
+    `evaluated(state, filename, results, step=step)`, which passes the results to the nested
+    callbacks with keys prefixed `best=<metric_key>/` (slashes in `metric_key` become dots);
+    their log and event names are prefixed the same way. A tolerance freezing never triggers
+    them. `init` and `finalize` reach them unconditionally.
+
+    `model_names` restricts every slot of this callback to those submodules of a composite
+    model (recorded in `actions.slot_models`). `finalize` logs the best value and step overall
+    and per tolerance: `{filename}/best_value`, `{filename}/best_step`,
+    `{filename}.tolerance={t}/best_value`, `.../best_step`, `.../stopped_step`.
+
+    >>> cb = fcb.BestCheckpoint("val_loss", tolerances=(1, 3))
+    >>> state = cb.init()
+    >>> for step, loss in enumerate([0.5, 0.4, 0.45, 0.3, 0.35, 0.36, 0.2]):
+    ...     state, actions = cb(state, {"val_loss": loss}, step=step)
+    >>> {slot: int(s) for slot, s in actions.slots.items()}
+    {'best.val_loss': 6, 'best.val_loss.tolerance=1': 1, 'best.val_loss.tolerance=3': 6}
+    """
+
+    metric_key: str = eqx.field(static=True)
+    mode: Mode = eqx.field(static=True)
+    tolerances: tuple[int, ...] = eqx.field(static=True)
+    model_names: tuple[str, ...] | None = eqx.field(static=True)
+    filename: str = eqx.field(static=True)
+    check_finite: bool = eqx.field(static=True)
+    strict: bool = eqx.field(static=True)
+    every_n: Int[Array, "*batch"]
+    tolerance_stopping: EarlyStopping
+    children: Chain
+
+    def __init__(
+        self,
+        metric_key: str = "val_loss",
+        mode: Mode | None = None,
+        tolerances: Sequence[int] = (),
+        *,
+        higher_is_better: bool | None = None,
+        model_names: Sequence[str] | None = None,
+        callbacks: Sequence[Callback] = (),
+        filename: str | None = None,
+        every_n: Any = 1,
+        min_delta: Any = 0.0,
+        check_finite: bool = True,
+        strict: bool = True,
+    ):
+        owner = "BestCheckpoint"
+        self.metric_key = check_key(owner, "metric_key", metric_key)
+        self.mode = _resolve_mode(owner, mode, higher_is_better)
+        self.tolerances = _check_tolerances(owner, tolerances)
+        self.model_names = _check_model_names(owner, model_names)
+        self.filename = check_filename(
+            owner, "filename", f"best.{key_as_name(metric_key)}" if filename is None else filename
+        )
+        self.check_finite = bool(check_finite)
+        self.strict = bool(strict)
+        self.every_n = int_param(owner, "every_n", every_n, minimum=1)
+        worst = np.full(len(self.tolerances), _monitor.worst_value(self.mode), np.float32)
+        self.tolerance_stopping = EarlyStopping(
+            self.metric_key,
+            self.mode,
+            patience=np.asarray(self.tolerances, np.int32),
+            min_delta=float_param(owner, "min_delta", min_delta, minimum=0.0),
+            check_finite=self.check_finite,
+            baseline=worst,
+        )
+        self.children = Chain(*callbacks)
+
+    @property
+    def min_delta(self) -> Float[Array, "*batch"]:
+        return self.tolerance_stopping.min_delta
+
+    @property
+    def child_prefix(self) -> str:
+        """The prefix of the metric keys the nested callbacks see: `best=<metric_key>`."""
+        return f"best={key_as_name(self.metric_key)}"
+
+    def tolerance_slots(self) -> tuple[str, ...]:
+        return tuple(f"{self.filename}.tolerance={t}" for t in self.tolerances)
+
+    def action_names(self) -> ActionNames:
+        slots = (self.filename, *self.tolerance_slots())
+        return ActionNames(
+            slots=slots,
+            events=tuple(
+                f"{self.filename}/{e}" for e in ("improved", "tolerance_exceeded", "metric_missing")
+            ),
+            evaluate=(self.filename,) if self.children.callbacks else (),
+            slot_models=tuple((s, self.model_names) for s in slots) if self.model_names else (),
+        )
+
+    def init(self) -> BestCheckpointState:
+        return BestCheckpointState(
+            best=jnp.asarray(_monitor.worst_value(self.mode), jnp.float32),
+            best_step=jnp.asarray(NO_STEP, jnp.int32),
+            tolerances=self.tolerance_stopping.init(),
+            check_count=jnp.asarray(0, jnp.int32),
+            children=self.children.init(),
+        )
+
+    def __call__(
+        self, state: BestCheckpointState, metrics: Metrics, *, step: StepLike
+    ) -> tuple[BestCheckpointState, Actions]:
+        actions = self.no_actions()
+        value = read_metric("BestCheckpoint", metrics, self.metric_key, strict=self.strict)
+        step = jnp.asarray(step, jnp.int32)
+        if value is None:
+            new_state = state
+            improved = exceeded = jnp.asarray(False)
+        else:
+            check_count, scheduled = count_check(state.check_count, self.every_n)
+            improved = scheduled & _monitor.improves(value, state.best, self.min_delta, self.mode)
+            tolerances, _ = self.tolerance_stopping.update(state.tolerances, value, step)
+            tolerances = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(scheduled, new, old), tolerances, state.tolerances
+            )
+            exceeded = jnp.any(tolerances.stopped & ~state.tolerances.stopped)
+            new_state = dataclasses.replace(
+                state,
+                best=jnp.where(improved, value, state.best),
+                best_step=jnp.where(improved, step, state.best_step),
+                tolerances=tolerances,
+                check_count=check_count,
+            )
+        slots = {self.filename: new_state.best_step}
+        slot_values = {self.filename: new_state.best}
+        for i, slot in enumerate(self.tolerance_slots()):
+            slots[slot] = new_state.tolerances.best_step[i]
+            slot_values[slot] = new_state.tolerances.best[i]
+        slot_values = {
+            name: jnp.where(slots[name] >= 0, v, jnp.nan) for name, v in slot_values.items()
+        }
+        events = {
+            f"{self.filename}/improved": improved,
+            f"{self.filename}/tolerance_exceeded": exceeded,
+            f"{self.filename}/metric_missing": jnp.asarray(value is None),
+        }
+        evaluate = {name: improved for name in actions.evaluate}
+        return new_state, dataclasses.replace(
+            actions,
+            save=holds(slots, step),
+            slots=slots,
+            slot_values=slot_values,
+            events=events,
+            evaluate=evaluate,
+        )
+
+    def evaluated(
+        self, state: BestCheckpointState, request: str, results: Metrics, *, step: StepLike
+    ) -> tuple[BestCheckpointState, Actions]:
+        """Pass the evaluation of a new best model to the nested callbacks (prefixed keys)."""
+        if request != self.filename or not self.children.callbacks:
+            return state, self.no_actions()
+        prefixed = {f"{self.child_prefix}/{k}": v for k, v in results.items()}
+        children, child_actions = self.children(state.children, prefixed, step=step)
+        return dataclasses.replace(state, children=children), self._with_children(child_actions)
+
+    def finalize(self, state: BestCheckpointState) -> tuple[BestCheckpointState, Actions]:
+        children, child_actions = self.children.finalize(state.children)
+        log = {
+            f"{self.filename}/best_value": state.best,
+            f"{self.filename}/best_step": state.best_step.astype(jnp.float32),
+        }
+        for i, slot in enumerate(self.tolerance_slots()):
+            log[f"{slot}/best_value"] = state.tolerances.best[i]
+            log[f"{slot}/best_step"] = state.tolerances.best_step[i].astype(jnp.float32)
+            log[f"{slot}/stopped_step"] = state.tolerances.stopped_step[i].astype(jnp.float32)
+        summary = dataclasses.replace(Actions.no_actions(), log=log)
+        actions = merge_actions([summary, self._with_children(child_actions)])
+        return dataclasses.replace(state, children=children), actions
+
+    def _with_children(self, child_actions: Actions) -> Actions:
+        return merge_actions([child_actions], prefixes=[self.child_prefix])
+
+
+def _resolve_mode(owner: str, mode: Any, higher_is_better: Any) -> Mode:
+    if higher_is_better is None:
+        return check_mode(owner, "min" if mode is None else mode)
+    if not isinstance(higher_is_better, bool):
+        raise ConfigError(
+            f"{owner}: `higher_is_better` must be True or False, got "
+            f"higher_is_better = {higher_is_better!r}."
+        )
+    implied: Mode = "max" if higher_is_better else "min"
+    if mode is not None and mode != implied:
+        raise ConfigError(
+            f"{owner}: mode = {mode!r} contradicts higher_is_better = {higher_is_better!r}; "
+            f"pass only one of them."
+        )
+    return implied
+
+
+def _check_tolerances(owner: str, tolerances: Any) -> tuple[int, ...]:
+    if isinstance(tolerances, (str, bytes)) or not isinstance(tolerances, Sequence):
+        raise ConfigError(
+            f"{owner}: `tolerances` must be a sequence of integers, got "
+            f"tolerances = {tolerances!r}."
+        )
+    values = tuple(tolerances)
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ConfigError(
+                f"{owner}: every tolerance must be an integer >= 0, got {t!r} in "
+                f"tolerances = {values!r}."
+            )
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ConfigError(
+            f"{owner}: `tolerances` must be strictly increasing (sorted, no duplicates), got "
+            f"tolerances = {values!r}; pass {tuple(sorted(set(values)))!r}."
+        )
+    return tuple(int(t) for t in values)
+
+
+def _check_model_names(owner: str, model_names: Any) -> tuple[str, ...] | None:
+    if model_names is None:
+        return None
+    if isinstance(model_names, str):
+        model_names = (model_names,)
+    names = tuple(model_names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(
+            f"{owner}: `model_names` must be None or non-empty submodule names, got "
+            f"model_names = {model_names!r}."
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{owner}: `model_names` has duplicates: {names!r}.")
+    return names

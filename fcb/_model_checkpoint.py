@@ -1,0 +1,184 @@
+"""ModelCheckpoint: which steps to keep as the best, the top-k and the last checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from . import _monitor
+from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
+from ._errors import ConfigError
+from ._monitor import Mode
+from ._slots import check_filename, count_check, holds, insert_ranked
+from ._validate import check_key, check_mode, int_param, read_metric
+
+LAST_SLOT = "last"
+
+
+class ModelCheckpointState(eqx.Module):
+    """State of [`fcb.ModelCheckpoint`][].
+
+    Attributes:
+        values: metric values of the kept checkpoints, best first (worst value when empty).
+        steps: their steps (-1 when empty). `steps[0]` is the best step.
+        last_step: the last scheduled step (-1 before the first).
+        last_value: its metric value (NaN when the metric was missing).
+        check_count: checks seen so far (for `every_n`).
+    """
+
+    values: Float[Array, " k"]
+    steps: Int[Array, " k"]
+    last_step: Int[Array, ""]
+    last_value: Float[Array, ""]
+    check_count: Int[Array, ""]
+
+
+class ModelCheckpoint(Callback):
+    """Decide which checkpoints to keep: the best `save_top_k` by a metric, and the last.
+
+    Slots (file stems the adapter writes, `.pt` for the Torch adapter):
+
+    | slot | holds |
+    |---|---|
+    | `{filename}` | the best step (`best_model_path` points here) |
+    | `{filename}-top2` ... `{filename}-top{k}` | rank 2 ... k (`save_top_k=k > 1`) |
+    | `last` | the last scheduled step (`save_last=True`) |
+
+    With `save_top_k=-1` every scheduled checkpoint with a finite value is archived
+    (`actions.archive`) and `{filename}` points at the best one; with `save_top_k=0` only
+    `last` is kept.
+
+    Rules: a value enters the top-k when it is finite and the table is not full, or it is
+    strictly better than the worst kept value (Lightning's rule). Ties keep the older
+    checkpoint ahead, and a tie with the worst kept value does not replace it. NaN and ±inf
+    never enter the top-k (Lightning would keep a NaN checkpoint while the table is not
+    full). Only every `every_n`-th check is considered (the 2nd, 4th... for `every_n=2`);
+    `last` follows the schedule too. A missing metric raises with `strict=True`; with
+    `strict=False` the check still updates `last`.
+
+    >>> ckpt = fcb.ModelCheckpoint(monitor="val_loss", save_top_k=2)
+    >>> state = ckpt.init()
+    >>> for step, loss in enumerate([0.5, 0.3, 0.4, 0.35]):
+    ...     state, actions = ckpt(state, {"val_loss": loss}, step=step)
+    >>> {slot: int(s) for slot, s in actions.slots.items()}
+    {'best_model': 1, 'best_model-top2': 3, 'last': 3}
+    >>> bool(actions.save)
+    True
+    """
+
+    monitor: str = eqx.field(static=True)
+    mode: Mode = eqx.field(static=True)
+    save_top_k: int = eqx.field(static=True)
+    save_last: bool = eqx.field(static=True)
+    filename: str = eqx.field(static=True)
+    dirpath: str = eqx.field(static=True)
+    strict: bool = eqx.field(static=True)
+    every_n: Int[Array, "*batch"]
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: Mode = "min",
+        save_top_k: int = 1,
+        save_last: bool = True,
+        filename: str = "best_model",
+        dirpath: str = "",
+        *,
+        every_n: Any = 1,
+        strict: bool = True,
+    ):
+        owner = "ModelCheckpoint"
+        self.monitor = check_key(owner, "monitor", monitor)
+        self.mode = check_mode(owner, mode)
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ConfigError(
+                f"{owner}: `save_top_k` must be an integer >= -1 (-1: keep all, 0: none, k: the "
+                f"best k), got save_top_k = {save_top_k!r}."
+            )
+        self.save_top_k = save_top_k
+        self.save_last = bool(save_last)
+        self.filename = check_filename(owner, "filename", filename)
+        if self.save_last and self.filename == LAST_SLOT:
+            raise ConfigError(
+                f"{owner}: `filename` must differ from {LAST_SLOT!r}, which names the last "
+                f"checkpoint, got filename = {filename!r}."
+            )
+        if not isinstance(dirpath, str):
+            raise ConfigError(f"{owner}: `dirpath` must be a str, got dirpath = {dirpath!r}.")
+        self.dirpath = dirpath
+        self.strict = bool(strict)
+        self.every_n = int_param(owner, "every_n", every_n, minimum=1)
+
+    @property
+    def table_size(self) -> int:
+        return 1 if self.save_top_k == -1 else self.save_top_k
+
+    def rank_slots(self) -> tuple[str, ...]:
+        """Slot names by rank: `(filename, filename-top2, ...)`."""
+        return tuple(
+            self.filename if rank == 1 else f"{self.filename}-top{rank}"
+            for rank in range(1, self.table_size + 1)
+        )
+
+    def action_names(self) -> ActionNames:
+        return ActionNames(
+            slots=self.rank_slots() + ((LAST_SLOT,) if self.save_last else ()),
+            events=(f"{self.filename}/improved", f"{self.filename}/metric_missing"),
+        )
+
+    def init(self) -> ModelCheckpointState:
+        return ModelCheckpointState(
+            values=jnp.full((self.table_size,), _monitor.worst_value(self.mode), jnp.float32),
+            steps=jnp.full((self.table_size,), NO_STEP, jnp.int32),
+            last_step=jnp.asarray(NO_STEP, jnp.int32),
+            last_value=jnp.asarray(jnp.nan, jnp.float32),
+            check_count=jnp.asarray(0, jnp.int32),
+        )
+
+    def __call__(
+        self, state: ModelCheckpointState, metrics: Metrics, *, step: StepLike
+    ) -> tuple[ModelCheckpointState, Actions]:
+        actions = self.no_actions()
+        value = read_metric("ModelCheckpoint", metrics, self.monitor, strict=self.strict)
+        missing = value is None
+        value = jnp.asarray(jnp.nan, jnp.float32) if value is None else value
+        step = jnp.asarray(step, jnp.int32)
+        check_count, scheduled = count_check(state.check_count, self.every_n)
+        if missing:
+            values, steps, rank = state.values, state.steps, jnp.asarray(self.table_size)
+        else:
+            values, steps, rank = insert_ranked(state.values, state.steps, value, step, self.mode)
+        entered = scheduled & (rank < self.table_size)
+        new_state = ModelCheckpointState(
+            values=jnp.where(scheduled, values, state.values),
+            steps=jnp.where(scheduled, steps, state.steps),
+            last_step=jnp.where(scheduled, step, state.last_step),
+            last_value=jnp.where(scheduled, value, state.last_value),
+            check_count=check_count,
+        )
+        slots = dict(zip(self.rank_slots(), new_state.steps, strict=True))
+        slot_values = dict(zip(self.rank_slots(), new_state.values, strict=True))
+        if self.save_last:
+            slots[LAST_SLOT] = new_state.last_step
+            slot_values[LAST_SLOT] = new_state.last_value
+        slot_values = {
+            name: jnp.where(slots[name] >= 0, v, jnp.nan) for name, v in slot_values.items()
+        }
+        keep_all = self.save_top_k == -1
+        archive = scheduled & jnp.isfinite(value) if keep_all else jnp.asarray(False)
+        events = {
+            f"{self.filename}/improved": entered & (rank == 0),
+            f"{self.filename}/metric_missing": jnp.asarray(missing),
+        }
+        return new_state, dataclasses.replace(
+            actions,
+            save=holds(slots, step) | archive,
+            archive=archive,
+            slots=slots,
+            slot_values=slot_values,
+            events=events,
+        )

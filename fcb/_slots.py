@@ -1,0 +1,74 @@
+"""Helpers shared by the checkpointing callbacks: schedules, slot names, ranked tables."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from . import _monitor
+from ._errors import ConfigError
+from ._monitor import Mode
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+def check_filename(owner: str, field: str, value: Any) -> str:
+    """A slot / file stem: letters, digits and `._=+-`, so it is safe on every file system."""
+    if not isinstance(value, str) or not _SAFE_NAME.match(value):
+        raise ConfigError(
+            f"{owner}: `{field}` must be a file name stem of letters, digits and '._=+-' "
+            f"(no '/' and no leading '.'), got {field} = {value!r}."
+        )
+    return value
+
+
+def key_as_name(key: str) -> str:
+    """A metric key usable inside a file name: slashes become dots."""
+    return key.replace("/", ".")
+
+
+def count_check(check_count: Int[Array, ""], every_n: Int[Array, ""]):
+    """The new check count and whether this check is on the `every_n` schedule.
+
+    Checks are counted from 1; check `i` is scheduled when `i % every_n == 0`, so with
+    `every_n=2` the 2nd, 4th, ... checks count (Lightning's `every_n_epochs` convention).
+    """
+    count = check_count + 1
+    return count, (count % every_n) == 0
+
+
+def holds(slots: Mapping[str, Int[Array, ""]], step: Int[Array, ""]) -> Bool[Array, ""]:
+    """Whether any slot holds `step` (so the current step must be written)."""
+    held = jnp.asarray(False)
+    for slot_step in slots.values():
+        held = held | (slot_step == step)
+    return held & (step >= 0)
+
+
+def insert_ranked(
+    values: Float[Array, " k"],
+    steps: Int[Array, " k"],
+    value: Float[Array, ""],
+    step: Int[Array, ""],
+    mode: Mode,
+) -> tuple[Float[Array, " k"], Int[Array, " k"], Int[Array, ""]]:
+    """Insert `(value, step)` into a best-first table of `k` entries (empty: step -1).
+
+    Returns the new table and the rank the value took (`k` when it did not enter). A value
+    enters when it is finite and the table is not full or it is strictly better than the
+    worst entry. Ties keep the older entry ahead (and, when full, out of the table).
+    """
+    k = values.shape[-1]
+    occupied = steps >= 0
+    at_least_as_good = occupied & ~_monitor.improves(value, values, 0.0, mode)
+    rank = jnp.where(jnp.isfinite(value), jnp.sum(at_least_as_good), k).astype(jnp.int32)
+    index = jnp.arange(k)
+    previous_values = jnp.concatenate([values[:1], values[:-1]])
+    previous_steps = jnp.concatenate([steps[:1], steps[:-1]])
+    new_values = jnp.where(index < rank, values, jnp.where(index == rank, value, previous_values))
+    new_steps = jnp.where(index < rank, steps, jnp.where(index == rank, step, previous_steps))
+    return new_values, new_steps, rank
