@@ -1,0 +1,244 @@
+"""ReduceLROnPlateau: scale the learning rate down when a monitored metric stops improving."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from . import _monitor
+from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
+from ._errors import ConfigError
+from ._monitor import Mode, ThresholdMode
+from ._validate import (
+    check_key,
+    check_mode,
+    check_threshold_mode,
+    concrete,
+    float_param,
+    int_param,
+    read_metric,
+)
+
+_OWNER = "ReduceLROnPlateau"
+
+
+def _factor_param(value: Any) -> Array:
+    """`factor` lies in the open range (0, 1): 0 would zero the LR and 1 would never reduce it."""
+    array = concrete(value)
+    if (
+        array is not None
+        and array.dtype.kind in "iuf"
+        and np.any(~((array > 0) & (array < 1)))  # NaN fails both comparisons: rejected too
+    ):
+        raise ConfigError(
+            f"{_OWNER}: `factor` must be a number in the open range (0, 1), got factor = "
+            f"{value!r}. The new learning rate is lr * factor, e.g. factor=0.1 divides it by 10."
+        )
+    return float_param(_OWNER, "factor", value)
+
+
+class ReduceLROnPlateauState(eqx.Module):
+    """State of [`fcb.ReduceLROnPlateau`][].
+
+    Attributes:
+        best: best value so far (+inf in `"min"` mode, -inf in `"max"` mode before the first
+            finite check). torch: `best`.
+        num_bad_checks: consecutive non-improving checks counted towards `patience` (reset by
+            an improvement, by a reduction, and at every check during cooldown).
+            torch: `num_bad_epochs`.
+        cooldown_count: checks left in the cooldown that follows a reduction.
+            torch: `cooldown_counter`.
+        num_reductions: how many times the rule has asked for a reduction.
+        last_reduced_step: step of the latest reduction (-1 before the first).
+    """
+
+    best: Float[Array, ""]
+    num_bad_checks: Int[Array, ""]
+    cooldown_count: Int[Array, ""]
+    num_reductions: Int[Array, ""]
+    last_reduced_step: Int[Array, ""]
+
+
+class ReduceLROnPlateau(Callback):
+    """Reduce the learning rate when a monitored metric has stopped improving.
+
+    The decisions are those of `torch.optim.lr_scheduler.ReduceLROnPlateau`, check for check
+    (the test suite compares the two on random histories). Each call is one check:
+
+    1. Improvement uses the shared rule [`fcb.monitor.improves`][] with torch's margins:
+       `threshold_mode="rel"`: `current < best * (1 - threshold)` (min) /
+       `current > best * (1 + threshold)` (max); `"abs"`: `current < best - threshold` /
+       `current > best + threshold`. An improving check records the value as `best` and
+       resets `num_bad_checks` to 0; any other check adds 1.
+    2. During cooldown (`cooldown_count > 0`) the check uses up one cooldown check and
+       `num_bad_checks` is reset to 0: bad checks in cooldown are ignored.
+    3. The rule fires when `num_bad_checks > patience` (strictly: `patience=0` fires at the
+       first non-improving check, `patience=2` at the third in a row). Firing resets
+       `num_bad_checks` and starts a cooldown of `cooldown` checks.
+
+    When the rule fires, the actions ask for `lr_scale = factor`, `min_lr = min_lr` and
+    `min_lr_change = eps`, and the event `reduce_lr_on_plateau/reduced` is set. Adapters
+    apply them with [`fcb.scaled_lr`][]: `new = max(lr * factor, min_lr)`, skipped when
+    `lr - new <= eps` (torch's rule, so a learning rate at its floor stays there while the
+    rule keeps firing; the event reports that the rule fired, as torch resets its counters).
+    On other checks the actions leave the learning rate alone (`lr_scale = 1`).
+
+    Non-finite values: NaN is a non-improving check (as in torch). ±inf also never becomes
+    the best, which is where fcb differs from torch: torch takes `-inf` as the best in `"min"`
+    mode (`+inf` in `"max"` mode), after which no value can improve on it. The
+    bad-direction infinity (`+inf` in `"min"` mode) is a non-improving check in both.
+
+    Metrics are compared in float32 (torch compares Python floats). The decisions are
+    identical whenever `best * (1 ∓ threshold)` (or `best ∓ threshold`) is exact in float32,
+    as it is for values with a few significant bits; otherwise they can differ only for a
+    value within half a float32 ulp of that bound.
+
+    A missing metric raises [`fcb.MissingMetricError`][] listing the available keys when
+    `strict=True`; with `strict=False` the check changes nothing and fires the
+    `reduce_lr_on_plateau/metric_missing` event. The callback never stops training.
+
+    Numeric options (`factor`, `patience`, `threshold`, `cooldown`, `min_lr`, `eps`) are array
+    leaves: build the callback under `jax.vmap` to run many configurations at once.
+
+    >>> plateau = fcb.ReduceLROnPlateau("val_loss", factor=0.5, patience=1)
+    >>> state, lr = plateau.init(), 0.1
+    >>> for step, loss in enumerate([1.0, 0.9, 0.95, 0.97, 0.99, 0.98]):
+    ...     state, actions = plateau(state, {"val_loss": loss}, step=step)
+    ...     lr = fcb.scaled_lr(lr, actions)
+    ...     print(step, bool(actions.events["reduce_lr_on_plateau/reduced"]), f"{float(lr):.3f}")
+    0 False 0.100
+    1 False 0.100
+    2 False 0.100
+    3 True 0.050
+    4 False 0.050
+    5 True 0.025
+
+    With optax, wrap the optimizer in `optax.inject_hyperparams` so that the learning rate
+    lives in the optimizer state, and rescale it after each check:
+
+    >>> import optax
+    >>> optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    >>> params = {"w": jnp.ones(3)}
+    >>> opt_state = optimizer.init(params)
+    >>> plateau = fcb.ReduceLROnPlateau("val_loss", factor=0.5, patience=0, min_lr=0.03)
+    >>> state = plateau.init()
+    >>> for step, val_loss in enumerate([1.0, 1.2, 1.1, 1.3]):
+    ...     state, actions = plateau(state, {"val_loss": val_loss}, step=step)
+    ...     lr = opt_state.hyperparams["learning_rate"]
+    ...     opt_state.hyperparams["learning_rate"] = fcb.scaled_lr(lr, actions)
+    >>> round(float(opt_state.hyperparams["learning_rate"]), 6)
+    0.03
+
+    (`0.1 -> 0.05 -> 0.03`: the third reduction is held at `min_lr`, and the fourth is
+    skipped because the learning rate is already at its floor.) See
+    `examples/reduce_lr_on_plateau_optax.py` for a complete training loop.
+    """
+
+    monitor: str = eqx.field(static=True)
+    mode: Mode = eqx.field(static=True)
+    threshold_mode: ThresholdMode = eqx.field(static=True)
+    strict: bool = eqx.field(static=True)
+    factor: Float[Array, "*batch"]
+    patience: Int[Array, "*batch"]
+    threshold: Float[Array, "*batch"]
+    cooldown: Int[Array, "*batch"]
+    min_lr: Float[Array, "*batch"]
+    eps: Float[Array, "*batch"]
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: Mode = "min",
+        factor: Any = 0.1,
+        patience: Any = 10,
+        threshold: Any = 1e-4,
+        threshold_mode: ThresholdMode = "rel",
+        cooldown: Any = 0,
+        min_lr: Any = 0.0,
+        eps: Any = 1e-8,
+        *,
+        strict: bool = True,
+    ):
+        self.monitor = check_key(_OWNER, "monitor", monitor)
+        self.mode = check_mode(_OWNER, mode)
+        self.threshold_mode = check_threshold_mode(_OWNER, threshold_mode)
+        self.strict = bool(strict)
+        self.factor = _factor_param(factor)
+        self.patience = int_param(_OWNER, "patience", patience, minimum=0)
+        self.threshold = float_param(
+            _OWNER, "threshold", threshold, minimum=0.0,
+            hint=" The sign is set by `mode`; pass the absolute margin.",
+        )
+        self.cooldown = int_param(_OWNER, "cooldown", cooldown, minimum=0)
+        self.min_lr = float_param(_OWNER, "min_lr", min_lr, minimum=0.0)
+        self.eps = float_param(_OWNER, "eps", eps, minimum=0.0)
+
+    def action_names(self) -> ActionNames:
+        return ActionNames(
+            events=("reduce_lr_on_plateau/reduced", "reduce_lr_on_plateau/metric_missing")
+        )
+
+    def init(self) -> ReduceLROnPlateauState:
+        shape = jnp.broadcast_shapes(
+            *(
+                jnp.shape(x)
+                for x in (
+                    self.factor, self.patience, self.threshold, self.cooldown, self.min_lr,
+                    self.eps,
+                )
+            )
+        )
+        return ReduceLROnPlateauState(
+            best=jnp.full(shape, _monitor.worst_value(self.mode), jnp.float32),
+            num_bad_checks=jnp.zeros(shape, jnp.int32),
+            cooldown_count=jnp.zeros(shape, jnp.int32),
+            num_reductions=jnp.zeros(shape, jnp.int32),
+            last_reduced_step=jnp.full(shape, NO_STEP, jnp.int32),
+        )
+
+    def __call__(
+        self, state: ReduceLROnPlateauState, metrics: Metrics, *, step: StepLike
+    ) -> tuple[ReduceLROnPlateauState, Actions]:
+        actions = self.no_actions()
+        value = read_metric(_OWNER, metrics, self.monitor, strict=self.strict)
+        if value is None:
+            return state, dataclasses.replace(
+                actions,
+                events={**actions.events, "reduce_lr_on_plateau/metric_missing": jnp.asarray(True)},
+            )
+        new_state, reduce = self.update(state, value, jnp.asarray(step, jnp.int32))
+        return new_state, dataclasses.replace(
+            actions,
+            lr_scale=jnp.where(reduce, self.factor, actions.lr_scale),
+            min_lr=jnp.where(reduce, self.min_lr, actions.min_lr),
+            min_lr_change=jnp.where(reduce, self.eps, actions.min_lr_change),
+            events={**actions.events, "reduce_lr_on_plateau/reduced": reduce},
+        )
+
+    def update(
+        self, state: ReduceLROnPlateauState, value: Float[Array, ""], step: Int[Array, ""]
+    ) -> tuple[ReduceLROnPlateauState, Bool[Array, ""]]:
+        """The transition on a float32 `value` at `step`; returns the state and `reduce`."""
+        improved = _monitor.improves(
+            value, state.best, self.threshold, self.mode, self.threshold_mode
+        )
+        num_bad_checks = jnp.where(improved, 0, state.num_bad_checks + 1)
+        # torch's order: the cooldown is consumed (and its bad checks forgotten) before the
+        # patience test, so the check that ends a cooldown cannot itself trigger a reduction.
+        in_cooldown = state.cooldown_count > 0
+        cooldown_count = jnp.where(in_cooldown, state.cooldown_count - 1, state.cooldown_count)
+        num_bad_checks = jnp.where(in_cooldown, 0, num_bad_checks)
+        reduce = num_bad_checks > self.patience
+        new_state = ReduceLROnPlateauState(
+            best=jnp.where(improved, value, state.best),
+            num_bad_checks=jnp.where(reduce, 0, num_bad_checks).astype(jnp.int32),
+            cooldown_count=jnp.where(reduce, self.cooldown, cooldown_count).astype(jnp.int32),
+            num_reductions=(state.num_reductions + reduce).astype(jnp.int32),
+            last_reduced_step=jnp.where(reduce, step, state.last_reduced_step).astype(jnp.int32),
+        )
+        return new_state, reduce
