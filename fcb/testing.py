@@ -58,15 +58,24 @@ def run(
     n = history_length(history) if stop is None else stop
     state = callback.init() if state is None else state
 
+    traces = 0
+
     def check(state: Any, metrics: Any, step: Any) -> tuple[Any, Actions]:
+        nonlocal traces
+        traces += 1  # runs once per trace under jit, once per call otherwise
         return callback(state, metrics, step=step)
 
-    if jit:
-        check = jax.jit(chex.assert_max_traces(check, n=1))
+    step_fn = jax.jit(check) if jit else check
     actions = []
     for i in range(start, n):
-        state, a = check(state, _metrics_at(history, i), jnp.asarray(i, jnp.int32))
+        state, a = step_fn(state, _metrics_at(history, i), jnp.asarray(i, jnp.int32))
         actions.append(a)
+    if jit and traces > 1:
+        raise AssertionError(
+            f"the jitted check of {type(callback).__name__} was traced {traces} times over "
+            f"{n - start} checks; the state or actions change dtype, shape or weak type between "
+            f"steps (build state leaves with explicit dtypes)."
+        )
     if not actions:
         raise ValueError(f"no checks to run between start={start} and stop={n}")
     return state, _stack(actions)
