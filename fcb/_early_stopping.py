@@ -170,7 +170,7 @@ class EarlyStopping(Callback):
                 jnp.asarray(self.check_finite) & ~jnp.isfinite(value),
                 _monitor.reached(value, self.stopping_threshold, self.mode),
                 _monitor.exceeded(value, self.divergence_threshold, self.mode),
-                wait_count >= self.patience,
+                ~improved & (wait_count >= self.patience),
             ],
             [
                 StopReason.NON_FINITE,

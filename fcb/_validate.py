@@ -138,6 +138,16 @@ def read_metric(owner: str, metrics: Any, key: str, *, strict: bool) -> Array | 
 
 def as_metric(owner: str, key: str, value: Any) -> Array:
     """A metric value as a float32 scalar array, with a clear error for anything else."""
+    return jnp.reshape(jnp.asarray(checked_metric(owner, key, value), jnp.float32), ())
+
+
+def host_metric(owner: str, key: str, value: Any) -> np.ndarray:
+    """A metric value as a float32 NumPy scalar array (host side, for adapters)."""
+    return np.asarray(checked_metric(owner, key, value), np.float32).reshape(())
+
+
+def checked_metric(owner: str, key: str, value: Any) -> Any:
+    """`value` as a size-1 real array (NumPy or JAX), or a clear error naming `key`."""
     if value is None or isinstance(value, (str, bytes)):
         raise MetricTypeError(
             f"{owner}: metric {key!r} must be a real scalar, got {type(value).__name__}: "
@@ -160,4 +170,4 @@ def as_metric(owner: str, key: str, value: Any) -> Array:
             f"{owner}: metric {key!r} must be a scalar, got shape {tuple(value.shape)}. "
             f"Reduce it first, e.g. x.mean()."
         )
-    return jnp.reshape(jnp.asarray(value, jnp.float32), ())
+    return value

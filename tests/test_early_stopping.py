@@ -114,11 +114,6 @@ def test_patience_zero_stops_at_the_first_non_improving_check(check):
     assert _first_stop(trace) == (0, StopReason.PATIENCE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EarlyStopping.update tests `wait_count >= patience` on improving checks too, so "
-    "patience=0 stops at an improving check (the first one), not at the first non-improving one",
-)
 def test_patience_zero_does_not_stop_on_an_improving_check(check):
     es = fcb.EarlyStopping(KEY, patience=0)
     trace = _run(check, es, [1.0, 0.5, 0.75])
@@ -492,11 +487,6 @@ def test_matches_reference_model(config, values, stride):
     _assert_matches_reference(config, values, stride)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="patience=0 stops at an improving check (EarlyStopping.update checks "
-    "`wait_count >= patience` whether or not the check improved)",
-)
 @settings(max_examples=50, deadline=None, phases=[Phase.explicit, Phase.generate])
 @given(
     config=_configs(st.just(0)),
