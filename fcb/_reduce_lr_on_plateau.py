@@ -93,10 +93,11 @@ class ReduceLROnPlateau(Callback):
     mode (`+inf` in `"max"` mode), after which no value can improve on it. The
     bad-direction infinity (`+inf` in `"min"` mode) is a non-improving check in both.
 
-    Metrics are compared in float32 (torch compares Python floats). The decisions are
-    identical whenever `best * (1 ∓ threshold)` (or `best ∓ threshold`) is exact in float32,
-    as it is for values with a few significant bits; otherwise they can differ only for a
-    value within half a float32 ulp of that bound.
+    Precision: metrics are compared in float32 (torch compares Python floats). The decisions
+    are identical whenever the bound `best * (1 ∓ threshold)` (or `best ∓ threshold`) is exact
+    in float32; otherwise they can differ only for a value within a few float32 ulps of the
+    bound (the default `threshold=1e-4` is not exact in float32). XLA on CPU flushes subnormal
+    values (magnitude below about `1.2e-38`) to zero; torch does not.
 
     A missing metric raises [`fcb.MissingMetricError`][] listing the available keys when
     `strict=True`; with `strict=False` the check changes nothing and fires the
