@@ -37,6 +37,10 @@ from ._reduce_lr_on_plateau import (
     ReduceLROnPlateauState as ReduceLROnPlateauState,
 )
 from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
+from ._terminate_on_nan import (
+    TerminateOnNaN as TerminateOnNaN,
+    TerminateOnNaNState as TerminateOnNaNState,
+)
 
 try:
     __version__ = importlib.metadata.version("fcb")
@@ -67,6 +71,8 @@ __all__ = [
     "ReduceLROnPlateauState",
     "StateDictError",
     "StopReason",
+    "TerminateOnNaN",
+    "TerminateOnNaNState",
     "chain",
     "load_state_dict",
     "merge_actions",
