@@ -20,10 +20,14 @@ from ._core import (
 )
 from ._early_stopping import EarlyStopping as EarlyStopping, EarlyStoppingState as EarlyStoppingState
 from ._errors import (
+    CheckpointCorruptError as CheckpointCorruptError,
+    CheckpointError as CheckpointError,
+    CheckpointWriteError as CheckpointWriteError,
     ConfigChangedWarning as ConfigChangedWarning,
     ConfigError as ConfigError,
     MetricShapeError as MetricShapeError,
     MetricTypeError as MetricTypeError,
+    DirectoryInUseError as DirectoryInUseError,
     MissingMetricError as MissingMetricError,
     StateDictError as StateDictError,
 )
@@ -36,6 +40,7 @@ from ._reduce_lr_on_plateau import (
     ReduceLROnPlateau as ReduceLROnPlateau,
     ReduceLROnPlateauState as ReduceLROnPlateauState,
 )
+from ._runner import Runner as Runner
 from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
 from ._terminate_on_nan import (
     TerminateOnNaN as TerminateOnNaN,
@@ -55,8 +60,12 @@ __all__ = [
     "BestCheckpointState",
     "Callback",
     "Chain",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointWriteError",
     "ConfigChangedWarning",
     "ConfigError",
+    "DirectoryInUseError",
     "EarlyStopping",
     "EarlyStoppingState",
     "MetricShapeError",
@@ -69,6 +78,7 @@ __all__ = [
     "Outcome",
     "ReduceLROnPlateau",
     "ReduceLROnPlateauState",
+    "Runner",
     "StateDictError",
     "StopReason",
     "TerminateOnNaN",

@@ -40,3 +40,24 @@ for _cls in (
 ):
     _cls.__module__ = "fcb"  # shown as fcb.ConfigError in tracebacks: the public name
 del _cls
+
+
+class CheckpointError(RuntimeError):
+    """Base class of the errors adapters raise about checkpoint files."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint or the manifest failed; the previous files are intact."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file or manifest does not match what was recorded (size, checksum, format)."""
+
+
+class DirectoryInUseError(CheckpointError):
+    """Another adapter (this process or another) is writing to the same checkpoint directory."""
+
+
+for _cls in (CheckpointError, CheckpointWriteError, CheckpointCorruptError, DirectoryInUseError):
+    _cls.__module__ = "fcb"
+del _cls

@@ -1,0 +1,188 @@
+"""Crash-safe file primitives for the adapters (never used by the pure core).
+
+Every file is written to a temporary name in its final directory, flushed, fsynced and
+`os.replace`d, and the directory is fsynced, so a reader sees the old file or the new one,
+never a partial one, even after a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from ._errors import CheckpointCorruptError, CheckpointWriteError, DirectoryInUseError
+
+TMP_PREFIX = ".fcb-tmp-"
+LOCK_NAME = ".fcb.lock"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(final: str) -> str:
+    directory, name = os.path.split(final)
+    return os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+
+
+class ChecksumWriter:
+    """A binary file wrapper that counts bytes and computes CRC-32 while writing."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.size = 0
+        self.crc32 = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.crc32 = zlib.crc32(view, self.crc32)
+        self.size += len(view)
+        return self.raw.write(view)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def atomic_write(final: str, write: Callable[[ChecksumWriter], None]) -> dict[str, int]:
+    """Write `final` atomically with `write(file)`; return its size and CRC-32.
+
+    On any failure the temporary file is removed, `final` is untouched, and a
+    [`fcb.CheckpointWriteError`][] names the file and the cause.
+    """
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "wb") as raw:
+            out = ChecksumWriter(raw)
+            write(out)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final)
+        fsync_dir(os.path.dirname(final) or ".")
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise CheckpointWriteError(
+                f"could not write {final}: {error.strerror or error} (errno "
+                f"{errno.errorcode.get(error.errno or 0, error.errno)}); the previous files are "
+                f"intact."
+            ) from error
+        raise
+    return {"size": out.size, "crc32": out.crc32}
+
+
+def atomic_write_json(final: str, value: Any) -> dict[str, int]:
+    data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
+    return atomic_write(final, lambda f: f.write(data))
+
+
+def file_checksum(path: str, chunk: int = 1 << 22) -> dict[str, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return {"size": size, "crc32": crc}
+
+
+def verify(path: str, expected: dict[str, Any]) -> None:
+    """Raise [`fcb.CheckpointCorruptError`][] unless `path` has the recorded size and CRC-32."""
+    if not os.path.exists(path):
+        raise CheckpointCorruptError(f"{path} is missing (the manifest records it).")
+    actual_size = os.path.getsize(path)
+    if actual_size != expected["size"]:
+        raise CheckpointCorruptError(
+            f"{path} has {actual_size} bytes, the manifest records {expected['size']} "
+            f"(truncated or replaced)."
+        )
+    if file_checksum(path)["crc32"] != expected["crc32"]:
+        raise CheckpointCorruptError(
+            f"{path} does not match its recorded CRC-32 checksum (its bytes changed)."
+        )
+
+
+def link_atomic(target: str, link: str) -> None:
+    """Make `link` name the same file as `target` (hard link; copy where links fail)."""
+    if os.path.exists(link) and os.path.samefile(target, link):
+        return
+    tmp = temp_path(link)
+    try:
+        try:
+            os.link(target, tmp)
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+                raise
+            with open(target, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, link)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CheckpointWriteError(
+            f"could not point {link} at {target}: {error.strerror or error}; the manifest is "
+            f"authoritative and the next run repairs the name."
+        ) from error
+
+
+def remove_temporaries(directory: str) -> list[str]:
+    """Delete temporary files a killed writer left behind; return their names."""
+    removed = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
+
+
+class DirectoryLock:
+    """An exclusive advisory lock on a checkpoint directory, released when the process dies."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DirectoryInUseError(
+                f"{os.path.dirname(self.path)} is being written by another fcb adapter "
+                f"(process {holder}). Give this run its own directory (dirpath=...), or close "
+                f"the other adapter first."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()

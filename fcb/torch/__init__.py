@@ -1,0 +1,13 @@
+"""fcb.torch: apply fcb actions to a Torch trainer or plain loop, with crash-safe checkpoints.
+
+Installed with `pip install fcb[torch]`.
+"""
+
+from ._adapter import (
+    Trainer as Trainer,
+    TorchAdapter as TorchAdapter,
+    load_checkpoint as load_checkpoint,
+)
+from ._store import CheckpointStore as CheckpointStore, read_manifest as read_manifest
+
+__all__ = ["CheckpointStore", "TorchAdapter", "Trainer", "load_checkpoint", "read_manifest"]

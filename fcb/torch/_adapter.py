@@ -1,0 +1,533 @@
+"""The Torch adapter: applies fcb actions to a Torch trainer or a plain training loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .._core import Actions, Callback
+from .._errors import (
+    CheckpointCorruptError,
+    CheckpointWriteError,
+    ConfigError,
+    MetricShapeError,
+)
+from .._files import link_atomic, verify
+from .._model_checkpoint import ModelCheckpoint
+from .._runner import Runner
+from .._state_dict import state_dict as fcb_state_dict
+from ._store import RESUME_SLOT, CheckpointStore, read_manifest, step_file
+
+logger = logging.getLogger("fcb")
+
+CHECKPOINT_FORMAT = "fcb.checkpoint"
+FREE_MEMORY_KEY = "free_memory_bytes"
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What the adapter needs of a trainer (a Lightning `Trainer` qualifies)."""
+
+    should_stop: bool
+    default_root_dir: str
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+EvaluateFn = Callable[[torch.nn.Module], Mapping[str, Any]]
+
+
+def _number(key: str, value: Any) -> Any:
+    """Torch tensors as Python numbers (detached); anything else unchanged for validation."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise MetricShapeError(
+                f"TorchAdapter: metric {key!r} must be a scalar, got a tensor of shape "
+                f"{tuple(value.shape)}. Reduce it first, e.g. x.mean()."
+            )
+        return value.detach().item()
+    return value
+
+
+def _host_copy(obj: Any) -> Any:
+    """A copy of a state dict whose tensors live in host memory and share nothing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+class _BackgroundWriter:
+    """Runs store jobs in order on one thread; the first error is kept and re-raised."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fcb-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self.error is None:
+                    job()
+            except BaseException as error:  # surfaced at the next event and at fit end
+                self.error = error
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        self._jobs.join()
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+class TorchAdapter:
+    """Run an fcb callback chain in a Torch training loop and apply its actions.
+
+    Give it a `trainer` (anything with `should_stop`, `default_root_dir`, `state_dict()` and
+    `load_state_dict()`), or the `model` / `optimizer` / `scheduler` of a plain loop. Call the
+    hooks at Lightning's moments; `on_validation_end` (or `on_train_epoch_end`, with
+    `check_on="train_epoch_end"`) runs one check of the whole chain through one cached jitted
+    dispatch and then:
+
+    - sets `should_stop` (and `trainer.should_stop`) when a callback stops; never raises for it;
+    - multiplies every optimizer param group's learning rate by `lr_scale` with
+      [`fcb.scaled_lr`][] (floors and minimum changes included);
+    - writes the current step once if any slot takes it (`steps/step-NNNNNNNN.pt`, atomic),
+      points every slot's stable name at its step (`best_model.pt`, `last.pt`,
+      `best.val_loss.tolerance=5.pt`... as hard links), records everything in
+      `manifest.json`, then deletes the files no slot holds any more;
+    - runs `evaluate` on the live model when a callback asks (a new best for
+      `BestCheckpoint`'s nested callbacks) and feeds the results back.
+
+    Checkpoints go to `dirpath`, else a `ModelCheckpoint`'s `dirpath`, else
+    `{trainer.default_root_dir}/checkpoints`. With `background=True` the loop is blocked only
+    while the state is copied to host memory; a write error is raised at the next event and
+    at `on_fit_end`. A failed synchronous write leaves the callbacks' state as it was before
+    the event and raises [`fcb.CheckpointWriteError`][]; the previous files are intact.
+
+    Resume with `resume_from=RUN_DIR`: the model, optimizer, scheduler, trainer, RNG and
+    callback state are restored from the run's `last` checkpoint, and later decisions are
+    exactly those of an uninterrupted run. Resuming into another directory copies (links)
+    what it needs and never deletes the old run's files.
+    """
+
+    def __init__(
+        self,
+        callbacks: Callback,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        trainer: Any = None,
+        dirpath: str | os.PathLike[str] | None = None,
+        evaluate: EvaluateFn | Mapping[str, EvaluateFn] | None = None,
+        background: bool = False,
+        check_on: str = "validation_end",
+        resume_from: str | os.PathLike[str] | None = None,
+        log: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        if check_on not in ("validation_end", "train_epoch_end"):
+            raise ConfigError(
+                f"TorchAdapter: `check_on` must be 'validation_end' or 'train_epoch_end', got "
+                f"check_on = {check_on!r}."
+            )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"TorchAdapter: `model` must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        self.runner = Runner(callbacks)
+        self.callbacks = callbacks
+        self.model, self.optimizer, self.scheduler, self.trainer = (
+            model,
+            optimizer,
+            scheduler,
+            trainer,
+        )
+        self.evaluate = evaluate
+        self.check_on = check_on
+        self.log = log
+        self.background = background
+        self.resume_from = None if resume_from is None else os.fspath(resume_from)
+        self._dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.store: CheckpointStore | None = None
+        self._writer: _BackgroundWriter | None = None
+        self._stashed: dict[str, Any] = {}
+        self._checks = 0
+        self._probe_memory = False
+        self.should_stop = False
+        self.stop_message = ""
+        self.resumed_step: int | None = None
+        self.summary: dict[str, float] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    @property
+    def dirpath(self) -> str:
+        if self._dirpath:
+            return self._dirpath
+        for checkpoint in self.runner.find(ModelCheckpoint):
+            if checkpoint.dirpath:
+                return checkpoint.dirpath
+        root = getattr(self.trainer, "default_root_dir", None)
+        if root:
+            return os.path.join(os.fspath(root), "checkpoints")
+        raise ConfigError(
+            "TorchAdapter: no checkpoint directory: pass dirpath=..., set a ModelCheckpoint's "
+            "dirpath, or give a trainer with default_root_dir."
+        )
+
+    def _slot_models(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.callbacks.action_names().slot_models)
+
+    def _check_model_names(self) -> None:
+        wanted = {name for models in self._slot_models().values() for name in models}
+        if not wanted:
+            return
+        if self.model is None:
+            raise ConfigError(
+                f"TorchAdapter: the callbacks save the submodules {sorted(wanted)} but no model "
+                f"was given; pass model=..."
+            )
+        for name in sorted(wanted):
+            self._submodule(name)
+
+    def _submodule(self, name: str) -> torch.nn.Module:
+        assert self.model is not None
+        children = dict(self.model.named_children())
+        if name not in children:
+            raise ConfigError(
+                f"TorchAdapter: model_names asks for submodule {name!r}, but the model "
+                f"({type(self.model).__name__}) has {sorted(children)}. Fix model_names."
+            )
+        return children[name]
+
+    def on_fit_start(self, trainer: Any = None, *_: Any) -> None:
+        """Open the checkpoint directory (locking it), check the model, resume if asked."""
+        if trainer is not None:
+            self.trainer = trainer
+        self._check_model_names()
+        try:
+            from .._vram_drift import VRAMDrift
+        except ImportError:  # TEMP until VRAMDrift lands
+            VRAMDrift = None
+        drifts = self.runner.find(VRAMDrift) if VRAMDrift else []
+        if drifts:
+            self._probe_memory = torch.cuda.is_available()
+            if not self._probe_memory:
+                logger.info("fcb: no CUDA device; VRAMDrift has no memory figure and does nothing.")
+        if self.store is None:
+            self.store = CheckpointStore(self.dirpath)
+            self.store.open()
+        if self.background and self._writer is None:
+            self._writer = _BackgroundWriter()
+        if self.resume_from is not None:
+            self.resumed_step = self._resume(self.resume_from)
+
+    def __enter__(self) -> TorchAdapter:
+        self.on_fit_start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is None:
+            self.on_fit_end()
+        else:
+            self.on_exception(exc)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_train_epoch_end(
+        self,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        step: int | None = None,
+        trainer: Any = None,
+    ) -> Actions | None:
+        """Record training metrics; run the check here when `check_on="train_epoch_end"`."""
+        self._stashed.update(metrics or {})
+        if self.check_on == "train_epoch_end":
+            return self._event(step, trainer)
+        return None
+
+    def on_validation_end(
+        self,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        step: int | None = None,
+        trainer: Any = None,
+    ) -> Actions | None:
+        """Record validation metrics; run the check (default `check_on`)."""
+        self._stashed.update(metrics or {})
+        if self.check_on == "validation_end":
+            return self._event(step, trainer)
+        return None
+
+    def _event(self, step: int | None, trainer: Any) -> Actions:
+        if trainer is not None:
+            self.trainer = trainer
+        if self.store is None:
+            self.on_fit_start()
+        self._raise_writer_error()
+        stashed, self._stashed = self._stashed, {}
+        metrics = {k: _number(k, v) for k, v in stashed.items()}
+        if self._probe_memory:
+            metrics[FREE_MEMORY_KEY] = float(torch.cuda.mem_get_info()[0])
+        step = self._checks if step is None else int(step)
+        self._checks += 1
+        before = self.runner.state
+        actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
+        try:
+            self._apply_checkpoints(actions, step)
+        except BaseException:
+            self.runner.state = before
+            raise
+        self._apply_lr(actions)
+        self._report(actions, step)
+        if bool(actions.stop):
+            self.should_stop = True
+            self.stop_message = actions.stop_message()
+            if self.trainer is not None:
+                self.trainer.should_stop = True
+        return actions
+
+    def _run_evaluation(self, request: str) -> Mapping[str, Any]:
+        fn = self.evaluate.get(request) if isinstance(self.evaluate, Mapping) else self.evaluate
+        if fn is None or self.model is None:
+            raise ConfigError(
+                f"TorchAdapter: the callbacks ask to evaluate the new best model for "
+                f"{request!r}, but no evaluate function (and model) was given. Pass "
+                f"evaluate={{'{request}': fn}} where fn(model) returns a dict of metrics."
+            )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                results = fn(self.model)
+        finally:
+            self.model.train(was_training)
+        return {k: _number(k, v) for k, v in results.items()}
+
+    def _apply_lr(self, actions: Actions) -> None:
+        scale = float(actions.lr_scale)
+        if scale == 1.0 or self.optimizer is None:
+            return
+        floor, change = float(actions.min_lr), float(actions.min_lr_change)
+        for group in self.optimizer.param_groups:
+            old = float(group["lr"])
+            # torch's ReduceLROnPlateau rule (as fcb.scaled_lr), in float64 like torch
+            new = max(old * scale, min(floor, old))
+            if abs(old - new) > change:
+                group["lr"] = new
+
+    def _report(self, actions: Actions, step: int) -> None:
+        for name, fired in actions.events.items():
+            if bool(fired):
+                level = logging.WARNING if name.endswith("vram_drift/drift") else logging.DEBUG
+                logger.log(level, "fcb: %s at step %d", name, step)
+        if self.log is not None and actions.log:
+            self.log(step, {k: float(v) for k, v in actions.log.items()})
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _apply_checkpoints(self, actions: Actions, step: int) -> None:
+        assert self.store is not None
+        slot_models = self._slot_models()
+        slots = {
+            name: (int(s), float(actions.slot_values[name]), slot_models.get(name))
+            for name, s in actions.slots.items()
+        }
+        current = {name: slot["step"] for name, slot in self.store.manifest["slots"].items()}
+        wanted = {name: s for name, (s, _, _) in slots.items() if s >= 0}
+        archive = bool(actions.archive)
+        if not bool(actions.save) and not archive and wanted == current:
+            return
+        variants = {models for (s, _, models) in slots.values() if s == step}
+        if archive:
+            variants.add(None)
+        callbacks_state = self.runner.state_dict()
+        resume = RESUME_SLOT in slots and slots[RESUME_SLOT][0] == step
+        payloads = {
+            models: self._payload(step, models, callbacks_state, slots)
+            for models in variants
+            if not self.store.has(step_file(step, models))
+        }
+
+        def job() -> None:
+            assert self.store is not None
+            for models, payload in payloads.items():
+                self.store.write(step_file(step, models), step, models, payload)
+            self.store.commit(
+                event_step=step,
+                slots=slots,
+                archive=[step_file(step, None)] if archive else [],
+                callbacks=callbacks_state,
+                resume=resume,
+            )
+
+        if self._writer is None:
+            job()
+        else:
+            self._writer.submit(job)
+
+    def _payload(
+        self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any
+    ) -> dict[str, Any]:
+        copy = _host_copy if self._writer is not None else (lambda x: x)
+        payload: dict[str, Any] = {
+            "fcb": {
+                "format": CHECKPOINT_FORMAT,
+                "version": 1,
+                "step": step,
+                # compact JSON: a pickled nested dict would be several times larger
+                "callbacks": json.dumps(callbacks_state, separators=(",", ":")),
+                "slots": {name: s for name, (s, _, _) in slots.items()},
+            }
+        }
+        if self.model is not None:
+            if models:
+                payload["model"] = {n: copy(self._submodule(n).state_dict()) for n in models}
+                payload["models"] = list(models)
+                return payload
+            payload["model"] = copy(self.model.state_dict())
+        if self.optimizer is not None:
+            payload["optimizer"] = copy(self.optimizer.state_dict())
+        if self.scheduler is not None:
+            payload["scheduler"] = copy(self.scheduler.state_dict())
+        if self.trainer is not None and hasattr(self.trainer, "state_dict"):
+            payload["trainer"] = copy(self.trainer.state_dict())
+        payload["rng"] = {"torch": torch.random.get_rng_state()}
+        return payload
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _resume(self, run_dir: str) -> int:
+        assert self.store is not None
+        source = os.path.abspath(run_dir)
+        if os.path.isdir(os.path.join(source, "checkpoints")) and not os.path.exists(
+            os.path.join(source, "manifest.json")
+        ):
+            source = os.path.join(source, "checkpoints")
+        manifest = (
+            self.store.manifest
+            if source == self.store.directory
+            else read_manifest(os.path.join(source, "manifest.json"))
+        )
+        record = manifest.get("resume")
+        if not record:
+            raise CheckpointCorruptError(
+                f"{source} has no resumable checkpoint: resuming needs a `last` slot, e.g. "
+                f"fcb.ModelCheckpoint(save_last=True) in the chain."
+            )
+        path = os.path.join(source, record["file"])
+        verify(path, manifest["files"][record["file"]])
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta = payload.get("fcb", {})
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("step") != record["step"]:
+            raise CheckpointCorruptError(
+                f"{path} is not the fcb checkpoint of step {record['step']} that the manifest "
+                f"records (found {meta.get('format')!r} at step {meta.get('step')!r})."
+            )
+        self.runner.load_state_dict(json.loads(meta["callbacks"]))
+        if self.model is not None:
+            self.model.load_state_dict(payload["model"])
+        if self.optimizer is not None and "optimizer" in payload:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and "scheduler" in payload:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.trainer is not None and "trainer" in payload:
+            self.trainer.load_state_dict(payload["trainer"])
+        if "rng" in payload:
+            torch.random.set_rng_state(payload["rng"]["torch"])
+        files = {}
+        for slot in record["slots"].values():
+            relative = slot["file"]
+            if source != self.store.directory:
+                verify(os.path.join(source, relative), manifest["files"][relative])
+                link_atomic(os.path.join(source, relative), self.store.path(relative))
+            files[relative] = manifest["files"][relative]
+        self.store.reset_to(record["slots"], files, record)
+        self._checks = record["step"] + 1
+        return int(record["step"])
+
+    # -- end ---------------------------------------------------------------------------------
+
+    def _raise_writer_error(self) -> None:
+        if self._writer is not None and self._writer.error is not None:
+            error = self._writer.error
+            raise CheckpointWriteError(f"a background checkpoint write failed: {error}") from error
+
+    def wait(self) -> None:
+        """Block until every background write is done; raise the first write error."""
+        if self._writer is not None:
+            self._writer.wait()
+        self._raise_writer_error()
+
+    def on_fit_end(self, trainer: Any = None, *_: Any) -> dict[str, float]:
+        """Wait for writes, finalize the callbacks (summary scalars), release the directory."""
+        try:
+            self.wait()
+            actions = self.runner.finalize()
+            self.summary = {k: float(v) for k, v in actions.log.items()}
+            if self.log is not None and self.summary:
+                self.log(self._checks, self.summary)
+            return self.summary
+        finally:
+            self._close()
+
+    def on_exception(self, exception: BaseException | None = None, *_: Any) -> None:
+        """Let pending writes finish (they are complete checkpoints) and release the directory."""
+        try:
+            if self._writer is not None:
+                self._writer.wait()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callbacks' state dict (JSON-safe), as recorded in every checkpoint."""
+        return fcb_state_dict(self.runner.state, self.callbacks)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load one fcb Torch checkpoint file (tensors on the CPU) after checking the manifest."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    manifest_dir = (
+        directory
+        if os.path.exists(os.path.join(directory, "manifest.json"))
+        else (os.path.dirname(directory))
+    )
+    manifest = read_manifest(os.path.join(manifest_dir, "manifest.json"))
+    relative = os.path.relpath(os.path.abspath(path), manifest_dir)
+    slot = manifest["slots"].get(os.path.basename(path)[: -len(".pt")])
+    record_key = slot["file"] if slot else relative
+    if record_key not in manifest["files"]:
+        raise CheckpointCorruptError(f"{path} is not listed in {manifest_dir}/manifest.json.")
+    verify(os.path.join(manifest_dir, record_key), manifest["files"][record_key])
+    return torch.load(os.path.join(manifest_dir, record_key), map_location="cpu", weights_only=True)
