@@ -46,6 +46,7 @@ from ._terminate_on_nan import (
     TerminateOnNaN as TerminateOnNaN,
     TerminateOnNaNState as TerminateOnNaNState,
 )
+from ._vram_drift import VRAMDrift as VRAMDrift, VRAMDriftState as VRAMDriftState
 
 try:
     __version__ = importlib.metadata.version("fcb")
@@ -83,6 +84,8 @@ __all__ = [
     "StopReason",
     "TerminateOnNaN",
     "TerminateOnNaNState",
+    "VRAMDrift",
+    "VRAMDriftState",
     "chain",
     "load_state_dict",
     "merge_actions",
