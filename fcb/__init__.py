@@ -7,7 +7,12 @@ from ._best_checkpoint import (
     BestCheckpoint as BestCheckpoint,
     BestCheckpointState as BestCheckpointState,
 )
-from ._chain import Chain as Chain, NamedChain as NamedChain, chain as chain, named_chain as named_chain
+from ._chain import (
+    Chain as Chain,
+    NamedChain as NamedChain,
+    chain as chain,
+    named_chain as named_chain,
+)
 from ._core import (
     NO_STEP as NO_STEP,
     ActionNames as ActionNames,
@@ -18,16 +23,19 @@ from ._core import (
     merge_actions as merge_actions,
     scaled_lr as scaled_lr,
 )
-from ._early_stopping import EarlyStopping as EarlyStopping, EarlyStoppingState as EarlyStoppingState
+from ._early_stopping import (
+    EarlyStopping as EarlyStopping,
+    EarlyStoppingState as EarlyStoppingState,
+)
 from ._errors import (
     CheckpointCorruptError as CheckpointCorruptError,
     CheckpointError as CheckpointError,
     CheckpointWriteError as CheckpointWriteError,
     ConfigChangedWarning as ConfigChangedWarning,
     ConfigError as ConfigError,
+    DirectoryInUseError as DirectoryInUseError,
     MetricShapeError as MetricShapeError,
     MetricTypeError as MetricTypeError,
-    DirectoryInUseError as DirectoryInUseError,
     MissingMetricError as MissingMetricError,
     StateDictError as StateDictError,
 )

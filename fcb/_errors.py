@@ -30,18 +30,6 @@ class ConfigChangedWarning(UserWarning):
     """A state dict was saved with a different config; the current config is used."""
 
 
-for _cls in (
-    ConfigError,
-    MetricTypeError,
-    MetricShapeError,
-    MissingMetricError,
-    StateDictError,
-    ConfigChangedWarning,
-):
-    _cls.__module__ = "fcb"  # shown as fcb.ConfigError in tracebacks: the public name
-del _cls
-
-
 class CheckpointError(RuntimeError):
     """Base class of the errors adapters raise about checkpoint files."""
 
@@ -58,6 +46,17 @@ class DirectoryInUseError(CheckpointError):
     """Another adapter (this process or another) is writing to the same checkpoint directory."""
 
 
-for _cls in (CheckpointError, CheckpointWriteError, CheckpointCorruptError, DirectoryInUseError):
-    _cls.__module__ = "fcb"
-del _cls
+_PUBLIC: tuple[type, ...] = (
+    ConfigError,
+    MetricTypeError,
+    MetricShapeError,
+    MissingMetricError,
+    StateDictError,
+    ConfigChangedWarning,
+    CheckpointError,
+    CheckpointWriteError,
+    CheckpointCorruptError,
+    DirectoryInUseError,
+)
+for _cls in _PUBLIC:
+    _cls.__module__ = "fcb"  # shown as fcb.ConfigError in tracebacks: the public name

@@ -55,7 +55,7 @@ class ChecksumWriter:
         self.raw.flush()
 
 
-def atomic_write(final: str, write: Callable[[ChecksumWriter], None]) -> dict[str, int]:
+def atomic_write(final: str, write: Callable[[ChecksumWriter], object]) -> dict[str, int]:
     """Write `final` atomically with `write(file)`; return its size and CRC-32.
 
     On any failure the temporary file is removed, `final` is untouched, and a

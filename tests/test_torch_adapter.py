@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch_training
 
 import fcb
 import fcb.torch
-import torch_training
 from fcb import _files
 
 
@@ -51,7 +51,7 @@ def test_files_on_disk_match_manifest_and_decisions(full_run):
 
 
 def test_best_checkpoint_holds_the_best_weights(full_run):
-    dirpath, decisions, _ = full_run
+    dirpath, _, _ = full_run
     (_, _), (x_val, y_val) = torch_training.data()
     model, _ = torch_training.model_and_optimizer()
     model.load_state_dict(
@@ -85,7 +85,7 @@ def test_resume_equivalence(full_run, tmp_path, k):
 
 
 def test_resume_into_another_directory_keeps_the_old_run(full_run, tmp_path):
-    _, decisions, weights = full_run
+    _ = full_run
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
     torch_training.train(old, stop_after=5)
     before = {
@@ -109,7 +109,7 @@ def test_resume_into_another_directory_keeps_the_old_run(full_run, tmp_path):
 
 
 def test_background_writer_gives_the_same_files_and_decisions(full_run, tmp_path):
-    dirpath, decisions, weights = full_run
+    dirpath, decisions, _ = full_run
     got, _ = torch_training.train(str(tmp_path), background=True)
     assert got == decisions
     assert manifest(str(tmp_path))["slots"] == manifest(dirpath)["slots"]

@@ -107,7 +107,7 @@ def main(argv=None):
     def emit(decision):
         print(json.dumps(decision), flush=True)
 
-    decisions, state = train(
+    _, state = train(
         args.dirpath,
         epochs=args.epochs,
         resume=args.resume,

@@ -4,8 +4,8 @@ Installed with `pip install fcb[torch]`.
 """
 
 from ._adapter import (
-    Trainer as Trainer,
     TorchAdapter as TorchAdapter,
+    Trainer as Trainer,
     load_checkpoint as load_checkpoint,
 )
 from ._store import CheckpointStore as CheckpointStore, read_manifest as read_manifest

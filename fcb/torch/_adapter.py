@@ -23,12 +23,12 @@ from .._files import link_atomic, verify
 from .._model_checkpoint import ModelCheckpoint
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
+from .._vram_drift import VRAMDrift
 from ._store import RESUME_SLOT, CheckpointStore, read_manifest, step_file
 
 logger = logging.getLogger("fcb")
 
 CHECKPOINT_FORMAT = "fcb.checkpoint"
-FREE_MEMORY_KEY = "free_memory_bytes"
 
 
 @runtime_checkable
@@ -174,6 +174,7 @@ class TorchAdapter:
         self._stashed: dict[str, Any] = {}
         self._checks = 0
         self._probe_memory = False
+        self._memory_keys: list[str] = []
         self.should_stop = False
         self.stop_message = ""
         self.resumed_step: int | None = None
@@ -226,12 +227,8 @@ class TorchAdapter:
         if trainer is not None:
             self.trainer = trainer
         self._check_model_names()
-        try:
-            from .._vram_drift import VRAMDrift
-        except ImportError:  # TEMP until VRAMDrift lands
-            VRAMDrift = None
-        drifts = self.runner.find(VRAMDrift) if VRAMDrift else []
-        if drifts:
+        self._memory_keys = sorted({drift.key for drift in self.runner.find(VRAMDrift)})
+        if self._memory_keys:
             self._probe_memory = torch.cuda.is_available()
             if not self._probe_memory:
                 logger.info("fcb: no CUDA device; VRAMDrift has no memory figure and does nothing.")
@@ -290,7 +287,8 @@ class TorchAdapter:
         stashed, self._stashed = self._stashed, {}
         metrics = {k: _number(k, v) for k, v in stashed.items()}
         if self._probe_memory:
-            metrics[FREE_MEMORY_KEY] = float(torch.cuda.mem_get_info()[0])
+            free = float(torch.cuda.mem_get_info()[0])
+            metrics.update(dict.fromkeys(self._memory_keys, free))
         step = self._checks if step is None else int(step)
         self._checks += 1
         before = self.runner.state

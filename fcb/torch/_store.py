@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -139,7 +139,9 @@ class CheckpointStore:
 
     def write(self, relative: str, step: int, models: tuple[str, ...] | None, payload: Any) -> None:
         """Write one step file atomically; it joins the manifest at the next commit."""
-        record = atomic_write(self.path(relative), lambda f: torch.save(payload, f))
+        record = atomic_write(
+            self.path(relative), lambda f: torch.save(payload, cast(IO[bytes], f))
+        )
         self._pending[relative] = {"step": step, "models": models, **record}
         self.bytes_written += record["size"]
         self.files_written += 1
