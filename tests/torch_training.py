@@ -1,7 +1,7 @@
 """A small deterministic Torch training run driven by fcb.torch (used by tests and kill tests).
 
 Run as a script, it trains into a directory and prints one JSON line per check:
-    python tests/torch_training.py DIR [--resume] [--epochs N] [--background]
+    python tests/torch_training.py DIR [--resume] [--epochs N] [--background] [--hidden H]
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def data():
     return (x[:48], y[:48]), (x[48:], y[48:])
 
 
-def model_and_optimizer():
+def model_and_optimizer(hidden=32):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
+    )
     return model, torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
 
 
@@ -48,6 +50,7 @@ def train(
     background=False,
     stop_after=None,
     on_check=None,
+    hidden=32,
 ):
     """Train; return the per-check decisions and the final weights.
 
@@ -55,7 +58,7 @@ def train(
     cleanly but the directory lock (as a crash would release it).
     """
     (x, y), (x_val, y_val) = data()
-    model, optimizer = model_and_optimizer()
+    model, optimizer = model_and_optimizer(hidden)
     adapter = fcb.torch.TorchAdapter(
         chain or callbacks(),
         model=model,
@@ -102,6 +105,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--background", action="store_true")
+    parser.add_argument("--hidden", type=int, default=32)
     args = parser.parse_args(argv)
 
     def emit(decision):
@@ -113,6 +117,7 @@ def main(argv=None):
         resume=args.resume,
         background=args.background,
         on_check=emit,
+        hidden=args.hidden,
     )
     torch.save(state, f"{args.dirpath}/final_weights.pt")
     print(json.dumps({"done": True}), flush=True)
