@@ -74,6 +74,8 @@ class VRAMDrift(Callback):
     significant bits, so a figure is exact up to 16 MiB and otherwise within a relative 6e-8
     (at most 4 KiB at 80 GiB), far below any useful drift threshold. MiB is a power-of-two
     unit, so the conversion itself is exact, and the state dict reads in familiar numbers.
+    Through `jax.jit`, pass the figure as a float (as the adapters do): a Python int above
+    2**31 cannot cross `jit` while JAX's 64-bit mode is off.
 
     Both thresholds are array leaves (`jax.vmap` over a stack of them works); at least one must
     be given. A threshold left out never fires.
@@ -168,9 +170,10 @@ class VRAMDrift(Callback):
         finite = jnp.isfinite(free_mib)
         sets_baseline = ~state.has_baseline & finite
         baseline_mib = jnp.where(sets_baseline, free_mib, state.baseline_mib)
-        drift_mib = baseline_mib - free_mib
+        # NaN without a baseline or a finite figure: every comparison below is then False
+        # (a -inf figure would otherwise be an infinite drift).
+        drift_mib = jnp.where(finite, baseline_mib - free_mib, jnp.nan)
         # "min" mode: a smaller drift is better, so a threshold is exceeded by a larger one.
-        # Either comparison is False for NaN (no baseline yet, or a non-finite figure).
         too_much = _monitor.exceeded(drift_mib, self.max_drift_bytes / MIB, "min") | (
             _monitor.exceeded(drift_mib, self.max_drift_fraction * baseline_mib, "min")
         )
