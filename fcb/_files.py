@@ -55,19 +55,16 @@ class ChecksumWriter:
         self.raw.flush()
 
 
-def atomic_write(final: str, write: Callable[[ChecksumWriter], object]) -> dict[str, int]:
-    """Write `final` atomically with `write(file)`; return its size and CRC-32.
+@contextlib.contextmanager
+def _replacing(final: str) -> Iterator[str]:
+    """Yield a temporary path beside `final`; on success move it over `final` atomically.
 
-    On any failure the temporary file is removed, `final` is untouched, and a
-    [`fcb.CheckpointWriteError`][] names the file and the cause.
+    On any failure the temporary file is removed, `final` is untouched, and an `OSError`
+    becomes a [`fcb.CheckpointWriteError`][] naming the file and the cause.
     """
     tmp = temp_path(final)
     try:
-        with open(tmp, "wb") as raw:
-            out = ChecksumWriter(raw)
-            write(out)
-            raw.flush()
-            os.fsync(raw.fileno())
+        yield tmp
         os.replace(tmp, final)
         fsync_dir(os.path.dirname(final) or ".")
     except BaseException as error:
@@ -80,7 +77,26 @@ def atomic_write(final: str, write: Callable[[ChecksumWriter], object]) -> dict[
                 f"intact."
             ) from error
         raise
+
+
+def atomic_write(final: str, write: Callable[[ChecksumWriter], object]) -> dict[str, int]:
+    """Write `final` atomically with `write(file)`; return its size and CRC-32."""
+    with _replacing(final) as tmp, open(tmp, "wb") as raw:
+        out = ChecksumWriter(raw)
+        write(out)
+        raw.flush()
+        os.fsync(raw.fileno())
     return {"size": out.size, "crc32": out.crc32}
+
+
+def atomic_write_path(final: str, save: Callable[[str], object]) -> dict[str, int]:
+    """Like `atomic_write` for writers that take a path: `save(tmp_path)` writes the file."""
+    with _replacing(final) as tmp:
+        save(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        record = file_checksum(tmp)
+    return record
 
 
 def atomic_write_json(final: str, value: Any) -> dict[str, int]:

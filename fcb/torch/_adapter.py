@@ -24,7 +24,7 @@ from .._model_checkpoint import ModelCheckpoint
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
 from .._vram_drift import VRAMDrift
-from ._store import RESUME_SLOT, CheckpointStore, read_manifest, step_file
+from ._store import RESUME_SLOT, CheckpointStore, read_manifest
 
 logger = logging.getLogger("fcb")
 
@@ -363,20 +363,20 @@ class TorchAdapter:
             variants.add(None)
         callbacks_state = self.runner.state_dict()
         resume = RESUME_SLOT in slots and slots[RESUME_SLOT][0] == step
-        payloads = {
-            models: self._payload(step, models, callbacks_state, slots)
+        store = self.store
+        writes = [
+            self._step_writer(step, models, callbacks_state, slots)
             for models in variants
-            if not self.store.has(step_file(step, models))
-        }
+            if not store.has(store.step_file(step, models))
+        ]
 
         def job() -> None:
-            assert self.store is not None
-            for models, payload in payloads.items():
-                self.store.write(step_file(step, models), step, models, payload)
-            self.store.commit(
+            for write in writes:
+                write(store)
+            store.commit(
                 event_step=step,
                 slots=slots,
-                archive=[step_file(step, None)] if archive else [],
+                archive=[store.step_file(step, None)] if archive else [],
                 callbacks=callbacks_state,
                 resume=resume,
             )
@@ -385,6 +385,14 @@ class TorchAdapter:
             job()
         else:
             self._writer.submit(job)
+
+    def _step_writer(
+        self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any
+    ) -> Callable[[CheckpointStore], None]:
+        """What writes this step's file; the state is captured now (a host copy when the
+        writer runs in the background)."""
+        payload = self._payload(step, models, callbacks_state, slots)
+        return lambda store: store.write(store.step_file(step, models), step, models, payload)
 
     def _payload(
         self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 
 import torch
@@ -17,6 +17,7 @@ from .._files import (
     DirectoryLock,
     atomic_write,
     atomic_write_json,
+    atomic_write_path,
     fsync_dir,
     link_atomic,
     remove_temporaries,
@@ -29,7 +30,7 @@ MANIFEST_VERSION = 1
 STEPS_DIR = "steps"
 SUFFIX = ".pt"
 RESUME_SLOT = "last"
-_STEP_FILE = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?\.pt$")
+_STEP_FILE = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?\.(pt|ckpt)$")
 
 
 def json_value(value: float) -> float | str:
@@ -82,10 +83,10 @@ def read_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
-def step_file(step: int, models: tuple[str, ...] | None) -> str:
+def step_file(step: int, models: tuple[str, ...] | None, suffix: str = SUFFIX) -> str:
     """The path, relative to the store, of the file holding `step` (optionally a subset)."""
     variant = "" if not models else "." + "+".join(models)
-    return f"{STEPS_DIR}/step-{step:08d}{variant}{SUFFIX}"
+    return f"{STEPS_DIR}/step-{step:08d}{variant}{suffix}"
 
 
 class CheckpointStore:
@@ -97,8 +98,9 @@ class CheckpointStore:
     whose every file is complete; stale links, orphans and temporaries are repaired by `open`.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, suffix: str = SUFFIX):
         self.directory = os.path.abspath(directory)
+        self.suffix = suffix
         self.manifest = empty_manifest()
         self._lock = DirectoryLock(self.directory)
         self._pending: dict[str, dict[str, Any]] = {}
@@ -134,6 +136,9 @@ class CheckpointStore:
     def close(self) -> None:
         self._lock.release()
 
+    def step_file(self, step: int, models: tuple[str, ...] | None) -> str:
+        return step_file(step, models, self.suffix)
+
     def has(self, relative: str) -> bool:
         return relative in self.manifest["files"] or relative in self._pending
 
@@ -160,7 +165,7 @@ class CheckpointStore:
         for name, (step, value, models) in slots.items():
             if step < 0:
                 continue
-            relative = step_file(step, models)
+            relative = self.step_file(step, models)
             if relative not in files:
                 raise CheckpointCorruptError(
                     f"slot {name!r} must hold step {step}, whose file {relative} was never "
@@ -169,7 +174,7 @@ class CheckpointStore:
             new_slots[name] = {
                 "step": step,
                 "file": relative,
-                "link": name + SUFFIX,
+                "link": name + self.suffix,
                 "value": json_value(value),
             }
         manifest = dict(self.manifest)
