@@ -131,6 +131,8 @@ class TorchAdapter:
     what it needs and never deletes the old run's files.
     """
 
+    suffix = ".pt"
+
     def __init__(
         self,
         callbacks: Callback,
@@ -233,7 +235,7 @@ class TorchAdapter:
             if not self._probe_memory:
                 logger.info("fcb: no CUDA device; VRAMDrift has no memory figure and does nothing.")
         if self.store is None:
-            self.store = CheckpointStore(self.dirpath)
+            self.store = CheckpointStore(self.dirpath, suffix=self.suffix)
             self.store.open()
         if self.background and self._writer is None:
             self._writer = _BackgroundWriter()
@@ -324,12 +326,16 @@ class TorchAdapter:
             self.model.train(was_training)
         return {k: _number(k, v) for k, v in results.items()}
 
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [] if self.optimizer is None else [self.optimizer]
+
     def _apply_lr(self, actions: Actions) -> None:
         scale = float(actions.lr_scale)
-        if scale == 1.0 or self.optimizer is None:
+        if scale == 1.0:
             return
         floor, change = float(actions.min_lr), float(actions.min_lr_change)
-        for group in self.optimizer.param_groups:
+        groups = [group for optimizer in self._optimizers() for group in optimizer.param_groups]
+        for group in groups:
             old = float(group["lr"])
             # torch's ReduceLROnPlateau rule (as fcb.scaled_lr), in float64 like torch
             new = max(old * scale, min(floor, old))

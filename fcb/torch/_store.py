@@ -147,6 +147,21 @@ class CheckpointStore:
         record = atomic_write(
             self.path(relative), lambda f: torch.save(payload, cast(IO[bytes], f))
         )
+        self._record(relative, step, models, record)
+
+    def write_with(
+        self,
+        relative: str,
+        step: int,
+        models: tuple[str, ...] | None,
+        save: Callable[[str], object],
+    ) -> None:
+        """Write one step file with `save(path)` (e.g. a Lightning Trainer's save_checkpoint)."""
+        self._record(relative, step, models, atomic_write_path(self.path(relative), save))
+
+    def _record(
+        self, relative: str, step: int, models: tuple[str, ...] | None, record: dict[str, int]
+    ) -> None:
         self._pending[relative] = {"step": step, "models": models, **record}
         self.bytes_written += record["size"]
         self.files_written += 1
