@@ -100,7 +100,7 @@ def test_resume_with_ckpt_path_restores_the_chain(tmp_path):
     full, full_callback, _ = fit(tmp_path / "full", max_epochs=60)
     stopped_at = full.current_epoch
     k = max(1, stopped_at // 2)
-    first, _, _ = fit(tmp_path / "part", max_epochs=k + 1)
+    fit(tmp_path / "part", max_epochs=k + 1)
     resumed, callback, _ = fit(
         tmp_path / "part",
         max_epochs=60,
