@@ -70,6 +70,8 @@ def train(
     adapter.on_fit_start()
     start = adapter.resumed_step + 1 if adapter.resumed_step is not None else 0
     decisions = []
+    if adapter.should_stop:  # resumed a run that had already stopped: nothing to train
+        epochs = start
     for epoch in range(start, epochs):
         model.train()
         for batch in torch.randperm(48).split(8):  # the RNG state matters for resume

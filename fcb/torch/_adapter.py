@@ -385,6 +385,7 @@ class TorchAdapter:
                 archive=[store.step_file(step, None)] if archive else [],
                 callbacks=callbacks_state,
                 resume=resume,
+                stop_message=actions.stop_message() if bool(actions.stop) else "",
             )
 
         if self._writer is None:
@@ -478,6 +479,11 @@ class TorchAdapter:
             files[relative] = manifest["files"][relative]
         self.store.reset_to(record["slots"], files, record)
         self._checks = record["step"] + 1
+        if record.get("stop_message"):  # the run had already stopped: do not train on
+            self.should_stop = True
+            self.stop_message = record["stop_message"]
+            if self.trainer is not None:
+                self.trainer.should_stop = True
         return int(record["step"])
 
     # -- end ---------------------------------------------------------------------------------

@@ -174,6 +174,7 @@ class CheckpointStore:
         archive: list[str],
         callbacks: Any,
         resume: bool,
+        stop_message: str = "",
     ) -> None:
         files = {**self.manifest["files"], **self._pending}
         new_slots: dict[str, Any] = {}
@@ -202,6 +203,7 @@ class CheckpointStore:
                 "step": event_step,
                 "file": new_slots[RESUME_SLOT]["file"],
                 "slots": new_slots,
+                "stop_message": stop_message,  # non-empty: the run had stopped at this step
             }
         self._install(manifest, files)
 
