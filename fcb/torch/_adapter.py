@@ -20,11 +20,12 @@ from .._errors import (
     MetricShapeError,
 )
 from .._files import link_atomic, verify
+from .._manifest import plan_checkpoints
 from .._model_checkpoint import ModelCheckpoint
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
 from .._vram_drift import VRAMDrift
-from ._store import RESUME_SLOT, CheckpointStore, read_manifest
+from ._store import CheckpointStore, read_manifest
 
 logger = logging.getLogger("fcb")
 
@@ -354,25 +355,15 @@ class TorchAdapter:
 
     def _apply_checkpoints(self, actions: Actions, step: int) -> None:
         assert self.store is not None
-        slot_models = self._slot_models()
-        slots = {
-            name: (int(s), float(actions.slot_values[name]), slot_models.get(name))
-            for name, s in actions.slots.items()
-        }
         current = {name: slot["step"] for name, slot in self.store.manifest["slots"].items()}
-        wanted = {name: s for name, (s, _, _) in slots.items() if s >= 0}
-        archive = bool(actions.archive)
-        if not bool(actions.save) and not archive and wanted == current:
+        plan = plan_checkpoints(actions, step, self._slot_models(), current)
+        if plan is None:
             return
-        variants = {models for (s, _, models) in slots.values() if s == step}
-        if archive:
-            variants.add(None)
         callbacks_state = self.runner.state_dict()
-        resume = RESUME_SLOT in slots and slots[RESUME_SLOT][0] == step
         store = self.store
         writes = [
-            self._step_writer(step, models, callbacks_state, slots)
-            for models in variants
+            self._step_writer(step, models, callbacks_state, plan.slots)
+            for models in plan.variants
             if not store.has(store.step_file(step, models))
         ]
 
@@ -381,11 +372,11 @@ class TorchAdapter:
                 write(store)
             store.commit(
                 event_step=step,
-                slots=slots,
-                archive=[store.step_file(step, None)] if archive else [],
+                slots=plan.slots,
+                archive=[store.step_file(step, None)] if plan.archive else [],
                 callbacks=callbacks_state,
-                resume=resume,
-                stop_message=actions.stop_message() if bool(actions.stop) else "",
+                resume=plan.resume,
+                stop_message=plan.stop_message,
             )
 
         if self._writer is None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -23,64 +21,27 @@ from .._files import (
     remove_temporaries,
     verify,
 )
+from .._manifest import (
+    MANIFEST_NAME as MANIFEST_NAME,
+    RESUME_SLOT as RESUME_SLOT,
+    SlotRequest,
+    empty_manifest,
+    next_manifest,
+    read_manifest as _read_manifest,
+    reset_manifest,
+    slot_records,
+    with_files,
+)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "fcb.manifest"
-MANIFEST_VERSION = 1
 STEPS_DIR = "steps"
 SUFFIX = ".pt"
-RESUME_SLOT = "last"
 _STEP_FILE = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?\.(pt|ckpt)$")
 
 
-def json_value(value: float) -> float | str:
-    value = float(value)
-    if math.isfinite(value):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-
-
-def empty_manifest() -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "event_step": -1,
-        "slots": {},
-        "files": {},
-        "archive": [],
-        "resume": None,
-        "callbacks": None,
-    }
-
-
 def read_manifest(path: str) -> dict[str, Any]:
-    """Load and check a manifest; [`fcb.CheckpointCorruptError`][] names what is wrong."""
-    try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        raise CheckpointCorruptError(
-            f"{path} does not exist: not an fcb run directory (or no checkpoint was written)."
-        ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointCorruptError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointCorruptError(f"{path} is not an fcb manifest (format missing or wrong).")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise CheckpointCorruptError(
-            f"{path} has manifest version {manifest.get('version')!r}; this fcb reads "
-            f"version {MANIFEST_VERSION}."
-        )
-    for key in ("slots", "files", "archive"):
-        if key not in manifest:
-            raise CheckpointCorruptError(f"{path} has no {key!r} table.")
-    for name, slot in manifest["slots"].items():
-        if slot.get("file") not in manifest["files"]:
-            raise CheckpointCorruptError(
-                f"{path}: slot {name!r} points at {slot.get('file')!r}, which the manifest's "
-                f"file table does not list (edited by hand, or from another run?)."
-            )
-    return manifest
+    """Load and check the manifest of a Torch run; [`fcb.CheckpointCorruptError`][] names
+    what is wrong."""
+    return _read_manifest(path, storage="torch")
 
 
 def step_file(step: int, models: tuple[str, ...] | None, suffix: str = SUFFIX) -> str:
@@ -170,58 +131,38 @@ class CheckpointStore:
         self,
         *,
         event_step: int,
-        slots: Mapping[str, tuple[int, float, tuple[str, ...] | None]],
+        slots: Mapping[str, SlotRequest],
         archive: list[str],
         callbacks: Any,
         resume: bool,
         stop_message: str = "",
     ) -> None:
         files = {**self.manifest["files"], **self._pending}
-        new_slots: dict[str, Any] = {}
-        for name, (step, value, models) in slots.items():
-            if step < 0:
-                continue
-            relative = self.step_file(step, models)
-            if relative not in files:
-                raise CheckpointCorruptError(
-                    f"slot {name!r} must hold step {step}, whose file {relative} was never "
-                    f"written in {self.directory}."
-                )
-            new_slots[name] = {
-                "step": step,
-                "file": relative,
-                "link": name + self.suffix,
-                "value": json_value(value),
-            }
-        manifest = dict(self.manifest)
-        manifest["event_step"] = event_step
-        manifest["slots"] = new_slots
-        manifest["archive"] = sorted(set(manifest["archive"]) | set(archive))
-        manifest["callbacks"] = callbacks
-        if resume and RESUME_SLOT in new_slots:
-            manifest["resume"] = {
-                "step": event_step,
-                "file": new_slots[RESUME_SLOT]["file"],
-                "slots": new_slots,
-                "stop_message": stop_message,  # non-empty: the run had stopped at this step
-            }
+        new_slots = slot_records(
+            slots,
+            self.step_file,
+            files,
+            self.directory,
+            extra=lambda name, models: {"link": name + self.suffix},
+        )
+        manifest = next_manifest(
+            self.manifest,
+            event_step=event_step,
+            slots=new_slots,
+            archive=archive,
+            callbacks=callbacks,
+            resume=resume,
+            stop_message=stop_message,
+        )
         self._install(manifest, files)
 
     def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
-        referenced = self._referenced(manifest)
-        manifest["files"] = {rel: files[rel] for rel in sorted(referenced)}
+        manifest, unlisted = with_files(manifest, files)
         old_links = {slot["link"] for slot in self.manifest["slots"].values()}
         atomic_write_json(self.manifest_path, manifest)
         self.manifest, self._pending = manifest, {}
         self._refresh_links(old_links)
-        self._delete_unlisted(set(files) - referenced)
-
-    @staticmethod
-    def _referenced(manifest: Mapping[str, Any]) -> set[str]:
-        referenced = {slot["file"] for slot in manifest["slots"].values()}
-        if manifest.get("resume"):
-            referenced |= {slot["file"] for slot in manifest["resume"]["slots"].values()}
-        return referenced | set(manifest["archive"])
+        self._delete_unlisted(unlisted)
 
     def _refresh_links(self, old_links: set[str]) -> None:
         current = set()
@@ -257,13 +198,7 @@ class CheckpointStore:
 
     def reset_to(self, slots: Mapping[str, Any], files: Mapping[str, Any], resume: Any) -> None:
         """Make the manifest hold exactly `slots` (after a resume); delete later files."""
-        all_files = {**self.manifest["files"], **files}
-        manifest = dict(self.manifest)
-        manifest["slots"] = dict(slots)
-        manifest["resume"] = resume
-        manifest["event_step"] = resume["step"]
-        manifest["archive"] = [a for a in manifest["archive"] if a in all_files]
-        self._install(manifest, all_files)
+        self._install(*reset_manifest(self.manifest, slots, files, resume))
 
     def verify_all(self) -> None:
         for relative, record in self.manifest["files"].items():
