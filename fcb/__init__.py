@@ -48,6 +48,12 @@ from ._reduce_lr_on_plateau import (
     ReduceLROnPlateau as ReduceLROnPlateau,
     ReduceLROnPlateauState as ReduceLROnPlateauState,
 )
+from ._replay import (
+    Grid as Grid,
+    ReplayResult as ReplayResult,
+    grid as grid,
+    replay as replay,
+)
 from ._runner import Runner as Runner
 from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
 from ._terminate_on_nan import (
@@ -77,6 +83,7 @@ __all__ = [
     "DirectoryInUseError",
     "EarlyStopping",
     "EarlyStoppingState",
+    "Grid",
     "MetricShapeError",
     "MetricTypeError",
     "Metrics",
@@ -87,6 +94,7 @@ __all__ = [
     "Outcome",
     "ReduceLROnPlateau",
     "ReduceLROnPlateauState",
+    "ReplayResult",
     "Runner",
     "StateDictError",
     "StopReason",
@@ -95,10 +103,12 @@ __all__ = [
     "VRAMDrift",
     "VRAMDriftState",
     "chain",
+    "grid",
     "load_state_dict",
     "merge_actions",
     "monitor",
     "named_chain",
+    "replay",
     "scaled_lr",
     "state_dict",
 ]

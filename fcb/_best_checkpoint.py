@@ -72,6 +72,8 @@ class BestCheckpoint(Callback):
     {'best.val_loss': 6, 'best.val_loss.tolerance=1': 1, 'best.val_loss.tolerance=3': 6}
     """
 
+    identity_fields = ("metric_key", "mode")
+
     metric_key: str = eqx.field(static=True)
     mode: Mode = eqx.field(static=True)
     tolerances: tuple[int, ...] = eqx.field(static=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -235,6 +235,10 @@ class Callback(eqx.Module):
     >>> int(state), bool(actions.stop)
     (1, False)
     """
+
+    identity_fields: ClassVar[tuple[str, ...]] = ()
+    """Options whose change makes a saved state meaningless (e.g. `monitor`, `mode`):
+    `fcb.load_state_dict` refuses a state saved with other values."""
 
     def __check_init__(self) -> None:
         if type(self) is Callback:

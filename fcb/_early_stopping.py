@@ -80,6 +80,8 @@ class EarlyStopping(Callback):
     (True, 1, 'the monitored metric did not improve for `patience` consecutive checks')
     """
 
+    identity_fields = ("monitor", "mode")
+
     monitor: str = eqx.field(static=True)
     mode: Mode = eqx.field(static=True)
     check_finite: bool = eqx.field(static=True)

@@ -70,6 +70,8 @@ class ModelCheckpoint(Callback):
     True
     """
 
+    identity_fields = ("monitor", "mode")
+
     monitor: str = eqx.field(static=True)
     mode: Mode = eqx.field(static=True)
     save_top_k: int = eqx.field(static=True)

@@ -140,6 +140,8 @@ class ReduceLROnPlateau(Callback):
     `examples/reduce_lr_on_plateau_optax.py` for a complete training loop.
     """
 
+    identity_fields = ("monitor", "mode")
+
     monitor: str = eqx.field(static=True)
     mode: Mode = eqx.field(static=True)
     threshold_mode: ThresholdMode = eqx.field(static=True)

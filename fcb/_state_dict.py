@@ -136,6 +136,30 @@ def _flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: config}
 
 
+def _identity_changes(callback: Callback, saved: Any, path: str = "") -> list[str]:
+    """Changes of `identity_fields`, here and in nested callbacks, as readable lines."""
+    if not isinstance(saved, Mapping):
+        return []
+    changes = []
+    for field in type(callback).identity_fields:
+        before, now = saved.get(field), _encode_config_value(getattr(callback, field))
+        if field in saved and before != now:
+            changes.append(f"{path}{field} was {before!r}, is now {now!r}")
+    for field in dataclasses.fields(callback):
+        value, nested = getattr(callback, field.name), saved.get(field.name)
+        children = value if isinstance(value, tuple) else (value,)
+        nested_list = nested if isinstance(nested, list) else [nested]
+        for i, (child, record) in enumerate(zip(children, nested_list)):
+            if isinstance(child, Callback) and isinstance(record, Mapping):
+                where = (
+                    f"{path}{field.name}[{i}]."
+                    if isinstance(value, tuple)
+                    else f"{path}{field.name}."
+                )
+                changes += _identity_changes(child, record.get("config"), where)
+    return changes
+
+
 def _warn_config_changes(callback: Callback, saved: Any) -> None:
     current = _flatten_config(encode_config(callback))
     before = _flatten_config(saved)
@@ -224,5 +248,13 @@ def load_state_dict(callback: Callback, state_dict: Mapping[str, Any]) -> Any:
             f"{name}: the state dict does not fit this callback: " + "; ".join(problems) + "."
         )
     if state_dict.get("config") is not None:
+        changes = _identity_changes(callback, state_dict["config"])
+        if changes:
+            raise StateDictError(
+                f"{name}: the state dict was saved with other identity options ("
+                + "; ".join(changes)
+                + "): its best values and counters mean something else now. Start from init(), "
+                "or load it into a callback with the saved options."
+            )
         _warn_config_changes(callback, state_dict["config"])
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), loaded)

@@ -95,6 +95,8 @@ class VRAMDrift(Callback):
     (20480.0, 2)
     """
 
+    identity_fields = ("key",)
+
     key: str = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
     max_drift_bytes: Float[Array, "*batch"]

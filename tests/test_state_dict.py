@@ -238,3 +238,18 @@ def test_batched_states_round_trip():
         resumed, resumed_actions = check(stacked, resumed, *args)
         chex.assert_trees_all_equal(resumed_actions, actions, strict=True)
     chex.assert_trees_all_equal(resumed, states, strict=True)
+
+
+def test_identity_option_change_is_refused_not_warned():
+    """A state saved in min mode is meaningless in max mode (its best is +inf): refuse it."""
+    es = fcb.EarlyStopping("val_loss", patience=2)
+    state, _ = es(es.init(), {"val_loss": 1.0}, step=0)
+    saved = json.loads(json.dumps(fcb.state_dict(state, es)))
+    with pytest.raises(fcb.StateDictError, match=r"mode was 'min', is now 'max'"):
+        fcb.load_state_dict(fcb.EarlyStopping("val_loss", mode="max"), saved)
+    with pytest.raises(fcb.StateDictError, match=r"monitor was 'val_loss', is now 'acc'"):
+        fcb.load_state_dict(fcb.EarlyStopping("acc"), saved)
+    chain = fcb.chain(es, fcb.ModelCheckpoint("val_loss"))
+    saved = fcb.state_dict(chain.init(), chain)
+    with pytest.raises(fcb.StateDictError, match=r"callbacks\[1\]\.monitor was 'val_loss'"):
+        fcb.load_state_dict(fcb.chain(es, fcb.ModelCheckpoint("acc", mode="max")), saved)

@@ -1,0 +1,164 @@
+"""Metric histories on disk: the `history.jsonl` adapters append to, and CSV / JSONL readers.
+
+Never used by the pure core: `fcb.replay` calls `read_rows` only when it is handed a path.
+
+`history.jsonl` holds one JSON object per line:
+
+- a check: `{"step": 12, "metrics": {"val_loss": 0.41, ...}, "lr": [0.005], "events": [...],
+  "stop": null}` (`stop` is the stop message at the check that stopped the run);
+- the end of a run: `{"summary": {...}}`, the callbacks' `finalize` scalars.
+
+Non-finite numbers are spelled `"nan"`, `"inf"` and `"-inf"` (strict JSON). Lines are
+appended and flushed one at a time, so a killed run leaves at most a torn last line, which
+readers ignore.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ._files import atomic_write
+
+HISTORY_NAME = "history.jsonl"
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def encode_number(value: float) -> float | str:
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def decode_number(value: Any) -> Any:
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    return value
+
+
+def _line(record: Mapping[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+class HistoryLog:
+    """Appends one line per check to `{directory}/history.jsonl`."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, HISTORY_NAME)
+
+    def start(self, resumed_step: int | None) -> None:
+        """A new run starts an empty history; a resumed run keeps the checks up to its step."""
+        kept = [] if resumed_step is None else [
+            r for r in read_records(self.path) if "metrics" in r and r["step"] <= resumed_step
+        ]
+        data = b"".join(_line(r) for r in kept)
+        atomic_write(self.path, lambda f: f.write(data))
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        # Append mode writes each line at the end even if another reader has the file open;
+        # one write + flush per line keeps a kill from leaving more than one torn line.
+        with open(self.path, "ab") as f:
+            f.write(_line(record))
+            f.flush()
+
+
+def check_record(
+    step: int,
+    metrics: Mapping[str, float],
+    *,
+    lr: list[float] | None = None,
+    events: list[str] | None = None,
+    stop: str | None = None,
+) -> dict[str, Any]:
+    """One check as a history line (JSON-safe)."""
+    return {
+        "step": int(step),
+        "metrics": {str(k): encode_number(v) for k, v in metrics.items()},
+        "lr": None if lr is None else [encode_number(x) for x in lr],
+        "events": sorted(events or []),
+        "stop": stop or None,
+    }
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """Every complete line of a history file, numbers decoded; a torn last line is ignored."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            if number == len(lines):  # no newline after it: the line a kill tore
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON object ({error}).") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object: {raw[:60]!r}.")
+        records.append(_decode(record))
+    return records
+
+
+def _decode(record: dict[str, Any]) -> dict[str, Any]:
+    out = dict(record)
+    for key in ("metrics", "summary"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: decode_number(v) for k, v in out[key].items()}
+    if isinstance(out.get("lr"), list):
+        out["lr"] = [decode_number(v) for v in out["lr"]]
+    return out
+
+
+def find_history(run_dir: str) -> str | None:
+    """The history file of a run directory (or its `checkpoints/` subdirectory), if any."""
+    for candidate in (run_dir, os.path.join(run_dir, "checkpoints")):
+        path = os.path.join(candidate, HISTORY_NAME)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-check rows of a history file: CSV (header row), JSONL, or a run directory.
+
+    Empty CSV cells are missing values (Lightning's CSVLogger leaves the validation columns
+    empty on training rows). Values stay as read; `fcb.replay` converts the columns it needs.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = find_history(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path} is a directory without {HISTORY_NAME}; pass a CSV or JSONL history, or "
+                f"a run directory recorded with history=True."
+            )
+        path = found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.endswith((".jsonl", ".ndjson")):
+        rows = []
+        for record in read_records(path):
+            if "summary" in record and "metrics" not in record:
+                continue
+            if isinstance(record.get("metrics"), dict):
+                rows.append({"step": record.get("step"), **record["metrics"]})
+            else:
+                rows.append(record)
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{path} is empty: a CSV history needs a header row of metric names.")
+        return [
+            {k.strip(): v for k, v in row.items() if k is not None and v not in ("", None)}
+            for row in reader
+        ]

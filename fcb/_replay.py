@@ -1,0 +1,777 @@
+"""fcb.grid and fcb.replay: choose early-stopping and checkpoint options after the fact.
+
+`grid` builds one batched callback from every combination of some numeric options; `replay`
+runs a callback (single or batched) over a recorded metric history in one compiled
+`jax.vmap` of a `lax.scan`, as if each configuration had driven the training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from ._core import NO_STEP, Actions, Callback, Metrics, StepLike, StopReason
+from ._errors import ConfigError, MetricTypeError, MissingMetricError
+from ._model_checkpoint import ModelCheckpoint
+from ._monitor import MODES, Mode
+from ._validate import describe_keys
+
+HistoryLike = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike
+"""A recorded history: `{key: 1-D array}`, a list of per-check dicts, or a CSV / JSONL path."""
+
+_AXIS_TYPES = (list, range, np.ndarray, jax.Array)
+
+_STRUCTURAL_OPTION = (
+    "fcb.grid: `{name}` changes the structure of {owner} (a static field such as a mode, a "
+    "slot name or a table size), so it cannot vary inside one batch: {first!r} and {other!r} "
+    "give different structures. Build one grid per value, e.g. "
+    "[fcb.grid(..., {name}=v) for v in {values!r}]."
+)
+
+
+# -- the batched callback --------------------------------------------------------------------
+
+
+class Grid(Callback):
+    """A batch of configurations of one callback, built by [`fcb.grid`][].
+
+    Every array leaf of `callback` carries a leading configuration axis. A `Grid` is itself
+    a callback: `init`, `__call__` and `finalize` run every configuration at once under
+    `jax.vmap` (metrics are shared; state and actions gain the leading axis), so it also works
+    inside a compiled training loop. [`fcb.replay`][] runs it over a recorded history.
+
+    Attributes:
+        callback: the batched callback.
+        names: the options that vary, in the order they were given.
+        values: per configuration, the values of `names`.
+
+    >>> g = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=[1, 2])
+    >>> len(g), g.configs
+    (2, [{'patience': 1}, {'patience': 2}])
+    >>> state = g.init()
+    >>> for step, loss in enumerate([0.5, 0.6, 0.7]):
+    ...     state, actions = g(state, {"val_loss": loss}, step=step)
+    >>> actions.stop.tolist(), int(g[1].patience)
+    ([True, True], 2)
+    """
+
+    callback: Callback
+    names: tuple[str, ...] = eqx.field(static=True)
+    values: tuple[tuple[Any, ...], ...] = eqx.field(static=True)
+
+    def __init__(
+        self, callback: Callback, configs: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
+        if not isinstance(callback, Callback):
+            raise ConfigError(
+                f"fcb.Grid: `callback` must be an fcb.Callback whose array leaves carry a leading "
+                f"configuration axis, got {type(callback).__name__}: {callback!r}."
+            )
+        sizes = {
+            int(np.shape(leaf)[0]) if np.ndim(leaf) else None
+            for leaf in jax.tree_util.tree_leaves(callback)
+            if eqx.is_array(leaf)
+        }
+        if None in sizes or len(sizes) > 1:
+            raise ConfigError(
+                f"fcb.Grid: every array leaf of the batched {type(callback).__name__} must have "
+                f"the same leading (configuration) axis; got leading sizes "
+                f"{sorted(str(s) for s in sizes)}. Build batches with fcb.grid."
+            )
+        configs = [dict(c) for c in configs] if configs is not None else None
+        size = sizes.pop() if sizes else (len(configs) if configs else 1)
+        if configs is None:
+            configs = [{} for _ in range(size)]
+        if len(configs) != size:
+            raise ConfigError(
+                f"fcb.Grid: {len(configs)} configs were given for a batch of {size} "
+                f"configurations; give one config per configuration."
+            )
+        names = tuple(configs[0]) if configs else ()
+        for config in configs:
+            if tuple(config) != names:
+                raise ConfigError(
+                    f"fcb.Grid: every config must name the same options in the same order; "
+                    f"got {list(config)} after {list(names)}."
+                )
+        self.callback = callback
+        self.names = names
+        self.values = tuple(tuple(c[n] for n in names) for c in configs)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def configs(self) -> list[dict[str, Any]]:
+        """Per configuration, the varied options and their values."""
+        return [dict(zip(self.names, v, strict=True)) for v in self.values]
+
+    def __getitem__(self, index: int) -> Callback:
+        """Configuration `index` as an ordinary (unbatched) callback."""
+        size = len(self)
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"fcb.Grid: index with an int, got {index!r}.")
+        if not -size <= index < size:
+            raise IndexError(f"fcb.Grid: index {index} is out of range for {size} configurations.")
+        return jax.tree_util.tree_map(
+            lambda leaf: leaf[index] if eqx.is_array(leaf) else leaf, self.callback
+        )
+
+    def action_names(self) -> Any:
+        return self.callback.action_names()
+
+    def init(self) -> Any:
+        return eqx.filter_vmap(lambda c: c.init(), axis_size=len(self))(self.callback)
+
+    def __call__(self, state: Any, metrics: Metrics, *, step: StepLike) -> tuple[Any, Actions]:
+        return eqx.filter_vmap(lambda c, s: c(s, metrics, step=step))(self.callback, state)
+
+    def finalize(self, state: Any) -> tuple[Any, Actions]:
+        return eqx.filter_vmap(lambda c, s: c.finalize(s))(self.callback, state)
+
+    def evaluated(
+        self, state: Any, request: str, results: Metrics, *, step: StepLike
+    ) -> tuple[Any, Actions]:
+        return eqx.filter_vmap(lambda c, s: c.evaluated(s, request, results, step=step))(
+            self.callback, state
+        )
+
+
+def _is_axis(value: Any) -> bool:
+    return isinstance(value, _AXIS_TYPES) and not (
+        isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+    )
+
+
+def _axis_values(name: str, value: Any) -> tuple[Any, ...]:
+    """The values of one grid axis as Python numbers, checked numeric and non-empty."""
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) != 1:
+        raise ConfigError(
+            f"fcb.grid: the values of `{name}` must be 1-D, got an array of shape "
+            f"{tuple(np.shape(value))}."
+        )
+    values = tuple(value.tolist() if isinstance(value, (np.ndarray, jax.Array)) else value)
+    if not values:
+        raise ConfigError(f"fcb.grid: `{name}` has no values; give at least one, e.g. [3].")
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ConfigError(
+                f"fcb.grid: only numeric options can vary inside one batch (they are array "
+                f"leaves), got {name} = {list(values)!r} with {v!r}. Pass a single value for "
+                f"`{name}` (a tuple counts as one value), or build one grid per value."
+            )
+    return tuple(v.item() if isinstance(v, np.generic) else v for v in values)
+
+
+def _describe(factory: Any) -> str:
+    return getattr(factory, "__name__", type(factory).__name__)
+
+
+def _build(factory: Callable[..., Any], options: Mapping[str, Any], varied: Mapping[str, Any]):
+    try:
+        built = factory(**options)
+    except ConfigError as error:
+        raise ConfigError(f"fcb.grid: configuration {dict(varied)}: {error}") from None
+    if not isinstance(built, Callback):
+        raise ConfigError(
+            f"fcb.grid: `{_describe(factory)}` must return an fcb.Callback, got "
+            f"{type(built).__name__}."
+        )
+    return built
+
+
+def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
+    """Every combination of some numeric options of a callback, as one batched callback.
+
+    `factory` is a callback class (or any function returning a callback). A keyword whose
+    value is a list, a `range` or a 1-D array is an axis of the grid; any other value (a
+    string, a number, a tuple...) is passed to every configuration as is. Configurations are
+    the Cartesian product of the axes, the last axis varying fastest.
+
+    Every distinct value is validated by building a configuration with it (so an invalid
+    value raises the callback's own [`fcb.ConfigError`][]); the batch itself is built once
+    under `jax.vmap`, so a grid of 10,000 configurations costs about as much as one. Only
+    options stored as array leaves can vary (`patience`, `min_delta`, thresholds, `every_n`,
+    `factor`...): an option that changes the callback's structure (`mode`, `save_top_k`,
+    `tolerances`...) raises an error naming it.
+
+    >>> g = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=range(1, 4),
+    ...              min_delta=[0, 1e-3])
+    >>> len(g), g.configs[:3]
+    (6, [{'patience': 1, 'min_delta': 0}, {'patience': 1, 'min_delta': 0.001}, {'patience': 2, 'min_delta': 0}])
+    >>> g.callback.patience.tolist()
+    [1, 1, 2, 2, 3, 3]
+
+    A function lets several callbacks of a chain vary together:
+
+    >>> g = fcb.grid(lambda patience, factor: fcb.chain(
+    ...     fcb.EarlyStopping("val_loss", patience=patience),
+    ...     fcb.ReduceLROnPlateau("val_loss", factor=factor, patience=1)),
+    ...     patience=[5, 10], factor=[0.1, 0.5])
+    >>> len(g)
+    4
+    """
+    if not callable(factory):
+        raise ConfigError(
+            f"fcb.grid: the first argument must be a callback class or a function returning a "
+            f"callback, got {factory!r}."
+        )
+    axes = {name: _axis_values(name, v) for name, v in options.items() if _is_axis(v)}
+    fixed = {name: v for name, v in options.items() if name not in axes}
+    first = {name: values[0] for name, values in axes.items()}
+    base = _build(factory, {**fixed, **first}, first)
+    structure = jax.tree_util.tree_structure(base)
+    for name, values in axes.items():
+        for value in dict.fromkeys(values[1:]):
+            varied = {**first, name: value}
+            other = _build(factory, {**fixed, **varied}, varied)
+            if jax.tree_util.tree_structure(other) != structure:
+                raise ConfigError(
+                    _STRUCTURAL_OPTION.format(
+                        name=name,
+                        owner=type(base).__name__,
+                        first=values[0],
+                        other=value,
+                        values=list(dict.fromkeys(values)),
+                    )
+                )
+    combos = list(itertools.product(*axes.values()))
+    configs = [dict(zip(axes, combo, strict=True)) for combo in combos]
+    if not axes:
+        return Grid(_batch_of_one(base), configs)
+    columns = [np.asarray([combo[i] for combo in combos]) for i in range(len(axes))]
+
+    def build_one(*values: Any) -> Callback:
+        return factory(**fixed, **dict(zip(axes, values, strict=True)))
+
+    try:
+        batched = eqx.filter_vmap(build_one)(*columns)
+    except Exception as error:
+        raise ConfigError(
+            f"fcb.grid: {_describe(factory)} could not be built under jax.vmap with "
+            f"{', '.join(axes)} varying ({type(error).__name__}: {error}). Varied options must "
+            f"be numeric hyperparameters that the callback stores as arrays."
+        ) from None
+    _check_batch(base, batched, len(combos), list(axes))
+    return Grid(batched, configs)
+
+
+def _batch_of_one(callback: Callback) -> Callback:
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.asarray(leaf)[None] if eqx.is_array(leaf) else leaf, callback
+    )
+
+
+def _check_batch(base: Callback, batched: Any, size: int, names: list[str]) -> None:
+    """The batch has the single configuration's structure, with a leading axis on each leaf."""
+    ok = jax.tree_util.tree_structure(batched) == jax.tree_util.tree_structure(base)
+    if ok:
+        for one, many in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(batched)):
+            if eqx.is_array(one):
+                ok = ok and np.shape(many) == (size, *np.shape(one)) and many.dtype == one.dtype
+    if not ok:
+        raise ConfigError(
+            f"fcb.grid: building {type(base).__name__} with {', '.join(names)} varying gave a "
+            f"different structure than building one configuration; the varied options must be "
+            f"numeric hyperparameters stored as arrays."
+        )
+
+
+# -- histories -------------------------------------------------------------------------------
+
+
+class _KeyRecorder(Mapping[str, Any]):
+    """Metrics that record which keys a callback reads (traced once, under `eval_shape`)."""
+
+    def __init__(self, keys: Sequence[str]):
+        self._keys = list(keys)
+        self.read: dict[str, None] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        self.read[key] = None
+        return jnp.zeros((), jnp.float32)
+
+    def __iter__(self) -> Any:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _read_keys(callback: Callback, available: Sequence[str]) -> list[str]:
+    """The metric keys `callback` reads at a check, given the keys a history offers.
+
+    A strict callback whose key is not offered raises [`fcb.MissingMetricError`][] here,
+    listing the history's keys.
+    """
+    recorder = _KeyRecorder(available)
+    jax.eval_shape(lambda: callback(callback.init(), recorder, step=jnp.int32(0)))
+    return list(recorder.read)
+
+
+def _number(where: str, key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MetricTypeError(
+            f"fcb.replay: {where}: metric {key!r} must be a number, got {value!r}."
+        ) from None
+    return number
+
+
+def _column(key: str, values: Any) -> np.ndarray:
+    try:
+        column = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MetricTypeError(
+            f"fcb.replay: history column {key!r} must hold numbers, got {values!r}."
+        ) from None
+    if column.ndim != 1:
+        raise ConfigError(
+            f"fcb.replay: history column {key!r} must be 1-D (one value per check), got shape "
+            f"{column.shape}."
+        )
+    return column
+
+
+def _step_numbers(steps: Any, columns: Mapping[str, np.ndarray], length: int) -> np.ndarray:
+    if steps is None:
+        steps = "step" if "step" in columns else np.arange(length)
+    source = f"column {steps!r}" if isinstance(steps, str) else "`steps`"
+    if isinstance(steps, str):
+        if steps not in columns:
+            raise MissingMetricError(
+                f"fcb.replay: steps = {steps!r} names no history column with a value at every "
+                f"check; available keys: {describe_keys(columns)}."
+            )
+        steps = columns[steps]
+    numbers = _column("steps", steps)
+    if len(numbers) != length:
+        raise ConfigError(
+            f"fcb.replay: `steps` must give one step number per check ({length}), got "
+            f"{len(numbers)}."
+        )
+    if not np.all(np.isfinite(numbers) & (numbers == np.round(numbers)) & (numbers >= 0)):
+        raise ConfigError(
+            f"fcb.replay: the step numbers ({source}) must be whole numbers >= 0, got "
+            f"{numbers[:8].tolist()}{'...' if len(numbers) > 8 else ''}."
+        )
+    if np.any(numbers > np.iinfo(np.int32).max):
+        raise ConfigError(f"fcb.replay: the step numbers ({source}) must fit in int32.")
+    return numbers.astype(np.int32)
+
+
+def _history(history: Any, callback: Callback, steps: Any) -> tuple[dict[str, np.ndarray], Any]:
+    """The columns `callback` reads, as float32, and the step number of every check."""
+    if isinstance(history, (str, os.PathLike)):
+        from ._history import read_rows  # file reading stays out of the pure path
+
+        try:
+            history = read_rows(history)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"fcb.replay: {error}") from None
+    step_key = steps if isinstance(steps, str) else "step"
+    if isinstance(history, Mapping):
+        keys = [str(k) for k in history]
+        read = _read_keys(callback, keys)
+        raw = {k: _column(k, history[k]) for k in dict.fromkeys([*read, step_key]) if k in history}
+        lengths = {k: len(v) for k, v in raw.items()} or {
+            k: len(_column(k, history[k])) for k in keys[:1]
+        }
+        if len(set(lengths.values())) > 1:
+            raise ConfigError(
+                f"fcb.replay: every history column must have one value per check, got lengths "
+                f"{lengths}."
+            )
+        length = next(iter(lengths.values()), 0)
+    elif isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        rows = list(history)
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ConfigError(
+                    f"fcb.replay: a history list must hold one dict of metrics per check; item "
+                    f"{i} is {type(row).__name__}: {row!r}."
+                )
+        keys = list(dict.fromkeys(str(k) for row in rows for k in row))
+        read = _read_keys(callback, keys)
+        # A row is a check when it has every metric the callbacks read (a CSV logger writes
+        # training rows with the validation columns empty).
+        kept = [row for row in rows if all(row.get(k) is not None for k in read)]
+        raw = {
+            key: np.asarray([_number(f"check {i}", key, row[key]) for i, row in enumerate(kept)])
+            for key in dict.fromkeys([*read, step_key])
+            if kept and all(row.get(key) is not None for row in kept)
+        }
+        length = len(kept)
+    else:
+        raise ConfigError(
+            f"fcb.replay: `history` must be a mapping of 1-D arrays, a list of per-check dicts, "
+            f"or a CSV / JSONL path, got {type(history).__name__}."
+        )
+    if length == 0:
+        raise ConfigError(
+            f"fcb.replay: the history has no check with every metric the callbacks read "
+            f"({', '.join(map(repr, read)) or 'none'})."
+        )
+    step_numbers = _step_numbers(steps, raw, length)
+    return {k: raw[k].astype(np.float32) for k in read}, step_numbers
+
+
+# -- replay ----------------------------------------------------------------------------------
+
+
+def _monitored(callback: Any) -> list[tuple[str, Mode]]:
+    """The distinct (metric, mode) pairs the monitoring callbacks in `callback` follow."""
+    found: dict[tuple[str, Mode], None] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, Callback):
+            key = getattr(node, "monitor", None) or getattr(node, "metric_key", None)
+            mode = getattr(node, "mode", None)
+            if isinstance(key, str) and mode in MODES:
+                found[(key, mode)] = None
+            for field in dataclasses.fields(node):
+                visit(getattr(node, field.name))
+        elif isinstance(node, (tuple, list)):
+            for item in node:
+                visit(item)
+
+    visit(callback)
+    return list(found)
+
+
+def _resolve_monitor(
+    callback: Callback, available: Sequence[str], monitor: str | None, mode: str | None
+) -> tuple[str | None, Mode]:
+    candidates = [(k, m) for k, m in _monitored(callback) if k in available]
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"fcb.replay: `mode` must be 'min' or 'max', got mode = {mode!r}.")
+    if monitor is not None:
+        if monitor not in available:
+            raise MissingMetricError(
+                f"fcb.replay: monitor = {monitor!r} is not a metric the callbacks read from the "
+                f"history; available: {describe_keys(dict.fromkeys(available))}."
+            )
+        modes = [m for k, m in candidates if k == monitor]
+        return monitor, mode or (modes[0] if modes else "min")
+    if mode is not None:
+        candidates = [(k, m) for k, m in candidates if m == mode]
+    keys = list(dict.fromkeys(k for k, _ in candidates))
+    if len(keys) > 1 or len(candidates) > len(keys):
+        raise ConfigError(
+            f"fcb.replay: the callbacks monitor several metrics or modes {candidates}; pass "
+            f"monitor=... (and mode=...) to say which one best_step and best_value follow."
+        )
+    return (candidates[0] if candidates else (None, "min"))
+
+
+class _Carry(eqx.Module):
+    state: Any
+    best: Any
+    stop_index: Int[Array, ""]
+    stop_reason: Int[Array, ""]
+    slots: dict[str, Int[Array, ""]]
+    slot_values: dict[str, Float[Array, ""]]
+
+
+def _replay_one(
+    callback: Callback,
+    tracker: ModelCheckpoint | None,
+    columns: Mapping[str, Float[Array, " n"]],
+    steps: Int[Array, " n"],
+) -> _Carry:
+    """One configuration over the whole history; everything freezes after the stopping check,
+    as the training run would have ended there."""
+    slot_names = callback.action_names().slots
+    initial = _Carry(
+        state=callback.init(),
+        best=() if tracker is None else tracker.init(),
+        stop_index=jnp.asarray(NO_STEP, jnp.int32),
+        stop_reason=jnp.asarray(StopReason.NONE, jnp.int32),
+        slots={n: jnp.asarray(NO_STEP, jnp.int32) for n in slot_names},
+        slot_values={n: jnp.asarray(jnp.nan, jnp.float32) for n in slot_names},
+    )
+
+    def check(carry: _Carry, xs: Any) -> tuple[_Carry, None]:
+        metrics, step, index = xs
+        running: Bool[Array, ""] = carry.stop_index < 0
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(running, a, b), new, old)
+
+        state, actions = callback(carry.state, metrics, step=step)
+        best = carry.best if tracker is None else tracker(carry.best, metrics, step=step)[0]
+        stopping = running & actions.stop
+        return _Carry(
+            state=keep(state, carry.state),
+            best=keep(best, carry.best),
+            stop_index=jnp.where(stopping, index, carry.stop_index),
+            stop_reason=jnp.where(stopping, actions.stop_reason, carry.stop_reason),
+            slots=keep(actions.slots, carry.slots),
+            slot_values=keep(actions.slot_values, carry.slot_values),
+        ), None
+
+    indices = jnp.arange(steps.shape[0], dtype=jnp.int32)
+    final, _ = jax.lax.scan(check, initial, (dict(columns), steps, indices))
+    return final
+
+
+_replay_batch = eqx.filter_jit(
+    eqx.filter_vmap(_replay_one, in_axes=(eqx.if_array(0), None, None, None))
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class ReplayResult:
+    """What each configuration of a replay did. Columns are NumPy arrays, one row per
+    configuration (in the order of `configs`).
+
+    Attributes:
+        configs: per configuration, the varied options and their values (`{}` when a
+            single callback was replayed).
+        stop_step: the step of the check that stopped the run (-1: never stopped).
+        stop_reason: its [`fcb.StopReason`][] code (0 when never stopped).
+        checks: how many checks the run made (up to and including the stopping check).
+        best_step: the best check of `monitor` among those checks (-1 when none was finite):
+            the step `fcb.ModelCheckpoint(monitor, mode)` holds as its best when the run ends
+            (strict improvement, so the earliest of tied values; NaN and ±inf never).
+        best_value: its value (NaN when none).
+        slots: slot name -> the step each checkpoint slot holds when the run ends (-1: empty).
+        slot_values: slot name -> the metric value of that step (NaN: empty).
+        monitor: the metric `best_step` follows (None when the callbacks monitor nothing).
+        mode: `"min"` or `"max"`.
+        steps: the step number of every check of the history.
+        state: the callbacks' final state, batched (each configuration frozen at its stop).
+    """
+
+    configs: list[dict[str, Any]]
+    stop_step: np.ndarray
+    stop_reason: np.ndarray
+    checks: np.ndarray
+    best_step: np.ndarray
+    best_value: np.ndarray
+    slots: dict[str, np.ndarray]
+    slot_values: dict[str, np.ndarray]
+    monitor: str | None
+    mode: Mode
+    steps: np.ndarray
+    state: Any
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    @property
+    def names(self) -> list[str]:
+        """The varied options."""
+        return list(self.configs[0]) if self.configs else []
+
+    def row(self, index: int) -> dict[str, Any]:
+        """Configuration `index` and its results as plain Python values."""
+        row: dict[str, Any] = dict(self.configs[index])
+        row["stop_step"] = int(self.stop_step[index])
+        row["stop_reason"] = StopReason(int(self.stop_reason[index])).name.lower()
+        row["checks"] = int(self.checks[index])
+        row["best_step"] = int(self.best_step[index])
+        row["best_value"] = float(self.best_value[index])
+        row.update({name: int(s[index]) for name, s in self.slots.items()})
+        return row
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every configuration as a dict (for `pandas.DataFrame(result.rows())`)."""
+        return [self.row(i) for i in range(len(self))]
+
+    def _quality(self) -> np.ndarray:
+        """best_value turned into "smaller is better", NaN last."""
+        value = self.best_value.astype(np.float64) * (1.0 if self.mode == "min" else -1.0)
+        return np.where(np.isnan(value), np.inf, value)
+
+    def order(self, by: str = "best_value") -> np.ndarray:
+        """Row indices sorted by a column: `best_value` (better first, then fewer checks),
+        `checks` / `stop_step` (fewer first, then better value), or a varied option."""
+        quality, checks = self._quality(), self.checks
+        if by == "best_value":
+            keys: tuple[Any, ...] = (checks, quality)
+        elif by in ("checks", "stop_step"):
+            keys = (quality, checks)
+        elif by in self.names:
+            keys = (np.asarray([c[by] for c in self.configs], np.float64),)
+        else:
+            raise ConfigError(
+                f"ReplayResult: cannot sort by {by!r}; use 'best_value', 'checks', 'stop_step' "
+                f"or one of the varied options {self.names}."
+            )
+        return np.lexsort(keys)
+
+    def best(self) -> dict[str, Any]:
+        """The row of the configuration that kept the best value; ties: fewest checks."""
+        return self.row(int(self.order("best_value")[0]))
+
+    def pareto(self) -> np.ndarray:
+        """Indices of the configurations no other beats on both fewer checks and a better
+        best value, by increasing checks: the trade-offs worth considering."""
+        quality, front, best_so_far = self._quality(), [], np.inf
+        for index in self.order("checks"):
+            if quality[index] < best_so_far:
+                front.append(index)
+                best_so_far = quality[index]
+        return np.asarray(front, dtype=np.int64)
+
+    def table(self, max_rows: int | None = 20, sort_by: str | None = None) -> str:
+        """The results as an aligned text table (`max_rows=None`: every row)."""
+        order = np.arange(len(self)) if sort_by is None else self.order(sort_by)
+        shown = list(order)
+        hidden = 0
+        if max_rows is not None and len(shown) > max_rows:
+            head = max(1, max_rows - max_rows // 4)
+            hidden = len(shown) - max_rows
+            shown = shown[:head] + [-1] + shown[len(shown) - (max_rows - head) :]
+        best_header = f"best {self.monitor}" if self.monitor else "best_value"
+        headers = ["#", *self.names, "stop_step", "reason", "checks", "best_step", best_header]
+        headers += list(self.slots)
+        lines = []
+        for index in shown:
+            if index < 0:
+                lines.append([f"... {hidden} more rows"] + [""] * (len(headers) - 1))
+                continue
+            row = self.row(int(index))
+            cells = [str(index)] + [_cell(row[n]) for n in self.names]
+            cells += [
+                "never" if row["stop_step"] < 0 else str(row["stop_step"]),
+                "-" if row["stop_reason"] == "none" else row["stop_reason"],
+                str(row["checks"]),
+                "-" if row["best_step"] < 0 else str(row["best_step"]),
+                "-" if np.isnan(row["best_value"]) else f"{row['best_value']:.6g}",
+            ]
+            cells += ["-" if row[s] < 0 else str(row[s]) for s in self.slots]
+            lines.append(cells)
+        widths = [
+            max([len(h)] + [len(line[i]) for line in lines if not line[0].startswith("...")])
+            for i, h in enumerate(headers)
+        ]
+
+        def fmt(cells: list[str]) -> str:
+            if cells[0].startswith("..."):
+                return cells[0]
+            return "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+        title = (
+            f"replay: {len(self)} configuration{'s' if len(self) != 1 else ''} x "
+            f"{len(self.steps)} checks"
+        )
+        if self.monitor:
+            title += f"; best = {'lowest' if self.mode == 'min' else 'highest'} {self.monitor}"
+        return "\n".join([title, fmt(headers), *(fmt(c) for c in lines)])
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayResult({len(self)} configurations x {len(self.steps)} checks, "
+            f"monitor={self.monitor!r}, varied={self.names})"
+        )
+
+
+def _cell(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def replay(
+    callback: Callback,
+    history: HistoryLike,
+    *,
+    monitor: str | None = None,
+    mode: Mode | None = None,
+    steps: str | Any = None,
+) -> ReplayResult:
+    """Run a callback, or every configuration of a [`fcb.grid`][], over a recorded history.
+
+    Each configuration sees check `i` of the history as
+    `callback(state, {key: history[key][i]}, step=steps[i])`, exactly as in a training loop,
+    and its run ends at the first check that asks to stop: later checks change nothing, as
+    training would have ended there. All configurations run in one compiled `jax.vmap` of a
+    `lax.scan` over the checks.
+
+    `history` is a mapping from metric name to a 1-D array, a list of per-check dicts, or
+    the path of a CSV file (header row of names), a JSONL file, or a run directory with a
+    `history.jsonl` (see [`fcb.torch.TorchAdapter`][]'s `history=True`). From a list or a
+    file, the checks are the rows that have every metric the callbacks read; other rows (a
+    CSV logger's training rows with empty validation cells) are skipped. `steps` names the
+    column holding the step numbers (default: `"step"` when present, otherwise
+    `0, 1, 2, ...`) or gives them as an array.
+
+    `best_step` / `best_value` follow the metric the callbacks monitor (or `monitor=` /
+    `mode=` when they monitor several). Nested callbacks of a `BestCheckpoint` evaluate the
+    live model, which a replay does not have: they do not run.
+
+    >>> history = {"val_loss": [0.9, 0.7, 0.72, 0.69, 0.71, 0.73, 0.74, 0.6]}
+    >>> result = fcb.replay(fcb.grid(fcb.EarlyStopping, monitor="val_loss",
+    ...                              patience=[1, 2, 4], min_delta=[0, 0.02]), history)
+    >>> result.stop_step.tolist()
+    [2, 2, 5, 3, -1, 5]
+    >>> print(result.table())
+    replay: 6 configurations x 8 checks; best = lowest val_loss
+    #  patience  min_delta  stop_step    reason  checks  best_step  best val_loss
+    0         1          0          2  patience       3          1           0.7
+    1         1       0.02          2  patience       3          1           0.7
+    2         2          0          5  patience       6          3          0.69
+    3         2       0.02          3  patience       4          3          0.69
+    4         4          0      never         -       8          7           0.6
+    5         4       0.02          5  patience       6          3          0.69
+    >>> result.configs[3]
+    {'patience': 2, 'min_delta': 0.02}
+    >>> result.pareto().tolist()  # the trade-offs: fewer checks, or a better value
+    [0, 3, 4]
+    """
+    batch = callback if isinstance(callback, Grid) else None
+    if batch is None:
+        if not isinstance(callback, Callback):
+            raise ConfigError(
+                f"fcb.replay: `callback` must be an fcb.Callback or an fcb.grid(...), got "
+                f"{type(callback).__name__}: {callback!r}."
+            )
+        batch = Grid(_batch_of_one(callback))
+    single = batch[0]
+    columns, step_numbers = _history(history, single, steps)
+    key, resolved_mode = _resolve_monitor(single, list(columns), monitor, mode)
+    tracker = (
+        None
+        if key is None
+        else ModelCheckpoint(key, resolved_mode, save_top_k=1, save_last=False, filename="best")
+    )
+    final = jax.device_get(
+        _replay_batch(batch.callback, tracker, columns, jnp.asarray(step_numbers))
+    )
+    stopped = final.stop_index >= 0
+    n = len(step_numbers)
+    if tracker is None:
+        best_step = np.full(len(batch), NO_STEP, np.int32)
+        best_value = np.full(len(batch), np.nan, np.float32)
+    else:
+        best_step, best_value = final.best.steps[:, 0], final.best.values[:, 0]
+        best_value = np.where(best_step >= 0, best_value, np.nan).astype(np.float32)
+    return ReplayResult(
+        configs=batch.configs,
+        stop_step=np.where(stopped, step_numbers[np.maximum(final.stop_index, 0)], NO_STEP),
+        stop_reason=np.asarray(final.stop_reason),
+        checks=np.where(stopped, final.stop_index + 1, n),
+        best_step=np.asarray(best_step),
+        best_value=best_value,
+        slots={k: np.asarray(v) for k, v in final.slots.items()},
+        slot_values={k: np.asarray(v) for k, v in final.slot_values.items()},
+        monitor=key,
+        mode=resolved_mode,
+        steps=step_numbers,
+        state=final.state,
+    )
