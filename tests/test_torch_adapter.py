@@ -334,3 +334,33 @@ def test_no_retracing_over_many_events(tmp_path):
         adapter.on_validation_end({"val_loss": float(rng.random())}, step=step)
     assert adapter.runner._check._cache_size() == 1
     adapter.on_fit_end()
+
+
+def test_vram_drift_without_cuda_is_a_noop_with_one_info_line(tmp_path, caplog):
+    chain = fcb.chain(fcb.EarlyStopping("val_loss"), fcb.VRAMDrift(max_drift_fraction=0.1))
+    adapter = fcb.torch.TorchAdapter(chain, dirpath=str(tmp_path))
+    with caplog.at_level("INFO", logger="fcb"):
+        adapter.on_fit_start()
+        for step in range(3):
+            actions = adapter.on_validation_end({"val_loss": 1.0 - step / 10}, step=step)
+    lines = [r for r in caplog.records if "VRAMDrift" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    assert bool(actions.events["vram_drift/metric_missing"])
+    assert not bool(actions.events["vram_drift/drift"])
+    adapter.on_fit_end()
+
+
+def test_resuming_a_run_that_had_stopped_sets_should_stop(full_run, tmp_path):
+    dirpath, decisions, _ = full_run
+    model, optimizer = torch_training.model_and_optimizer()
+    adapter = fcb.torch.TorchAdapter(
+        torch_training.callbacks(),
+        model=model,
+        optimizer=optimizer,
+        dirpath=str(tmp_path),
+        resume_from=dirpath,
+    )
+    adapter.on_fit_start()
+    assert adapter.resumed_step == decisions[-1]["step"]
+    assert adapter.should_stop and "did not improve" in adapter.stop_message
+    adapter.on_fit_end()
