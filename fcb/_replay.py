@@ -17,13 +17,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._core import NO_STEP, Actions, Callback, Metrics, StepLike, StopReason
 from ._errors import ConfigError, MetricTypeError, MissingMetricError
 from ._model_checkpoint import ModelCheckpoint
 from ._monitor import MODES, Mode
-from ._validate import describe_keys
+from ._validate import check_mode, describe_keys
 
 HistoryLike = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike
 """A recorded history: `{key: 1-D array}`, a list of per-check dicts, or a CSV / JSONL path."""
@@ -88,7 +88,8 @@ class Grid(Callback):
                 f"{sorted(str(s) for s in sizes)}. Build batches with fcb.grid."
             )
         configs = [dict(c) for c in configs] if configs is not None else None
-        size = sizes.pop() if sizes else (len(configs) if configs else 1)
+        leading = sizes.pop() if sizes else None
+        size = leading if leading is not None else (len(configs) if configs else 1)
         if configs is None:
             configs = [{} for _ in range(size)]
         if len(configs) != size:
@@ -163,7 +164,8 @@ def _axis_values(name: str, value: Any) -> tuple[Any, ...]:
     if not values:
         raise ConfigError(f"fcb.grid: `{name}` has no values; give at least one, e.g. [3].")
     for v in values:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        numeric = isinstance(v, (int, float, np.integer, np.floating))
+        if isinstance(v, (bool, np.bool_)) or not numeric:
             raise ConfigError(
                 f"fcb.grid: only numeric options can vary inside one batch (they are array "
                 f"leaves), got {name} = {list(values)!r} with {v!r}. Pass a single value for "
@@ -206,8 +208,8 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
 
     >>> g = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=range(1, 4),
     ...              min_delta=[0, 1e-3])
-    >>> len(g), g.configs[:3]
-    (6, [{'patience': 1, 'min_delta': 0}, {'patience': 1, 'min_delta': 0.001}, {'patience': 2, 'min_delta': 0}])
+    >>> len(g), g.configs[1]
+    (6, {'patience': 1, 'min_delta': 0.001})
     >>> g.callback.patience.tolist()
     [1, 1, 2, 2, 3, 3]
 
@@ -229,12 +231,11 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     fixed = {name: v for name, v in options.items() if name not in axes}
     first = {name: values[0] for name, values in axes.items()}
     base = _build(factory, {**fixed, **first}, first)
-    structure = jax.tree_util.tree_structure(base)
     for name, values in axes.items():
         for value in dict.fromkeys(values[1:]):
             varied = {**first, name: value}
             other = _build(factory, {**fixed, **varied}, varied)
-            if jax.tree_util.tree_structure(other) != structure:
+            if not _same_structure(other, base):
                 raise ConfigError(
                     _STRUCTURAL_OPTION.format(
                         name=name,
@@ -265,6 +266,12 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     return Grid(batched, configs)
 
 
+def _same_structure(a: Any, b: Any) -> bool:
+    """Same tree structure, static fields included (equinox keeps them in the treedef)."""
+    structure: Any = jax.tree_util.tree_structure(a)
+    return bool(structure == jax.tree_util.tree_structure(b))
+
+
 def _batch_of_one(callback: Callback) -> Callback:
     return jax.tree_util.tree_map(
         lambda leaf: jnp.asarray(leaf)[None] if eqx.is_array(leaf) else leaf, callback
@@ -273,7 +280,7 @@ def _batch_of_one(callback: Callback) -> Callback:
 
 def _check_batch(base: Callback, batched: Any, size: int, names: list[str]) -> None:
     """The batch has the single configuration's structure, with a leading axis on each leaf."""
-    ok = jax.tree_util.tree_structure(batched) == jax.tree_util.tree_structure(base)
+    ok = _same_structure(batched, base)
     if ok:
         for one, many in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(batched)):
             if eqx.is_array(one):
@@ -452,11 +459,11 @@ def _monitored(callback: Any) -> list[tuple[str, Mode]]:
 
 
 def _resolve_monitor(
-    callback: Callback, available: Sequence[str], monitor: str | None, mode: str | None
+    callback: Callback, available: Sequence[str], monitor: str | None, mode: Mode | None
 ) -> tuple[str | None, Mode]:
     candidates = [(k, m) for k, m in _monitored(callback) if k in available]
-    if mode is not None and mode not in MODES:
-        raise ConfigError(f"fcb.replay: `mode` must be 'min' or 'max', got mode = {mode!r}.")
+    if mode is not None:
+        mode = check_mode("fcb.replay", mode)
     if monitor is not None:
         if monitor not in available:
             raise MissingMetricError(
@@ -473,7 +480,9 @@ def _resolve_monitor(
             f"fcb.replay: the callbacks monitor several metrics or modes {candidates}; pass "
             f"monitor=... (and mode=...) to say which one best_step and best_value follow."
         )
-    return (candidates[0] if candidates else (None, "min"))
+    if not candidates:
+        return None, "min"
+    return candidates[0]
 
 
 class _Carry(eqx.Module):
@@ -527,9 +536,18 @@ def _replay_one(
     return final
 
 
-_replay_batch = eqx.filter_jit(
-    eqx.filter_vmap(_replay_one, in_axes=(eqx.if_array(0), None, None, None))
-)
+@eqx.filter_jit
+def _replay_batch(
+    callback: Callback,
+    tracker: ModelCheckpoint | None,
+    columns: Mapping[str, Float[ArrayLike, " n"]],
+    steps: Int[Array, " n"],
+    size: int,
+) -> _Carry:
+    # axis_size: a batch of callbacks without array leaves (TerminateOnNaN) has no axis to read
+    return eqx.filter_vmap(
+        _replay_one, in_axes=(eqx.if_array(0), None, None, None), axis_size=size
+    )(callback, tracker, columns, steps)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -635,7 +653,7 @@ class ReplayResult:
         if max_rows is not None and len(shown) > max_rows:
             head = max(1, max_rows - max_rows // 4)
             hidden = len(shown) - max_rows
-            shown = shown[:head] + [-1] + shown[len(shown) - (max_rows - head) :]
+            shown = [*shown[:head], -1, *shown[len(shown) - (max_rows - head) :]]
         best_header = f"best {self.monitor}" if self.monitor else "best_value"
         headers = ["#", *self.names, "stop_step", "reason", "checks", "best_step", best_header]
         headers += list(self.slots)
@@ -751,7 +769,7 @@ def replay(
         else ModelCheckpoint(key, resolved_mode, save_top_k=1, save_last=False, filename="best")
     )
     final = jax.device_get(
-        _replay_batch(batch.callback, tracker, columns, jnp.asarray(step_numbers))
+        _replay_batch(batch.callback, tracker, columns, jnp.asarray(step_numbers), len(batch))
     )
     stopped = final.stop_index >= 0
     n = len(step_numbers)
