@@ -141,10 +141,10 @@ def _identity_changes(callback: Callback, saved: Any, path: str = "") -> list[st
     if not isinstance(saved, Mapping):
         return []
     changes = []
-    for field in type(callback).identity_fields:
-        before, now = saved.get(field), _encode_config_value(getattr(callback, field))
-        if field in saved and before != now:
-            changes.append(f"{path}{field} was {before!r}, is now {now!r}")
+    for name in type(callback).identity_fields:
+        before, now = saved.get(name), _encode_config_value(getattr(callback, name))
+        if name in saved and before != now:
+            changes.append(f"{path}{name} was {before!r}, is now {now!r}")
     for field in dataclasses.fields(callback):
         value, nested = getattr(callback, field.name), saved.get(field.name)
         children = value if isinstance(value, tuple) else (value,)

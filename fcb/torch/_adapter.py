@@ -20,11 +20,13 @@ from .._errors import (
     MetricShapeError,
 )
 from .._files import link_atomic, verify
-from .._manifest import plan_checkpoints
+from .._history import HistoryLog, check_record, find_history
+from .._manifest import json_metrics, plan_checkpoints
 from .._model_checkpoint import ModelCheckpoint
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
 from .._vram_drift import VRAMDrift
+from ._distributed import Group, check_reduction
 from ._store import CheckpointStore, read_manifest
 
 logger = logging.getLogger("fcb")
@@ -130,6 +132,11 @@ class TorchAdapter:
     callback state are restored from the run's `last` checkpoint, and later decisions are
     exactly those of an uninterrupted run. Resuming into another directory copies (links)
     what it needs and never deletes the old run's files.
+
+    With `history=True` every check appends one line to `{dirpath}/history.jsonl`: the step,
+    the metrics, the learning rates, the events that fired and the stop message; the end of
+    the fit appends the callbacks' summary. `fcb.replay` and `fcb plot` read it. A new run
+    starts a new history; a resumed run keeps the lines up to its resume point.
     """
 
     suffix = ".pt"
@@ -148,6 +155,8 @@ class TorchAdapter:
         check_on: str = "validation_end",
         resume_from: str | os.PathLike[str] | None = None,
         log: Callable[[int, dict[str, float]], None] | None = None,
+        reduce: str | None = "mean",
+        history: bool = False,
     ):
         if check_on not in ("validation_end", "train_epoch_end"):
             raise ConfigError(
@@ -169,9 +178,14 @@ class TorchAdapter:
         self.evaluate = evaluate
         self.check_on = check_on
         self.log = log
+        self.record_history = bool(history)
+        self.history: HistoryLog | None = None
         self.background = background
         self.resume_from = None if resume_from is None else os.fspath(resume_from)
         self._dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.reduce = check_reduction(reduce)
+        self.group = Group()
+        self._started = False
         self.store: CheckpointStore | None = None
         self._writer: _BackgroundWriter | None = None
         self._stashed: dict[str, Any] = {}
@@ -235,13 +249,25 @@ class TorchAdapter:
             self._probe_memory = torch.cuda.is_available()
             if not self._probe_memory:
                 logger.info("fcb: no CUDA device; VRAMDrift has no memory figure and does nothing.")
-        if self.store is None:
-            self.store = CheckpointStore(self.dirpath, suffix=self.suffix)
-            self.store.open()
-        if self.background and self._writer is None:
+        self.group = Group()  # torch.distributed may have been initialised since __init__
+        error = None
+        try:  # only rank 0 touches the directory; every rank learns whether that worked
+            if self.group.is_primary and self.store is None:
+                self.store = CheckpointStore(self.dirpath, suffix=self.suffix)
+                self.store.open()
+        except BaseException as failure:
+            error = failure
+        self.group.agree_on_error(error)
+        if self.group.is_primary and self.background and self._writer is None:
             self._writer = _BackgroundWriter()
+        self._started = True
         if self.resume_from is not None:
             self.resumed_step = self._resume(self.resume_from)
+        if self.record_history and self.group.is_primary:
+            self.history = HistoryLog(self.dirpath)
+            source = None if self.resume_from is None else find_history(self.resume_from)
+            self.history.start(self.resumed_step, source)
+        self.group.barrier()
 
     def __enter__(self) -> TorchAdapter:
         self.on_fit_start()
@@ -284,28 +310,47 @@ class TorchAdapter:
     def _event(self, step: int | None, trainer: Any) -> Actions:
         if trainer is not None:
             self.trainer = trainer
-        if self.store is None:
+        if not self._started:
             self.on_fit_start()
-        self._raise_writer_error()
+        self.group.agree_on_error(self._writer_error())
         stashed, self._stashed = self._stashed, {}
         metrics = {k: _number(k, v) for k, v in stashed.items()}
         if self._probe_memory:
             free = float(torch.cuda.mem_get_info()[0])
             metrics.update(dict.fromkeys(self._memory_keys, free))
+        metrics = self.group.reduce_metrics(metrics, self.reduce)
         step = self._checks if step is None else int(step)
         self._checks += 1
         before = self.runner.state
         actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
+        error = None
         try:
-            self._apply_checkpoints(actions, step)
+            if self.group.is_primary:
+                self._apply_checkpoints(actions, step)
+        except BaseException as failure:
+            error = failure
+        try:
+            self.group.agree_on_error(error)
         except BaseException:
-            self.runner.state = before
+            self.runner.state = before  # the event did not happen, on every rank
             raise
         self._apply_lr(actions)
         self._report(actions, step)
-        if bool(actions.stop):
+        if self.history is not None:
+            self.history.append(
+                check_record(
+                    step,
+                    metrics,
+                    lr=[float(g["lr"]) for o in self._optimizers() for g in o.param_groups],
+                    events=[name for name, fired in actions.events.items() if bool(fired)],
+                    stop=actions.stop_message() if bool(actions.stop) else None,
+                )
+            )
+        if self.group.any(bool(actions.stop)):
             self.should_stop = True
-            self.stop_message = actions.stop_message()
+            self.stop_message = (
+                actions.stop_message() if bool(actions.stop) else "another rank stopped"
+            )
             if self.trainer is not None:
                 self.trainer.should_stop = True
         return actions
@@ -424,15 +469,15 @@ class TorchAdapter:
     # -- resume ------------------------------------------------------------------------------
 
     def _resume(self, run_dir: str) -> int:
-        assert self.store is not None
         source = os.path.abspath(run_dir)
         if os.path.isdir(os.path.join(source, "checkpoints")) and not os.path.exists(
             os.path.join(source, "manifest.json")
         ):
             source = os.path.join(source, "checkpoints")
+        same_directory = source == os.path.abspath(self.dirpath)
         manifest = (
             self.store.manifest
-            if source == self.store.directory
+            if self.store is not None and same_directory
             else read_manifest(os.path.join(source, "manifest.json"))
         )
         record = manifest.get("resume")
@@ -461,14 +506,15 @@ class TorchAdapter:
             self.trainer.load_state_dict(payload["trainer"])
         if "rng" in payload:
             torch.random.set_rng_state(payload["rng"]["torch"])
-        files = {}
-        for slot in record["slots"].values():
-            relative = slot["file"]
-            if source != self.store.directory:
-                verify(os.path.join(source, relative), manifest["files"][relative])
-                link_atomic(os.path.join(source, relative), self.store.path(relative))
-            files[relative] = manifest["files"][relative]
-        self.store.reset_to(record["slots"], files, record)
+        if self.store is not None:  # rank 0: the directory now holds exactly this point
+            files = {}
+            for slot in record["slots"].values():
+                relative = slot["file"]
+                if not same_directory:
+                    verify(os.path.join(source, relative), manifest["files"][relative])
+                    link_atomic(os.path.join(source, relative), self.store.path(relative))
+                files[relative] = manifest["files"][relative]
+            self.store.reset_to(record["slots"], files, record)
         self._checks = record["step"] + 1
         if record.get("stop_message"):  # the run had already stopped: do not train on
             self.should_stop = True
@@ -479,16 +525,18 @@ class TorchAdapter:
 
     # -- end ---------------------------------------------------------------------------------
 
-    def _raise_writer_error(self) -> None:
-        if self._writer is not None and self._writer.error is not None:
-            error = self._writer.error
-            raise CheckpointWriteError(f"a background checkpoint write failed: {error}") from error
+    def _writer_error(self) -> CheckpointWriteError | None:
+        if self._writer is None or self._writer.error is None:
+            return None
+        error = CheckpointWriteError(f"a background checkpoint write failed: {self._writer.error}")
+        error.__cause__ = self._writer.error
+        return error
 
     def wait(self) -> None:
         """Block until every background write is done; raise the first write error."""
         if self._writer is not None:
             self._writer.wait()
-        self._raise_writer_error()
+        self.group.agree_on_error(self._writer_error())
 
     def on_fit_end(self, trainer: Any = None, *_: Any) -> dict[str, float]:
         """Wait for writes, finalize the callbacks (summary scalars), release the directory."""
@@ -496,6 +544,8 @@ class TorchAdapter:
             self.wait()
             actions = self.runner.finalize()
             self.summary = {k: float(v) for k, v in actions.log.items()}
+            if self.history is not None:
+                self.history.append({"summary": json_metrics(self.summary)})
             if self.log is not None and self.summary:
                 self.log(self._checks, self.summary)
             return self.summary
@@ -511,6 +561,7 @@ class TorchAdapter:
             self._close()
 
     def _close(self) -> None:
+        self._started = False
         if self._writer is not None:
             self._writer.shutdown()
             self._writer = None

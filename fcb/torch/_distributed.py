@@ -1,0 +1,104 @@
+"""Rank agreement for the Torch adapter under `torch.distributed` (DDP, FSDP, any backend).
+
+Every rank runs the same pure callbacks on the same reduced metrics, so every rank makes the
+same decisions; only rank 0 touches the checkpoint directory, and every rank learns of its
+success or failure through one collective, so no rank waits forever for another.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .._errors import CheckpointWriteError, ConfigError
+
+REDUCTIONS = ("mean", "sum", "max", "min")
+
+
+class Group:
+    """The default process group when `torch.distributed` is initialised, else a no-op."""
+
+    def __init__(self) -> None:
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world_size = dist.get_world_size() if self.active else 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    def _device(self) -> torch.device:
+        # NCCL reduces only CUDA tensors; gloo and mpi take CPU tensors.
+        if self.active and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def reduce_metrics(self, metrics: Mapping[str, Any], reduction: str | None) -> dict[str, Any]:
+        """The metrics reduced over ranks (one collective); a key set that differs between
+        ranks is an error on every rank, never a hang or a silent mix-up."""
+        if not self.active or reduction is None or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = [float(metrics[k]) for k in keys]
+        fingerprint = float(zlib.crc32("\0".join(keys).encode()))
+        # NaN and inf propagate through every reduction: a rank that sees NaN stops all.
+        op = {
+            "mean": dist.ReduceOp.SUM,
+            "sum": dist.ReduceOp.SUM,
+            "max": dist.ReduceOp.MAX,
+            "min": dist.ReduceOp.MIN,
+        }[reduction]
+        data = torch.tensor(values, dtype=torch.float64, device=self._device())
+        check = torch.tensor([fingerprint, -fingerprint], dtype=torch.float64, device=data.device)
+        dist.all_reduce(data, op=op)
+        dist.all_reduce(check, op=dist.ReduceOp.MAX)
+        if check[0].item() != -check[1].item():
+            raise ConfigError(
+                f"TorchAdapter: the ranks passed different metric keys (this rank: {keys}); "
+                f"every rank must log the same keys at each check."
+            )
+        if reduction == "mean":
+            data /= self.world_size
+        return dict(zip(keys, data.tolist(), strict=True))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on at least one."""
+        if not self.active:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self._device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def agree_on_error(self, error: BaseException | None) -> None:
+        """Raise on every rank when any rank failed (rank 0 re-raises its own error)."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        if not self.any(error is not None):
+            return
+        messages: list[Any] = [None] * self.world_size
+        dist.all_gather_object(
+            messages, None if error is None else f"{type(error).__name__}: {error}"
+        )
+        if error is not None:
+            raise error
+        failed = ", ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+        raise CheckpointWriteError(f"a checkpoint write failed on another rank ({failed}).")
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def check_reduction(value: Any) -> str | None:
+    if value is not None and value not in REDUCTIONS:
+        raise ConfigError(
+            f"TorchAdapter: `reduce` must be one of {REDUCTIONS} or None (metrics already "
+            f"reduced), got reduce = {value!r}."
+        )
+    return value
