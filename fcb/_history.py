@@ -23,17 +23,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._files import atomic_write
+from ._manifest import json_metrics, json_value
 
 HISTORY_NAME = "history.jsonl"
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def encode_number(value: float) -> float | str:
-    value = float(value)
-    if math.isfinite(value):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 def decode_number(value: Any) -> Any:
@@ -52,11 +46,14 @@ class HistoryLog:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, HISTORY_NAME)
 
-    def start(self, resumed_step: int | None) -> None:
-        """A new run starts an empty history; a resumed run keeps the checks up to its step."""
-        kept = [] if resumed_step is None else [
-            r for r in read_records(self.path) if "metrics" in r and r["step"] <= resumed_step
-        ]
+    def start(self, resumed_step: int | None, source: str | None = None) -> None:
+        """A new run starts an empty history; a resumed run keeps the checks up to its step
+        (read from `source`, the resumed run's history, when it lives elsewhere)."""
+        kept = []
+        if resumed_step is not None:
+            for record in read_records(source or self.path, decode=False):
+                if "metrics" in record and record.get("step", -1) <= resumed_step:
+                    kept.append(record)
         data = b"".join(_line(r) for r in kept)
         atomic_write(self.path, lambda f: f.write(data))
 
@@ -79,15 +76,16 @@ def check_record(
     """One check as a history line (JSON-safe)."""
     return {
         "step": int(step),
-        "metrics": {str(k): encode_number(v) for k, v in metrics.items()},
-        "lr": None if lr is None else [encode_number(x) for x in lr],
+        "metrics": json_metrics(metrics),
+        "lr": None if lr is None else [json_value(x) for x in lr],
         "events": sorted(events or []),
         "stop": stop or None,
     }
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-    """Every complete line of a history file, numbers decoded; a torn last line is ignored."""
+def read_records(path: str, *, decode: bool = True) -> list[dict[str, Any]]:
+    """Every complete line of a history file (non-finite numbers decoded unless
+    `decode=False`); a torn last line is ignored."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -104,7 +102,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
             raise ValueError(f"{path}, line {number}: not a JSON object ({error}).") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {number}: not a JSON object: {raw[:60]!r}.")
-        records.append(_decode(record))
+        records.append(_decode(record) if decode else record)
     return records
 
 
