@@ -128,6 +128,10 @@ class TorchAdapter:
     at `on_fit_end`. A failed synchronous write leaves the callbacks' state as it was before
     the event and raises [`fcb.CheckpointWriteError`][]; the previous files are intact.
 
+    Under `torch.distributed` metrics are reduced over ranks (`reduce="mean"`; `None` when
+    already reduced), stops are agreed (any rank stops all), only rank 0 writes, and a write
+    error is raised on every rank.
+
     Resume with `resume_from=RUN_DIR`: the model, optimizer, scheduler, trainer, RNG and
     callback state are restored from the run's `last` checkpoint, and later decisions are
     exactly those of an uninterrupted run. Resuming into another directory copies (links)
