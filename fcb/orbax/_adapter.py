@@ -1,0 +1,464 @@
+"""The JAX adapter: applies fcb actions to JAX pytrees and equinox models through orbax."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from .._core import Actions, Callback
+from .._errors import CheckpointCorruptError, ConfigError
+from .._manifest import Models, json_metrics, plan_checkpoints
+from .._runner import Runner
+from .._state_dict import state_dict as fcb_state_dict
+from .._vram_drift import VRAMDrift
+from ._store import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    OrbaxStore,
+    models_cover,
+    read_step,
+)
+
+logger = logging.getLogger("fcb")
+
+EvaluateFn = Callable[[Any], Mapping[str, Any]]
+"""Evaluates the live state (the pytree given to `on_validation_end`); returns metrics."""
+
+_NOT_AN_ARRAY = """\
+OrbaxAdapter: `state` leaf {path} is a {kind} ({value!r}); orbax saves arrays and numbers.
+Save the arrays of a model and keep its static part in code:
+
+    state = {{"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}}
+    ...
+    model = fcb.orbax.restore_model(directory, model)   # eqx.combine with the static part
+"""
+
+
+def device_free_memory(device: Any = None) -> float | None:
+    """Free memory of a JAX device in bytes: `bytes_limit - bytes_in_use` of its
+    `memory_stats()`, or `None` where the device reports none (the CPU).
+
+    >>> fcb.orbax.device_free_memory(jax.devices("cpu")[0]) is None
+    True
+    """
+    device = jax.local_devices()[0] if device is None else device
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        return None
+    if not stats or "bytes_limit" not in stats or "bytes_in_use" not in stats:
+        return None
+    return float(stats["bytes_limit"] - stats["bytes_in_use"])
+
+
+def submodule(model: Any, name: str) -> Any:
+    """The submodule `name` of a model pytree: a field of an equinox Module, or a key."""
+    if isinstance(model, Mapping):
+        names = sorted(map(str, model))
+        found = name in model
+    else:
+        names = (
+            sorted(f.name for f in dataclasses.fields(model))
+            if dataclasses.is_dataclass(model)
+            else sorted(n for n in vars(model) if not n.startswith("_"))
+            if hasattr(model, "__dict__")
+            else []
+        )
+        found = name in names
+    if not found:
+        raise ConfigError(
+            f"OrbaxAdapter: model_names asks for submodule {name!r}, but the model "
+            f"({type(model).__name__}) has {names}. Fix model_names."
+        )
+    return model[name] if isinstance(model, Mapping) else getattr(model, name)
+
+
+def model_subset(state: Any, models: tuple[str, ...]) -> dict[str, Any]:
+    """`{"model": {name: submodule}}`: what a slot restricted to `models` saves."""
+    if not isinstance(state, Mapping) or "model" not in state:
+        raise ConfigError(
+            f"OrbaxAdapter: the callbacks save only the submodules {list(models)} of the "
+            f"model, so `state` must be a mapping with a 'model' entry, e.g. "
+            f"{{'model': eqx.filter(model, eqx.is_array), ...}}; got "
+            f"{type(state).__name__}"
+            + (f" with keys {sorted(map(str, state))}." if isinstance(state, Mapping) else ".")
+        )
+    return {"model": {name: submodule(state["model"], name) for name in models}}
+
+
+def host_copy(tree: Any) -> Any:
+    """A copy of `tree` in host memory sharing nothing with the device buffers, so the
+    training loop may donate or overwrite them while orbax writes in the background."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in flat:
+        if isinstance(leaf, jax.Array):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                raise ConfigError(
+                    f"OrbaxAdapter: `state` leaf {jax.tree_util.keystr(path)} is a typed PRNG "
+                    f"key; save its data instead: jax.random.key_data(key) (and "
+                    f"jax.random.wrap_key_data after restoring)."
+                )
+            leaf.copy_to_host_async()  # start every transfer before waiting for any
+        elif not isinstance(leaf, (np.ndarray, np.generic, bool, int, float)):
+            kind = "function" if callable(leaf) else type(leaf).__name__
+            raise ConfigError(
+                _NOT_AN_ARRAY.format(
+                    path=jax.tree_util.keystr(path) or "(the root)", kind=kind, value=leaf
+                )
+            )
+    copied = [
+        np.array(leaf, copy=True) if isinstance(leaf, (jax.Array, np.ndarray)) else leaf
+        for _, leaf in flat
+    ]
+    return jax.tree_util.tree_unflatten(treedef, copied)
+
+
+class OrbaxAdapter:
+    """Run an fcb callback chain in a JAX training loop; keep checkpoints with orbax.
+
+    Each `on_validation_end(metrics, step=..., state=...)` runs one check of the whole chain
+    through one cached jitted dispatch, then applies the actions, with the same decisions as
+    [`fcb.torch.TorchAdapter`][]:
+
+    - `should_stop` / `stop_message` are set when a callback stops (never raises for it);
+    - if a slot takes the current step, `state` (a pytree of arrays, e.g.
+      `{"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}`) is copied to host
+      memory and saved **once** as orbax step `steps/<step>` (a Composite of the state and the
+      fcb metadata: the callbacks' state dict, the slot table, the JSON-safe metrics),
+      however many slots hold it; the save runs in the background with `async_save=True`;
+    - `manifest.json` records slot -> step, metric value and the resume point once orbax
+      has committed the step; steps no slot (nor the resume point, nor the archive) holds any
+      more are then deleted with `CheckpointManager.delete`;
+    - `evaluate` runs on `state` when a callback asks (a new best for `BestCheckpoint`'s
+      nested callbacks) and the results go back to the chain.
+
+    The learning rate is the loop's: apply the returned actions with
+    [`fcb.scaled_lr`][] (it is part of the saved state when it lives in the optimizer state,
+    e.g. `optax.inject_hyperparams`).
+
+    Resume with `resume=True`: `on_fit_start(like=template)` restores the `last` checkpoint
+    into `restored_state` (structured like `template`), the callbacks' state, and
+    `resumed_step`; the next check is `resumed_step + 1` and decides exactly as an
+    uninterrupted run would.
+
+    >>> import tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> callbacks = fcb.chain(fcb.EarlyStopping("val_loss", patience=1), fcb.ModelCheckpoint())
+    >>> adapter = fcb.orbax.OrbaxAdapter(callbacks, directory, async_save=False)
+    >>> adapter.on_fit_start()
+    >>> for step, loss in enumerate([0.5, 0.4, 0.6]):
+    ...     state = {"w": jnp.full((2,), float(step))}
+    ...     actions = adapter.on_validation_end({"val_loss": loss}, step=step, state=state)
+    >>> adapter.should_stop, adapter.slots
+    (True, {'best_model': 1, 'last': 2})
+    >>> _ = adapter.on_fit_end()
+    >>> fcb.orbax.restore(directory, "best_model", like={"w": jnp.zeros(2)})["w"]
+    Array([1., 1.], dtype=float32)
+
+    Args:
+        callbacks: an fcb callback or chain.
+        directory: the run directory (created; locked while the adapter is open).
+        evaluate: `fn(state) -> metrics`, or a mapping from request name to such a function.
+        resume: continue the run in `directory` from its `last` checkpoint.
+        async_save: let orbax write in the background; every save is waited for before the
+            manifest references it, before any deletion, and at `on_fit_end`.
+        log: `fn(step, scalars)` called with the callbacks' log scalars at each check and the
+            summary at the end.
+    """
+
+    def __init__(
+        self,
+        callbacks: Callback,
+        directory: str | os.PathLike[str],
+        *,
+        evaluate: EvaluateFn | Mapping[str, EvaluateFn] | None = None,
+        resume: bool = False,
+        async_save: bool = True,
+        log: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+            raise ConfigError(
+                f"OrbaxAdapter: `directory` must be a non-empty path, got "
+                f"directory = {directory!r}."
+            )
+        if evaluate is not None and not callable(evaluate) and not isinstance(evaluate, Mapping):
+            raise ConfigError(
+                f"OrbaxAdapter: `evaluate` must be a function of the state or a mapping from "
+                f"request name to one, got {type(evaluate).__name__}."
+            )
+        self.runner = Runner(callbacks)
+        self.callbacks = callbacks
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.evaluate = evaluate
+        self.resume = bool(resume)
+        self.async_save = bool(async_save)
+        self.log = log
+        self.store: OrbaxStore | None = None
+        self._checks = 0
+        self._memory_keys: list[str] = []
+        self._probe_memory = False
+        self._state: Any = None
+        self.should_stop = False
+        self.stop_message = ""
+        self.resumed_step: int | None = None
+        self.restored_state: Any = None
+        self.summary: dict[str, float] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def on_fit_start(self, *, like: Any = None) -> None:
+        """Open (and lock) the run directory; with `resume=True`, restore the `last`
+        checkpoint into `restored_state`, structured like the template `like`.
+
+        A directory that already holds a run is only opened with `resume=True`: starting a
+        new run over it would mix two runs' checkpoints.
+        """
+        if self.store is not None:
+            return
+        self._memory_keys = sorted({drift.key for drift in self.runner.find(VRAMDrift)})
+        if self._memory_keys:
+            self._probe_memory = device_free_memory() is not None
+            if not self._probe_memory:
+                logger.info(
+                    "fcb: the JAX device reports no memory statistics (%s); VRAMDrift has no "
+                    "memory figure and does nothing.",
+                    jax.local_devices()[0].platform,
+                )
+        store = OrbaxStore(self.directory, async_save=self.async_save)
+        store.open()
+        try:
+            if self.resume:
+                self._resume(store, like)
+            elif store.manifest["files"] or store.manifest["resume"]:
+                raise ConfigError(
+                    f"OrbaxAdapter: {self.directory} already holds a run (manifest.json lists "
+                    f"{len(store.manifest['files'])} checkpoints). Pass resume=True to continue "
+                    f"it, or give this run its own directory."
+                )
+            elif like is not None:
+                self._check_model_names(like)
+        except BaseException:
+            store.close()
+            raise
+        self.store = store
+
+    def __enter__(self) -> OrbaxAdapter:
+        self.on_fit_start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is None:
+            self.on_fit_end()
+        else:
+            self.on_exception(exc)
+
+    def _slot_models(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.callbacks.action_names().slot_models)
+
+    def _check_model_names(self, state: Any) -> None:
+        for models in set(self._slot_models().values()):
+            model_subset(state, models)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_validation_end(
+        self, metrics: Mapping[str, Any], *, step: int | None = None, state: Any = None
+    ) -> Actions:
+        """Run one check on `metrics` at `step`; save `state` if a slot takes this step.
+
+        `step` defaults to the number of checks so far. `state` is only read when a slot
+        takes the step (or an evaluation is requested), so it may be given every time.
+        Returns the host actions (NumPy values).
+        """
+        if self.store is None:
+            self.on_fit_start()
+        assert self.store is not None
+        if step is None:
+            step = self._checks
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ConfigError(
+                f"OrbaxAdapter: `step` must be an integer >= 0 (it names the orbax step), got "
+                f"step = {step!r}."
+            )
+        step = int(step)
+        metrics = dict(metrics)
+        if self._probe_memory:
+            free = device_free_memory()
+            if free is not None:
+                metrics.update(dict.fromkeys(self._memory_keys, free))
+        self._checks = step + 1
+        self._state = state
+        before = self.runner.state
+        try:
+            actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
+        finally:
+            self._state = None
+        try:
+            self._apply_checkpoints(actions, step, state, metrics)
+        except BaseException:
+            self.runner.state = before
+            raise
+        self._report(actions, step)
+        if bool(actions.stop):
+            self.should_stop = True
+            self.stop_message = actions.stop_message()
+        return actions
+
+    def _run_evaluation(self, request: str) -> Mapping[str, Any]:
+        fn = self.evaluate.get(request) if isinstance(self.evaluate, Mapping) else self.evaluate
+        if fn is None:
+            raise ConfigError(
+                f"OrbaxAdapter: the callbacks ask to evaluate the new best model for "
+                f"{request!r}, but no evaluate function was given. Pass "
+                f"evaluate={{'{request}': fn}} where fn(state) returns a dict of metrics."
+            )
+        return fn(self._state)
+
+    def _report(self, actions: Actions, step: int) -> None:
+        for name, fired in actions.events.items():
+            if bool(fired):
+                level = logging.WARNING if name.endswith("vram_drift/drift") else logging.DEBUG
+                logger.log(level, "fcb: %s at step %d", name, step)
+        if self.log is not None and actions.log:
+            self.log(step, {k: float(v) for k, v in actions.log.items()})
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """The slot -> step table of the checkpoints kept (committed or being committed)."""
+        if self.store is None:
+            return {}
+        return {name: slot["step"] for name, slot in self.store.latest_manifest["slots"].items()}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _apply_checkpoints(
+        self, actions: Actions, step: int, state: Any, metrics: Mapping[str, Any]
+    ) -> None:
+        store = self.store
+        assert store is not None
+        plan = plan_checkpoints(actions, step, self._slot_models(), self.slots)
+        if plan is None:
+            return
+        store.finish()  # the previous save is committed and its manifest written first
+        callbacks_state = self.runner.state_dict()
+        if plan.variants and not store.has(step):
+            if state is None:
+                raise ConfigError(
+                    f"OrbaxAdapter: the callbacks keep step {step} (slots "
+                    f"{sorted(n for n, (s, _, _) in plan.slots.items() if s == step)}) but no "
+                    f"state was given; pass on_validation_end(..., state=pytree)."
+                )
+            models = _union(plan.variants)
+            payload = host_copy(state if models is None else model_subset(state, models))
+            meta = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "models": None if models is None else list(models),
+                "callbacks": callbacks_state,
+                "slots": {name: s for name, (s, _, _) in plan.slots.items()},
+                "metrics": json_metrics(self.runner.host_metrics(metrics)),
+                "stop_message": plan.stop_message,
+            }
+            store.save(step, payload, meta, models)
+        elif plan.variants and not all(
+            models_cover(store.stored_models(step), m) for m in plan.variants
+        ):
+            raise CheckpointCorruptError(
+                f"step {step} is already saved (with {store.stored_models(step)}) and a slot "
+                f"now asks for more of the model; checks must not repeat a step."
+            )
+        store.commit(
+            event_step=step,
+            slots=plan.slots,
+            archive=plan.archive,
+            callbacks=callbacks_state,
+            resume=plan.resume,
+            stop_message=plan.stop_message,
+        )
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _resume(self, store: OrbaxStore, like: Any) -> None:
+        record = store.manifest.get("resume")
+        if not record:
+            raise CheckpointCorruptError(
+                f"{self.directory} has no resumable checkpoint: resuming needs a `last` slot, "
+                f"e.g. fcb.ModelCheckpoint(save_last=True) in the chain (or drop resume=True "
+                f"to start a new run)."
+            )
+        path = store.path(record["file"])
+        state, meta = read_step(path, like)
+        assert meta is not None
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("step") != record["step"]:
+            raise CheckpointCorruptError(
+                f"{path} is not the fcb checkpoint of step {record['step']} that the manifest "
+                f"records (found {meta.get('format')!r} at step {meta.get('step')!r})."
+            )
+        self.runner.load_state_dict(meta["callbacks"])
+        store.reset_to(record)
+        self.restored_state = state
+        self.resumed_step = int(record["step"])
+        self._checks = self.resumed_step + 1
+        if record.get("stop_message"):  # the run had already stopped: do not train on
+            self.should_stop = True
+            self.stop_message = record["stop_message"]
+
+    # -- end ---------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed and its manifest written."""
+        if self.store is not None:
+            self.store.finish()
+
+    def on_fit_end(self) -> dict[str, float]:
+        """Wait for saves, finalize the callbacks (summary scalars), release the directory."""
+        try:
+            self.wait()
+            actions = self.runner.finalize()
+            self.summary = {k: float(v) for k, v in actions.log.items()}
+            if self.log is not None and self.summary:
+                self.log(self._checks, self.summary)
+            return self.summary
+        finally:
+            self._close()
+
+    def on_exception(self, exception: BaseException | None = None) -> None:
+        """Let the save in flight finish (it is a complete checkpoint); release the directory."""
+        del exception
+        try:
+            self.wait()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.store is not None:
+            store, self.store = self.store, None
+            store.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callbacks' state dict (JSON-safe), as saved with every checkpoint."""
+        return fcb_state_dict(self.runner.state, self.callbacks)
+
+    @property
+    def manager(self) -> Any:
+        """The orbax `CheckpointManager` of `directory/steps` (while the adapter is open)."""
+        return None if self.store is None else self.store.manager
+
+
+def _union(variants: set[Models]) -> Models:
+    """One orbax step per step: everything if any slot wants everything, else every
+    submodule any slot wants (in first-seen order)."""
+    if None in variants:
+        return None
+    names: list[str] = []
+    for models in sorted(v for v in variants if v is not None):
+        names.extend(n for n in models if n not in names)
+    return tuple(names)
+

@@ -1,0 +1,93 @@
+"""Read the checkpoints of an fcb orbax run: a slot's pytree, or an equinox model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import equinox as eqx
+
+from .._errors import CheckpointError
+from ._adapter import model_subset, submodule
+from ._store import read_manifest, read_step, stored_tree
+
+Model = TypeVar("Model")
+
+
+def _slot(directory: str | os.PathLike[str], slot: str) -> tuple[str, dict[str, Any]]:
+    directory = os.path.abspath(os.fspath(directory))
+    manifest = read_manifest(directory)
+    record = manifest["slots"].get(slot)
+    if record is None:
+        raise CheckpointError(
+            f"{directory} has no checkpoint in slot {slot!r}; its slots are "
+            f"{sorted(manifest['slots'])} (a slot that never held a step is not listed)."
+        )
+    return os.path.join(directory, record["file"]), record
+
+
+def restore(
+    directory: str | os.PathLike[str], slot: str = "best_model", *, like: Any = None
+) -> Any:
+    """The pytree a slot holds, restored like the template `like` (bit for bit).
+
+    `like` gives the structure, dtypes and placement (JAX arrays restore as JAX arrays,
+    NumPy arrays and `jax.ShapeDtypeStruct`s as NumPy arrays). It may be a part of the saved
+    state, e.g. `{"model": eqx.filter(model, eqx.is_array)}` without the optimizer state;
+    each of its leaves must be in the checkpoint. Without `like`, the state comes back as
+    orbax stores it (nested dicts of NumPy arrays).
+
+    A slot of `BestCheckpoint(model_names=...)` holds only those submodules: it restores
+    as `{"model": {name: submodule, ...}}`, and `like` may be the full state's template.
+
+    Slots: `best_model`, `best_model-top2`, ..., `last` (`ModelCheckpoint`);
+    `best.<metric>`, `best.<metric>.tolerance=<t>` (`BestCheckpoint`); see
+    `fcb.orbax.read_manifest(directory)["slots"]`.
+    """
+    path, record = _slot(directory, slot)
+    models = record.get("models")
+    if like is not None and models:
+        like = model_subset(like, tuple(models))
+    state, _ = read_step(path, like, partial=like is not None, with_meta=False)
+    return state
+
+
+def restore_model(
+    directory: str | os.PathLike[str], model: Model, slot: str = "best_model"
+) -> Model:
+    """`model` with the arrays a slot holds: `eqx.combine` of the restored arrays with the
+    model's static part.
+
+    The saved state is either the model's arrays themselves or a mapping with a `"model"`
+    entry (`{"model": eqx.filter(model, eqx.is_array), "opt_state": ...}`). For a slot that
+    holds only some submodules (`BestCheckpoint(model_names=...)`), only those are replaced.
+
+    >>> import tempfile, equinox as eqx
+    >>> directory = tempfile.mkdtemp()
+    >>> model = eqx.nn.Linear(2, 1, key=jax.random.PRNGKey(0))
+    >>> adapter = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), directory, async_save=False)
+    >>> for step, loss in enumerate([0.5, 0.7]):
+    ...     trained = eqx.tree_at(lambda m: m.bias, model, jnp.full((1,), float(step)))
+    ...     state = {"model": eqx.filter(trained, eqx.is_array)}
+    ...     _ = adapter.on_validation_end({"val_loss": loss}, step=step, state=state)
+    >>> _ = adapter.on_fit_end()
+    >>> fcb.orbax.restore_model(directory, model).bias       # the best step: 0
+    Array([0.], dtype=float32)
+    >>> fcb.orbax.restore_model(directory, model, "last").bias
+    Array([1.], dtype=float32)
+    """
+    params, static = eqx.partition(model, eqx.is_array)
+    path, record = _slot(directory, slot)
+    models = record.get("models")
+    if models:
+        restored = restore(directory, slot, like={"model": params})["model"]
+        names = tuple(models)
+        replacements = [eqx.combine(restored[n], submodule(static, n)) for n in names]
+        return eqx.tree_at(lambda m: [submodule(m, n) for n in names], model, replacements)
+    stored = stored_tree(path)
+    if isinstance(stored, Mapping) and "model" in stored:
+        arrays = restore(directory, slot, like={"model": params})["model"]
+    else:
+        arrays = restore(directory, slot, like=params)
+    return eqx.combine(arrays, static)
