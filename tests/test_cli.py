@@ -1,0 +1,316 @@
+"""The `fcb` command: demo, inspect, replay, plot; one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fcb import cli
+from fcb._history import read_records
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err, *fragments):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fcb"), lines[0]
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One Torch demo run, shared (read-only: copy it before damaging it)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code = cli.main(["demo", "--out", str(out), "--epochs", "8", "--quiet"])
+    assert code == 0
+    return out
+
+
+def _copy(run, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(run, target)
+    return target
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def test_demo_writes_checkpoints_history_and_prints_a_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "--epochs", "5", "--quiet")
+    assert code == 0
+    assert "fcb demo (torch)" in stdout
+    assert "trained all 5 epochs without stopping" in stdout
+    assert "slot" in stdout and "best_model" in stdout and "last" in stdout
+    assert f"fcb inspect {out}" in stdout
+    assert (out / "manifest.json").exists() and (out / "best_model.pt").exists()
+    records = read_records(str(out / "history.jsonl"))
+    assert [r["step"] for r in records if "metrics" in r] == [0, 1, 2, 3, 4]
+    assert "summary" in records[-1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["slots"]["last"]["step"] == 4
+
+    # a second demo into the same directory replaces the first run
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "--epochs", "3", "--quiet")
+    assert code == 0
+    assert [r["step"] for r in read_records(str(out / "history.jsonl")) if "metrics" in r] == [
+        0, 1, 2,
+    ]
+
+
+def test_demo_refuses_a_directory_holding_another_run(demo_run, tmp_path, capsys):
+    run = _copy(demo_run, tmp_path)
+    (run / "demo.json").unlink()
+    code, _, err = _run(capsys, "demo", "--out", str(run), "--epochs", "2", "--quiet")
+    assert code == 2
+    _one_line_error(err, "already holds an fcb run that `fcb demo` did not write")
+
+
+def test_demo_progress_without_a_terminal(tmp_path, capsys):
+    code, _, err = _run(capsys, "demo", "--out", str(tmp_path / "d"), "--epochs", "10")
+    assert code == 0
+    assert "epoch  10/10" in err and "val_loss" in err
+
+
+def test_demo_with_jax_and_orbax(tmp_path, capsys):
+    pytest.importorskip("orbax.checkpoint")
+    out = tmp_path / "jax"
+    code, stdout, _ = _run(
+        capsys, "demo", "--framework", "jax", "--out", str(out), "--epochs", "4", "--quiet"
+    )
+    assert code == 0, stdout
+    assert "fcb demo (jax)" in stdout and "steps/3" in stdout
+    code, stdout, _ = _run(capsys, "inspect", str(out))
+    assert code == 0 and "fcb.orbax" in stdout and "match the manifest" in stdout
+    code, _, _ = _run(capsys, "plot", str(out), "-o", str(tmp_path / "jax.png"))
+    assert code == 0 and (tmp_path / "jax.png").stat().st_size > 10_000
+
+    step_dir = out / "steps" / "3" / "state"
+    data = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    code, _, err = _run(capsys, "inspect", str(out))
+    assert code == 1
+    assert "steps/3 cannot be read back" in err and "Traceback" not in err
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+
+def test_inspect_lists_slots_and_checks_files(demo_run, capsys):
+    code, out, err = _run(capsys, "inspect", str(demo_run))
+    assert code == 0, err
+    header = out.splitlines()[1].split()
+    assert header == ["slot", "step", "metric", "file", "size", "check"]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:8]}
+    assert rows["last"][1] == "7" and rows["last"][-1] == "ok"
+    assert "match the manifest" in out
+
+
+def _step_file(run, slot="best_model"):
+    manifest = json.loads((run / "manifest.json").read_text())
+    return run / manifest["slots"][slot]["file"]
+
+
+def test_inspect_finds_a_truncated_file(demo_run, tmp_path, capsys):
+    run = _copy(demo_run, tmp_path)
+    target = _step_file(run)
+    with open(target, "r+b") as f:
+        f.truncate(100)
+    code, out, err = _run(capsys, "inspect", str(run))
+    assert code == 1
+    assert "CORRUPT" in out
+    assert str(target) in err and "has 100 bytes, the manifest records" in err
+    assert "Traceback" not in err
+
+
+def test_inspect_finds_a_flipped_byte(demo_run, tmp_path, capsys):
+    run = _copy(demo_run, tmp_path)
+    target = _step_file(run, "last")
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    code, _, err = _run(capsys, "inspect", str(run))
+    assert code == 1
+    _one_line_error(err, str(target), "CRC-32")
+
+
+def test_inspect_finds_an_edited_manifest(demo_run, tmp_path, capsys):
+    run = _copy(demo_run, tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    first = sorted(manifest["files"])[0]
+    manifest["files"][first]["size"] += 1
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = _run(capsys, "inspect", str(run))
+    assert code == 1
+    _one_line_error(err, first, "the manifest records")
+
+    manifest["slots"]["best_model"]["file"] = "steps/step-99999999.pt"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = _run(capsys, "inspect", str(run))
+    assert code == 1
+    _one_line_error(err, "manifest.json", "slot 'best_model' points at 'steps/step-99999999.pt'")
+
+    (run / "manifest.json").write_text("{not json")
+    code, _, err = _run(capsys, "inspect", str(run))
+    assert code == 1
+    _one_line_error(err, "manifest.json is not valid JSON")
+
+
+def test_inspect_finds_a_replaced_slot_file(demo_run, tmp_path, capsys):
+    run = _copy(demo_run, tmp_path)
+    (run / "best_model.pt").unlink()
+    (run / "best_model.pt").write_bytes(b"not a checkpoint")
+    code, _, err = _run(capsys, "inspect", str(run))
+    assert code == 1
+    _one_line_error(err, "best_model.pt is not the checkpoint of step")
+
+
+def test_inspect_notes_a_missing_link(demo_run, tmp_path, capsys):
+    run = _copy(demo_run, tmp_path)
+    (run / "last.pt").unlink()
+    code, out, _ = _run(capsys, "inspect", str(run))
+    assert code == 0
+    assert "note: last.pt is missing" in out
+
+
+# -- replay ----------------------------------------------------------------------------------
+
+
+def test_replay_of_the_demo_history_with_a_plot(demo_run, tmp_path, capsys):
+    png = tmp_path / "sweep.png"
+    code, out, err = _run(
+        capsys, "replay", str(demo_run / "history.jsonl"), "--monitor", "val_loss",
+        "--patience", "1:4", "--min-delta", "0,1e-3", "--plot", str(png),
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "replay: 8 configurations x 8 checks; best = lowest val_loss"
+    assert lines[1].split()[:3] == ["#", "patience", "min_delta"]
+    assert "best val_loss:" in out
+    assert png.stat().st_size > 10_000
+
+
+def test_replay_of_a_csv_file(tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,train_loss,val_loss\n0,1.0,\n0,,0.5\n1,,0.4\n2,,0.45\n3,,0.46\n")
+    code, out, _ = _run(
+        capsys, "replay", str(path), "--monitor", "val_loss", "--patience", "1,2",
+        "--steps", "epoch", "--sort", "checks",
+    )
+    assert code == 0
+    assert out.splitlines()[2].split()[:5] == ["0", "1", "0", "2", "patience"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "integer", "expected"),
+    [
+        ("1:5", True, [1, 2, 3, 4, 5]),
+        ("1:10:3", True, [1, 4, 7, 10]),
+        ("1,2,5:20:5", True, [1, 2, 5, 10, 15, 20]),
+        ("0,1e-3", False, [0.0, 0.001]),
+        ("0:0.003:0.001", False, [0.0, 0.001, 0.002, 0.003]),
+    ],
+)
+def test_value_specs(spec, integer, expected):
+    assert cli._parse_values("--x", spec, integer=integer) == expected
+
+
+# -- plot ------------------------------------------------------------------------------------
+
+
+def test_plot_of_a_run(demo_run, tmp_path, capsys):
+    png = tmp_path / "run.png"
+    code, out, err = _run(capsys, "plot", str(demo_run), "-o", str(png))
+    assert code == 0, err
+    assert out.strip() == f"plot: {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+# -- usage errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        ([], ["required: COMMAND"]),
+        (["train"], ["invalid choice: 'train'"]),
+        (["demo", "--framework", "mxnet"], ["fcb demo: error:", "invalid choice: 'mxnet'"]),
+        (["demo", "--epochs", "0"], ["--epochs must be >= 1"]),
+        (["demo", "--epochs", "many"], ["invalid int value: 'many'"]),
+        (["replay", "h.csv"], ["required: --monitor", "fcb replay --help"]),
+        (["replay", "nope.csv", "--monitor", "val_loss"], ["nope.csv does not exist"]),
+        (["inspect", "no/such/dir"], ["no/such/dir does not exist"]),
+        (["plot", "."], ["required: -o/--output"]),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(argv, fragments, capsys):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    _one_line_error(err, *fragments)
+
+
+def test_usage_errors_about_inputs(demo_run, tmp_path, capsys):
+    history = str(demo_run / "history.jsonl")
+    code, _, err = _run(capsys, "replay", history, "--monitor", "val_los")
+    assert code == 2
+    _one_line_error(err, "'val_los'", "available keys", "'val_loss'")
+
+    code, _, err = _run(capsys, "replay", history, "--monitor", "val_loss", "--patience", "a:b")
+    assert code == 2
+    _one_line_error(err, "--patience 'a:b'", "1:50")
+
+    code, _, err = _run(capsys, "replay", history, "--monitor", "val_loss", "--patience=-1,2")
+    assert code == 2
+    _one_line_error(err, "`patience` must be an integer >= 0")
+
+    code, _, err = _run(capsys, "inspect", str(tmp_path))
+    assert code == 2
+    _one_line_error(err, "has no manifest.json", "not an fcb run directory")
+
+    code, _, err = _run(capsys, "plot", str(tmp_path), "-o", str(tmp_path / "x.png"))
+    assert code == 2
+    _one_line_error(err, "has no history.jsonl", "history=True")
+
+    code, _, err = _run(capsys, "plot", str(demo_run), "-o", str(tmp_path / "x.png"),
+                        "--metric", "acc")
+    assert code == 2
+    _one_line_error(err, "--metric 'acc'", "recorded metrics")
+
+    code, _, err = _run(capsys, "plot", str(demo_run), "-o", str(tmp_path / "no" / "x.png"))
+    assert code == 2
+    _one_line_error(err, "does not exist")
+
+
+def test_the_installed_command(demo_run, tmp_path):
+    """Through a real process: the console script (or python -m fcb.cli)."""
+    script = shutil.which("fcb", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, "-m", "fcb.cli"]
+    ok = subprocess.run(
+        [*command, "inspect", str(demo_run)], capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "match the manifest" in ok.stdout
+    bad = subprocess.run(
+        [*command, "replay", str(tmp_path / "missing.csv"), "--monitor", "val_loss"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    assert "missing.csv does not exist" in bad.stderr
