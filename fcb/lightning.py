@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ._core import Callback
+from ._core import Actions, Callback
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._store import CheckpointStore
 
@@ -36,6 +36,16 @@ class _LightningAdapter(TorchAdapter):
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return list(getattr(self.trainer, "optimizers", []) or [])
+
+    def _follow_checkpoints(self, actions: Actions, step: int) -> None:
+        # Trainer.save_checkpoint ends in a barrier on every rank, so the other ranks call it
+        # as often as rank 0 does for a full checkpoint of this step; only rank 0 writes.
+        slot_models = dict(actions.slot_models)
+        full = bool(actions.archive) or any(
+            int(held) == step and not slot_models.get(name) for name, held in actions.slots.items()
+        )
+        if full:
+            self.trainer.save_checkpoint(os.path.join(self.dirpath, "not-written-on-this-rank"))
 
     def _step_writer(
         self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any

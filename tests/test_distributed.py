@@ -94,3 +94,33 @@ def test_write_failure_on_rank_0_reaches_both_ranks(tmp_path):
     surfaced = max(errors[rank][0]["seconds"] for rank in (0, 1))
     assert surfaced < 30  # one collective after the failed write, far below the group timeout
     print(f"write failure surfaced on both ranks within {surfaced * 1000:.1f} ms of the check")
+
+
+def test_lightning_ddp_two_processes_agree(tmp_path):
+    """A real Trainer(strategy="ddp", devices=2) on CPU with the bridge: both ranks stop at the
+    same epoch with the same slot table, and rank 0 alone wrote one set of files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = pathlib.Path(__file__).parent / "lightning_ddp_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path / "root"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [
+        [json.loads(line) for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    assert checks(ranks[0]) == checks(ranks[1]) and ranks[0][-1]["stop"]
+    directory = tmp_path / "root" / "checkpoints"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert sorted(p.name for p in (directory / "steps").iterdir()) == sorted(
+        os.path.basename(f) for f in manifest["files"]
+    )
+    assert not list(directory.glob("not-written*"))
+    assert manifest["slots"]["best_model"]["step"] == ranks[0][-1]["best"][0]

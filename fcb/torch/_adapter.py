@@ -219,7 +219,7 @@ class TorchAdapter:
         )
 
     def _slot_models(self) -> dict[str, tuple[str, ...]]:
-        return dict(self.callbacks.action_names().slot_models)
+        return dict(self.runner.names.slot_models)  # computed once: the chain is immutable
 
     def _check_model_names(self) -> None:
         wanted = {name for models in self._slot_models().values() for name in models}
@@ -325,18 +325,20 @@ class TorchAdapter:
         metrics = self.group.reduce_metrics(metrics, self.reduce)
         step = self._checks if step is None else int(step)
         self._checks += 1
-        before = self.runner.state
+        before = self.runner.snapshot()
         actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
         error = None
         try:
             if self.group.is_primary:
                 self._apply_checkpoints(actions, step)
+            else:
+                self._follow_checkpoints(actions, step)
         except BaseException as failure:
             error = failure
         try:
             self.group.agree_on_error(error)
         except BaseException:
-            self.runner.state = before  # the event did not happen, on every rank
+            self.runner.restore(before)  # the event did not happen, on every rank
             raise
         self._apply_lr(actions)
         self._report(actions, step)
@@ -432,6 +434,9 @@ class TorchAdapter:
             job()
         else:
             self._writer.submit(job)
+
+    def _follow_checkpoints(self, actions: Actions, step: int) -> None:
+        """What a rank other than 0 does while rank 0 writes: nothing, for plain Torch."""
 
     def _step_writer(
         self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any
