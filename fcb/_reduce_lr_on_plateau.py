@@ -7,39 +7,21 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
-from ._errors import ConfigError
 from ._monitor import Mode, ThresholdMode
 from ._validate import (
     check_key,
     check_mode,
     check_threshold_mode,
-    concrete,
     float_param,
     int_param,
     read_metric,
 )
 
 _OWNER = "ReduceLROnPlateau"
-
-
-def _factor_param(value: Any) -> Array:
-    """`factor` lies in the open range (0, 1): 0 would zero the LR and 1 would never reduce it."""
-    array = concrete(value)
-    if (
-        array is not None
-        and array.dtype.kind in "iuf"
-        and np.any(~((array > 0) & (array < 1)))  # NaN fails both comparisons: rejected too
-    ):
-        raise ConfigError(
-            f"{_OWNER}: `factor` must be a number in the open range (0, 1), got factor = "
-            f"{value!r}. The new learning rate is lr * factor, e.g. factor=0.1 divides it by 10."
-        )
-    return float_param(_OWNER, "factor", value)
 
 
 class ReduceLROnPlateauState(eqx.Module):
@@ -171,10 +153,20 @@ class ReduceLROnPlateau(Callback):
         self.mode = check_mode(_OWNER, mode)
         self.threshold_mode = check_threshold_mode(_OWNER, threshold_mode)
         self.strict = bool(strict)
-        self.factor = _factor_param(factor)
+        self.factor = float_param(  # 0 would zero the LR and 1 would never reduce it
+            _OWNER,
+            "factor",
+            factor,
+            above=0.0,
+            below=1.0,
+            hint=" The new learning rate is lr * factor, e.g. factor=0.1 divides it by 10.",
+        )
         self.patience = int_param(_OWNER, "patience", patience, minimum=0)
         self.threshold = float_param(
-            _OWNER, "threshold", threshold, minimum=0.0,
+            _OWNER,
+            "threshold",
+            threshold,
+            minimum=0.0,
             hint=" The sign is set by `mode`; pass the absolute margin.",
         )
         self.cooldown = int_param(_OWNER, "cooldown", cooldown, minimum=0)
@@ -191,7 +183,11 @@ class ReduceLROnPlateau(Callback):
             *(
                 jnp.shape(x)
                 for x in (
-                    self.factor, self.patience, self.threshold, self.cooldown, self.min_lr,
+                    self.factor,
+                    self.patience,
+                    self.threshold,
+                    self.cooldown,
+                    self.min_lr,
                     self.eps,
                 )
             )

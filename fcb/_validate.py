@@ -76,11 +76,13 @@ def float_param(
     value: Any,
     *,
     minimum: float | None = None,
+    above: float | None = None,
     below: float | None = None,
     allow_inf: bool = False,
     hint: str = "",
 ) -> Array:
-    """A real hyperparameter as a float32 array leaf, checked `minimum <= value < below`."""
+    """A real hyperparameter as a float32 array leaf, checked against its allowed range:
+    `minimum <= value` (or `above < value`) and `value < below`."""
     _reject_non_numeric(owner, field, value)
     array = concrete(value)
     if array is not None:
@@ -89,16 +91,25 @@ def float_param(
         bad = np.isnan(array) | (~np.isfinite(array) if not allow_inf else False)
         if minimum is not None:
             bad = bad | (array < minimum)
+        if above is not None:
+            bad = bad | (array <= above)
         if below is not None:
             bad = bad | (array >= below)
         if np.any(bad):
-            parts = ["a finite number" if not allow_inf else "a number (not NaN)"]
-            if minimum is not None:
-                parts.append(f">= {minimum}")
-            if below is not None:
-                parts.append(f"< {below}")
+            kind = "a finite number" if not allow_inf else "a number (not NaN)"
+            low = (
+                f"[{minimum}"
+                if minimum is not None
+                else (f"({above}" if above is not None else None)
+            )
+            if low is not None and below is not None:
+                allowed = f"{kind} in {low}, {below})"
+            elif low is not None:
+                allowed = f"{kind} {'>=' if minimum is not None else '>'} {low[1:]}"
+            else:
+                allowed = kind if below is None else f"{kind} < {below}"
             raise ConfigError(
-                f"{owner}: `{field}` must be {' '.join(parts)}, got {field} = {value!r}.{hint}"
+                f"{owner}: `{field}` must be {allowed}, got {field} = {value!r}.{hint}"
             )
     return jnp.asarray(value, jnp.float32)
 

@@ -474,7 +474,7 @@ def test_state_dict_round_trip_and_wrong_callback():
 # --- bad input ---------------------------------------------------------------------------------
 
 
-FACTOR_RANGE = r"`factor` must be a number in the open range \(0, 1\), got factor = "
+FACTOR_RANGE = r"`factor` must be a finite number in \(0.0, 1.0\), got factor = "
 
 
 @pytest.mark.parametrize(
@@ -510,7 +510,7 @@ def test_bad_config(kwargs, match):
 
 
 def test_bad_config_in_a_batch_is_caught():
-    with pytest.raises(fcb.ConfigError, match=r"`factor` must be a number in the open range"):
+    with pytest.raises(fcb.ConfigError, match=r"`factor` must be a finite number in \(0.0, 1.0\)"):
         ReduceLROnPlateau(factor=np.array([0.5, 1.0]))
     with pytest.raises(fcb.ConfigError, match=r"`patience` must be an integer >= 0"):
         ReduceLROnPlateau(patience=np.array([1, -1]))

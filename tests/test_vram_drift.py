@@ -269,24 +269,51 @@ def test_state_dict_round_trip():
     "kwargs, match",
     [
         ({}, r"give `max_drift_bytes` and/or `max_drift_fraction`, got neither"),
-        (dict(max_drift_bytes=-1), r"`max_drift_bytes` must be a finite number >= 0.0, got "
-         r"max_drift_bytes = -1"),
-        (dict(max_drift_bytes=INF), r"`max_drift_bytes` must be a finite number >= 0.0, got "
-         r"max_drift_bytes = inf"),
-        (dict(max_drift_bytes="2GB"), r"`max_drift_bytes` must be a number, got "
-         r"max_drift_bytes = '2GB'"),
-        (dict(max_drift_fraction=1.0), r"`max_drift_fraction` must be a finite number >= 0.0 "
-         r"< 1.0, got max_drift_fraction = 1.0. It is a fraction of the baseline"),
-        (dict(max_drift_fraction=10), r"`max_drift_fraction` must be a finite number >= 0.0 "
-         r"< 1.0, got max_drift_fraction = 10"),
-        (dict(max_drift_fraction=-0.1), r"`max_drift_fraction` must be a finite number >= 0.0 "
-         r"< 1.0, got max_drift_fraction = -0.1"),
-        (dict(max_drift_fraction=NAN), r"`max_drift_fraction` must be a finite number >= 0.0 "
-         r"< 1.0, got max_drift_fraction = nan"),
-        (dict(max_drift_bytes=GiB, key=""), r"`key` must be a non-empty metric name \(str\), "
-         r"got key = ''"),
-        (dict(max_drift_bytes=GiB, key=None), r"`key` must be a non-empty metric name \(str\), "
-         r"got key = None"),
+        (
+            dict(max_drift_bytes=-1),
+            r"`max_drift_bytes` must be a finite number >= 0.0, got "
+            r"max_drift_bytes = -1",
+        ),
+        (
+            dict(max_drift_bytes=INF),
+            r"`max_drift_bytes` must be a finite number >= 0.0, got "
+            r"max_drift_bytes = inf",
+        ),
+        (
+            dict(max_drift_bytes="2GB"),
+            r"`max_drift_bytes` must be a number, got "
+            r"max_drift_bytes = '2GB'",
+        ),
+        (
+            dict(max_drift_fraction=1.0),
+            r"`max_drift_fraction` must be a finite number in \[0.0, 1.0\)"
+            r", got max_drift_fraction = 1.0. It is a fraction of the baseline",
+        ),
+        (
+            dict(max_drift_fraction=10),
+            r"`max_drift_fraction` must be a finite number in \[0.0, 1.0\)"
+            r", got max_drift_fraction = 10",
+        ),
+        (
+            dict(max_drift_fraction=-0.1),
+            r"`max_drift_fraction` must be a finite number in \[0.0, 1.0\)"
+            r", got max_drift_fraction = -0.1",
+        ),
+        (
+            dict(max_drift_fraction=NAN),
+            r"`max_drift_fraction` must be a finite number in \[0.0, 1.0\)"
+            r", got max_drift_fraction = nan",
+        ),
+        (
+            dict(max_drift_bytes=GiB, key=""),
+            r"`key` must be a non-empty metric name \(str\), "
+            r"got key = ''",
+        ),
+        (
+            dict(max_drift_bytes=GiB, key=None),
+            r"`key` must be a non-empty metric name \(str\), "
+            r"got key = None",
+        ),
     ],
 )
 def test_bad_config(kwargs, match):
