@@ -78,6 +78,13 @@ def with_lr(opt_state, actions):
     return opt_state._replace(hyperparams=hyperparams)
 
 
+def after_check(model, opt_state):
+    """The state a checkpoint holds: the one training continues from after the check, with
+    the check's learning-rate change applied (a resumed run must not use the old rate)."""
+    params = eqx.filter(model, eqx.is_array)
+    return lambda actions: {"model": params, "opt_state": with_lr(opt_state, actions)}
+
+
 def train(
     dirpath,
     *,
@@ -113,9 +120,10 @@ def train(
     for epoch in range(start, epochs):
         model, opt_state, train_loss = train_epoch(model, opt_state, jnp.int32(epoch), x, y)
         val_loss = loss_fn(model, x_val, y_val)
-        state = {"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}
         actions = adapter.on_validation_end(
-            {"val_loss": val_loss, "train_loss": train_loss}, step=epoch, state=state
+            {"val_loss": val_loss, "train_loss": train_loss},
+            step=epoch,
+            state=after_check(model, opt_state),
         )
         opt_state = with_lr(opt_state, actions)
         decision = {

@@ -150,6 +150,31 @@ def test_resume_equivalence(full_run, tmp_path, k):
     assert orbax_steps(dirpath) == orbax_steps(reference_dir)
 
 
+def test_resume_at_a_learning_rate_change(full_run, tmp_path):
+    """The check that lowers the learning rate saves the state with the lowered rate (the
+    state is a function of the actions), so a run resumed there trains on at that rate."""
+    _, decisions, params = full_run
+    k = next(d["step"] for d, e in zip(decisions, decisions[1:]) if e["lr"] != d["lr"]) + 1
+    first, _ = orbax_training.train(str(tmp_path), stop_after=k)
+    assert first[-1]["lr"] < first[-2]["lr"]
+    rest, resumed_params = orbax_training.train(str(tmp_path), resume=True)
+    assert first + rest == decisions
+    chex.assert_trees_all_equal(resumed_params, params)
+
+
+def test_a_state_from_before_a_learning_rate_change_is_warned_about(tmp_path, caplog):
+    plateau = fcb.chain(
+        fcb.ReduceLROnPlateau("val_loss", patience=0), fcb.ModelCheckpoint(save_top_k=0)
+    )
+    adapter = fcb.orbax.OrbaxAdapter(plateau, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        for step, loss in enumerate([1.0, 2.0, 3.0]):
+            adapter.on_validation_end({"val_loss": loss}, step=step, state={"w": jnp.zeros(1)})
+    adapter.on_fit_end()
+    warnings = [r.message for r in caplog.records if "learning rate" in r.message]
+    assert len(warnings) == 1 and "Pass state=lambda actions" in warnings[0]
+
+
 def test_resume_of_a_stopped_run_does_not_train_on(full_run, tmp_path):
     _, decisions, _ = full_run
     dirpath = str(tmp_path)

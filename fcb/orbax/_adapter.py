@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -203,7 +205,8 @@ class OrbaxAdapter:
         self._checks = 0
         self._memory_keys: list[str] = []
         self._probe_memory = False
-        self._state: Any = None
+        self._state: Callable[[], Any] | None = None
+        self._warned_lr = False
         self.should_stop = False
         self.stop_message = ""
         self.resumed_step: int | None = None
@@ -272,9 +275,15 @@ class OrbaxAdapter:
     ) -> Actions:
         """Run one check on `metrics` at `step`; save `state` if a slot takes this step.
 
-        `step` defaults to the number of checks so far. `state` is only read when a slot
-        takes the step (or an evaluation is requested), so it may be given every time.
-        Returns the host actions (NumPy values).
+        `state` is the pytree to save, or a function `actions -> pytree` giving the state
+        *after* this check's actions. Pass a function when the actions change the state, e.g.
+        a learning rate in the optimizer state that `ReduceLROnPlateau` lowers: the checkpoint
+        must hold the lowered rate, or a run resumed from it trains on at the old rate.
+        The function is called only when the step is saved; evaluation requests see
+        `state(fcb.Actions.no_actions())`.
+
+        `step` defaults to the number of checks so far. Returns the host actions (NumPy
+        values).
         """
         if self.store is None:
             self.on_fit_start()
@@ -293,14 +302,23 @@ class OrbaxAdapter:
             if free is not None:
                 metrics.update(dict.fromkeys(self._memory_keys, free))
         self._checks = step + 1
-        self._state = state
+        state_after = state if _is_function(state) else None
+        self._state = (
+            (lambda: state_after(Actions.no_actions())) if state_after else (lambda: state)
+        )
         before = self.runner.state
         try:
             actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
         finally:
             self._state = None
         try:
-            self._apply_checkpoints(actions, step, state, metrics)
+            self._apply_checkpoints(
+                actions,
+                step,
+                (lambda: state_after(actions)) if state_after else (lambda: state),
+                metrics,
+                state_is_after=state_after is not None,
+            )
         except BaseException:
             self.runner.state = before
             raise
@@ -318,7 +336,8 @@ class OrbaxAdapter:
                 f"{request!r}, but no evaluate function was given. Pass "
                 f"evaluate={{'{request}': fn}} where fn(state) returns a dict of metrics."
             )
-        return fn(self._state)
+        assert self._state is not None
+        return fn(self._state())
 
     def _report(self, actions: Actions, step: int) -> None:
         for name, fired in actions.events.items():
@@ -338,7 +357,13 @@ class OrbaxAdapter:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _apply_checkpoints(
-        self, actions: Actions, step: int, state: Any, metrics: Mapping[str, Any]
+        self,
+        actions: Actions,
+        step: int,
+        get_state: Callable[[], Any],
+        metrics: Mapping[str, Any],
+        *,
+        state_is_after: bool,
     ) -> None:
         store = self.store
         assert store is not None
@@ -348,11 +373,21 @@ class OrbaxAdapter:
         store.finish()  # the previous save is committed and its manifest written first
         callbacks_state = self.runner.state_dict()
         if plan.variants and not store.has(step):
+            state = get_state()
             if state is None:
                 raise ConfigError(
                     f"OrbaxAdapter: the callbacks keep step {step} (slots "
                     f"{sorted(n for n, (s, _, _) in plan.slots.items() if s == step)}) but no "
                     f"state was given; pass on_validation_end(..., state=pytree)."
+                )
+            if float(actions.lr_scale) != 1.0 and not state_is_after and not self._warned_lr:
+                self._warned_lr = True
+                logger.warning(
+                    "fcb: step %d changes the learning rate, and the checkpoint holds the "
+                    "state from before the change: a run resumed from it would train on at "
+                    "the old rate. Pass state=lambda actions: {...} with the rate applied "
+                    "(fcb.scaled_lr(lr, actions)).",
+                    step,
                 )
             models = _union(plan.variants)
             payload = host_copy(state if models is None else model_subset(state, models))
@@ -450,6 +485,12 @@ class OrbaxAdapter:
     def manager(self) -> Any:
         """The orbax `CheckpointManager` of `directory/steps` (while the adapter is open)."""
         return None if self.store is None else self.store.manager
+
+
+def _is_function(state: Any) -> bool:
+    """A function of the actions, as opposed to a pytree (an equinox Module may be callable,
+    so only plain functions, methods and partials count)."""
+    return isinstance(state, (types.FunctionType, types.MethodType, functools.partial))
 
 
 def _union(variants: set[Models]) -> Models:
