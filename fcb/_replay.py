@@ -8,6 +8,7 @@ runs a callback (single or batched) over a recorded metric history in one compil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -21,8 +22,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._core import NO_STEP, Actions, Callback, Metrics, StepLike, StopReason
 from ._errors import ConfigError, MetricTypeError, MissingMetricError
-from ._model_checkpoint import ModelCheckpoint
-from ._monitor import MODES, Mode
+from ._monitor import MODES, Mode, improves, worst_value
 from ._validate import check_mode, describe_keys
 
 HistoryLike = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike
@@ -231,6 +231,35 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     fixed = {name: v for name, v in options.items() if name not in axes}
     first = {name: values[0] for name, values in axes.items()}
     base = _build(factory, {**fixed, **first}, first)
+    combos = list(itertools.product(*axes.values()))
+    configs = [dict(zip(axes, combo, strict=True)) for combo in combos]
+    if not axes:
+        return Grid(_batch_of_one(base), configs)
+    columns = [np.asarray([combo[i] for combo in combos]) for i in range(len(axes))]
+    try:
+        batched = _build_from_arrays(factory, fixed, dict(zip(axes, columns, strict=True)), base)
+    except ConfigError:
+        # some value is invalid: find it, and name the configuration that holds it
+        _check_each_value(factory, fixed, axes, base)
+        for config in configs:
+            _build(factory, {**fixed, **config}, config)
+        batched = None
+    if batched is None or not _same_members(batched, len(combos) - 1, factory, fixed, configs):
+        _check_each_value(factory, fixed, axes, base)
+        batched = _build_under_vmap(factory, fixed, list(axes), columns)
+    _check_batch(base, batched, len(combos), list(axes))
+    return Grid(batched, configs)
+
+
+def _check_each_value(
+    factory: Callable[..., Any],
+    fixed: Mapping[str, Any],
+    axes: Mapping[str, tuple[Any, ...]],
+    base: Callback,
+) -> None:
+    """Build one configuration per distinct value of each axis: each must be valid and give
+    the structure of the first configuration."""
+    first = {name: values[0] for name, values in axes.items()}
     for name, values in axes.items():
         for value in dict.fromkeys(values[1:]):
             varied = {**first, name: value}
@@ -245,25 +274,76 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
                         values=list(dict.fromkeys(values)),
                     )
                 )
-    combos = list(itertools.product(*axes.values()))
-    configs = [dict(zip(axes, combo, strict=True)) for combo in combos]
-    if not axes:
-        return Grid(_batch_of_one(base), configs)
-    columns = [np.asarray([combo[i] for combo in combos]) for i in range(len(axes))]
 
+
+def _build_from_arrays(
+    factory: Callable[..., Any],
+    fixed: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    base: Callback,
+) -> Callback | None:
+    """The batch built in one call, each varied option given as the array of its values.
+
+    fcb's callbacks validate and store numeric options elementwise, so every leaf comes back
+    either with the configuration axis or as in a single configuration (then broadcast).
+    `None` when the factory does not work that way (the caller then builds under vmap); a
+    `ConfigError` when some value is invalid (or, for a structural option, not an int).
+    """
+    size = len(next(iter(arrays.values())))
+    try:
+        built = factory(**fixed, **arrays)
+    except ConfigError:
+        raise
+    except Exception:
+        return None
+    if not isinstance(built, Callback) or not _same_structure(built, base):
+        return None
+    leaves = []
+    for one, many in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(built)):
+        if not eqx.is_array(one):
+            leaves.append(many)
+        elif not eqx.is_array(many) or many.dtype != one.dtype:
+            return None
+        elif many.shape == (size, *one.shape):
+            leaves.append(many)
+        elif many.shape == one.shape:
+            # NumPy broadcasts without compiling a program per leaf shape
+            leaves.append(jnp.asarray(np.broadcast_to(np.asarray(many), (size, *one.shape))))
+        else:
+            return None
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base), leaves)
+
+
+def _same_members(
+    batched: Callback,
+    index: int,
+    factory: Callable[..., Any],
+    fixed: Mapping[str, Any],
+    configs: Sequence[Mapping[str, Any]],
+) -> bool:
+    """Configuration `index` of the batch equals that configuration built on its own."""
+    alone = _build(factory, {**fixed, **configs[index]}, configs[index])
+    return all(
+        np.array_equal(np.asarray(many)[index], np.asarray(one), equal_nan=True)
+        if eqx.is_array(one) else many == one
+        for many, one in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(alone))
+    )
+
+
+def _build_under_vmap(
+    factory: Callable[..., Any], fixed: Mapping[str, Any], names: list[str], columns: list[Any]
+) -> Any:
     def build_one(*values: Any) -> Callback:
-        return factory(**fixed, **dict(zip(axes, values, strict=True)))
+        return factory(**fixed, **dict(zip(names, values, strict=True)))
 
     try:
-        batched = eqx.filter_vmap(build_one)(*columns)
+        return eqx.filter_vmap(build_one)(*columns)
     except Exception as error:
         raise ConfigError(
             f"fcb.grid: {_describe(factory)} could not be built under jax.vmap with "
-            f"{', '.join(axes)} varying ({type(error).__name__}: {error}). Varied options must "
+            f"{', '.join(names)} varying ({type(error).__name__}: {error}). Varied options must "
             f"be numeric hyperparameters that the callback stores as arrays."
         ) from None
-    _check_batch(base, batched, len(combos), list(axes))
-    return Grid(batched, configs)
 
 
 def _same_structure(a: Any, b: Any) -> bool:
@@ -487,67 +567,81 @@ def _resolve_monitor(
 
 class _Carry(eqx.Module):
     state: Any
-    best: Any
+    index: Int[Array, ""]
     stop_index: Int[Array, ""]
     stop_reason: Int[Array, ""]
+    best: Float[Array, ""]
+    best_step: Int[Array, ""]
     slots: dict[str, Int[Array, ""]]
     slot_values: dict[str, Float[Array, ""]]
 
 
 def _replay_one(
     callback: Callback,
-    tracker: ModelCheckpoint | None,
+    monitor: str | None,
+    mode: Mode,
     columns: Mapping[str, Float[Array, " n"]],
     steps: Int[Array, " n"],
 ) -> _Carry:
-    """One configuration over the whole history; everything freezes after the stopping check,
-    as the training run would have ended there."""
+    """One configuration, check after check, until it stops or the history ends.
+
+    A `while_loop` rather than a `scan`: the run ends at the stopping check, as training
+    would. Under `jax.vmap` the loop runs while any configuration is still running, and
+    JAX's batching keeps the carry of every stopped configuration as it was.
+    """
     slot_names = callback.action_names().slots
     initial = _Carry(
         state=callback.init(),
-        best=() if tracker is None else tracker.init(),
+        index=jnp.asarray(0, jnp.int32),
         stop_index=jnp.asarray(NO_STEP, jnp.int32),
         stop_reason=jnp.asarray(StopReason.NONE, jnp.int32),
+        best=jnp.asarray(worst_value(mode), jnp.float32),
+        best_step=jnp.asarray(NO_STEP, jnp.int32),
         slots={n: jnp.asarray(NO_STEP, jnp.int32) for n in slot_names},
         slot_values={n: jnp.asarray(jnp.nan, jnp.float32) for n in slot_names},
     )
+    length = steps.shape[0]
 
-    def check(carry: _Carry, xs: Any) -> tuple[_Carry, None]:
-        metrics, step, index = xs
-        running: Bool[Array, ""] = carry.stop_index < 0
+    def running(carry: _Carry) -> Bool[Array, ""]:
+        return (carry.index < length) & (carry.stop_index < 0)
 
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree_util.tree_map(lambda a, b: jnp.where(running, a, b), new, old)
-
+    def check(carry: _Carry) -> _Carry:
+        metrics = {key: column[carry.index] for key, column in columns.items()}
+        step = steps[carry.index]
         state, actions = callback(carry.state, metrics, step=step)
-        best = carry.best if tracker is None else tracker(carry.best, metrics, step=step)[0]
-        stopping = running & actions.stop
+        best, best_step = carry.best, carry.best_step
+        if monitor is not None:
+            # the best a ModelCheckpoint(monitor, mode) would hold: the shared rule, no margin
+            better = improves(metrics[monitor], best, 0.0, mode)
+            best = jnp.where(better, metrics[monitor], best)
+            best_step = jnp.where(better, step, best_step)
         return _Carry(
-            state=keep(state, carry.state),
-            best=keep(best, carry.best),
-            stop_index=jnp.where(stopping, index, carry.stop_index),
-            stop_reason=jnp.where(stopping, actions.stop_reason, carry.stop_reason),
-            slots=keep(actions.slots, carry.slots),
-            slot_values=keep(actions.slot_values, carry.slot_values),
-        ), None
+            state=state,
+            index=carry.index + 1,
+            stop_index=jnp.where(actions.stop, carry.index, NO_STEP).astype(jnp.int32),
+            stop_reason=actions.stop_reason,
+            best=best,
+            best_step=best_step,
+            slots=actions.slots,
+            slot_values=actions.slot_values,
+        )
 
-    indices = jnp.arange(steps.shape[0], dtype=jnp.int32)
-    final, _ = jax.lax.scan(check, initial, (dict(columns), steps, indices))
-    return final
+    return jax.lax.while_loop(running, check, initial)
 
 
 @eqx.filter_jit
 def _replay_batch(
     callback: Callback,
-    tracker: ModelCheckpoint | None,
+    monitor: str | None,
+    mode: Mode,
     columns: Mapping[str, Float[ArrayLike, " n"]],
     steps: Int[Array, " n"],
     size: int,
 ) -> _Carry:
     # axis_size: a batch of callbacks without array leaves (TerminateOnNaN) has no axis to read
     return eqx.filter_vmap(
-        _replay_one, in_axes=(eqx.if_array(0), None, None, None), axis_size=size
-    )(callback, tracker, columns, steps)
+        _replay_one, in_axes=(eqx.if_array(0), None, None, None, None), axis_size=size
+    )(callback, monitor, mode, columns, steps)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -556,8 +650,8 @@ class ReplayResult:
     configuration (in the order of `configs`).
 
     Attributes:
-        configs: per configuration, the varied options and their values (`{}` when a
-            single callback was replayed).
+        names: the varied options (none when a single callback was replayed).
+        values: per configuration, the values of `names`.
         stop_step: the step of the check that stopped the run (-1: never stopped).
         stop_reason: its [`fcb.StopReason`][] code (0 when never stopped).
         checks: how many checks the run made (up to and including the stopping check).
@@ -573,7 +667,8 @@ class ReplayResult:
         state: the callbacks' final state, batched (each configuration frozen at its stop).
     """
 
-    configs: list[dict[str, Any]]
+    names: tuple[str, ...]
+    values: tuple[tuple[Any, ...], ...]
     stop_step: np.ndarray
     stop_reason: np.ndarray
     checks: np.ndarray
@@ -587,16 +682,17 @@ class ReplayResult:
     state: Any
 
     def __len__(self) -> int:
-        return len(self.configs)
+        return len(self.values)
 
-    @property
-    def names(self) -> list[str]:
-        """The varied options."""
-        return list(self.configs[0]) if self.configs else []
+    @functools.cached_property
+    def configs(self) -> list[dict[str, Any]]:
+        """Per configuration, the varied options and their values (`{}` for a single
+        callback)."""
+        return [dict(zip(self.names, v, strict=True)) for v in self.values]
 
     def row(self, index: int) -> dict[str, Any]:
         """Configuration `index` and its results as plain Python values."""
-        row: dict[str, Any] = dict(self.configs[index])
+        row: dict[str, Any] = dict(zip(self.names, self.values[index], strict=True))
         row["stop_step"] = int(self.stop_step[index])
         row["stop_reason"] = StopReason(int(self.stop_reason[index])).name.lower()
         row["checks"] = int(self.checks[index])
@@ -623,11 +719,12 @@ class ReplayResult:
         elif by in ("checks", "stop_step"):
             keys = (quality, checks)
         elif by in self.names:
-            keys = (np.asarray([c[by] for c in self.configs], np.float64),)
+            position = self.names.index(by)
+            keys = (np.asarray([v[position] for v in self.values], np.float64),)
         else:
             raise ConfigError(
                 f"ReplayResult: cannot sort by {by!r}; use 'best_value', 'checks', 'stop_step' "
-                f"or one of the varied options {self.names}."
+                f"or one of the varied options {list(self.names)}."
             )
         return np.lexsort(keys)
 
@@ -697,7 +794,7 @@ class ReplayResult:
     def __repr__(self) -> str:
         return (
             f"ReplayResult({len(self)} configurations x {len(self.steps)} checks, "
-            f"monitor={self.monitor!r}, varied={self.names})"
+            f"monitor={self.monitor!r}, varied={list(self.names)})"
         )
 
 
@@ -763,28 +860,21 @@ def replay(
     single = batch[0]
     columns, step_numbers = _history(history, single, steps)
     key, resolved_mode = _resolve_monitor(single, list(columns), monitor, mode)
-    tracker = (
-        None
-        if key is None
-        else ModelCheckpoint(key, resolved_mode, save_top_k=1, save_last=False, filename="best")
-    )
     final = jax.device_get(
-        _replay_batch(batch.callback, tracker, columns, jnp.asarray(step_numbers), len(batch))
+        _replay_batch(
+            batch.callback, key, resolved_mode, columns, jnp.asarray(step_numbers), len(batch)
+        )
     )
     stopped = final.stop_index >= 0
     n = len(step_numbers)
-    if tracker is None:
-        best_step = np.full(len(batch), NO_STEP, np.int32)
-        best_value = np.full(len(batch), np.nan, np.float32)
-    else:
-        best_step, best_value = final.best.steps[:, 0], final.best.values[:, 0]
-        best_value = np.where(best_step >= 0, best_value, np.nan).astype(np.float32)
+    best_value = np.where(final.best_step >= 0, final.best, np.nan).astype(np.float32)
     return ReplayResult(
-        configs=batch.configs,
+        names=batch.names,
+        values=batch.values,
         stop_step=np.where(stopped, step_numbers[np.maximum(final.stop_index, 0)], NO_STEP),
         stop_reason=np.asarray(final.stop_reason),
         checks=np.where(stopped, final.stop_index + 1, n),
-        best_step=np.asarray(best_step),
+        best_step=np.asarray(final.best_step),
         best_value=best_value,
         slots={k: np.asarray(v) for k, v in final.slots.items()},
         slot_values={k: np.asarray(v) for k, v in final.slot_values.items()},

@@ -75,9 +75,10 @@ def test_torn_last_line_is_ignored_but_a_torn_middle_line_is_an_error(tmp_path):
 
 
 def test_a_new_run_starts_a_new_history_and_a_resume_keeps_its_prefix(tmp_path):
-    _fit(tmp_path, LOSSES)
-    _fit(tmp_path, LOSSES, crash_after=4)  # a new run in the same directory, killed
+    (tmp_path / "history.jsonl").write_text('{"step": 0, "metrics": {"val_loss": 5}}\n')
+    _fit(tmp_path, LOSSES, crash_after=4)  # a stale history is replaced; the run is killed
     assert [r["step"] for r in read_records(str(tmp_path / "history.jsonl"))] == [0, 1, 2, 3, 4]
+    assert read_records(str(tmp_path / "history.jsonl"))[0]["metrics"]["val_loss"] == 0.9
     _fit(tmp_path, LOSSES, resume=True)
     steps = [r.get("step") for r in read_records(str(tmp_path / "history.jsonl"))]
     assert steps == [0, 1, 2, 3, 4, 5, 6, None]

@@ -263,7 +263,7 @@ def sweep():
 
 
 def test_results_read_back_their_configuration(sweep):
-    assert sweep.names == ["patience", "min_delta"]
+    assert sweep.names == ("patience", "min_delta")
     assert sweep.row(3) == {
         "patience": 2,
         "min_delta": 0.02,

@@ -1,0 +1,191 @@
+"""How fast is `fcb.replay` at sweeping early-stopping configurations over a recorded history?
+
+Compares, in one process, on the same history and the same configurations:
+
+- fcb: `fcb.replay(fcb.grid(fcb.EarlyStopping, patience=..., min_delta=...), history)`, one
+  compiled `vmap` of a `lax.scan` over every check, for every configuration;
+- Lightning: the real `pytorch_lightning.callbacks.EarlyStopping`, driven through its
+  `on_validation_end` hook with a stub trainer, one configuration after the other, each loop
+  breaking at its stop (as a training loop would);
+- flax: `flax.training.early_stopping.EarlyStopping.update`, looped the same way.
+
+The peers run on a random sample of the configurations and are extrapolated to all of them
+(their cost per configuration does not depend on the others). fcb is timed on all of them,
+cold (grid built, replay compiled and run) and warm (the compiled replay run again).
+
+Run: python benchmarks/replay.py [--configs 10000] [--steps 1000] [--sample 200]
+Needs: pip install -c constraints.txt -e ".[all,bench]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+import fcb
+
+
+def make_history(steps: int, seed: int = 0) -> np.ndarray:
+    """A validation loss that falls, levels off and slowly rises again, with noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)
+    curve = 1.0 / (1.0 + t / 40.0) + 3e-4 * t + 0.01 * rng.standard_normal(steps)
+    return curve.astype(np.float32)
+
+
+def grid_values(configs: int) -> tuple[np.ndarray, np.ndarray]:
+    """`configs` = patience values x min_delta values (50 min_delta values when possible)."""
+    deltas = 50 if configs % 50 == 0 else 1
+    patience = np.arange(1, configs // deltas + 1)
+    min_delta = np.linspace(0.0, 0.01, deltas) if deltas > 1 else np.zeros(1)
+    return patience, min_delta
+
+
+def time_fcb(history: np.ndarray, patience: np.ndarray, min_delta: np.ndarray):
+    start = time.perf_counter()
+    batch = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=patience, min_delta=min_delta)
+    built = time.perf_counter()
+    result = fcb.replay(batch, {"val_loss": history})
+    cold = time.perf_counter() - start
+    warm = []
+    for _ in range(3):
+        again = time.perf_counter()
+        fcb.replay(batch, {"val_loss": history})
+        warm.append(time.perf_counter() - again)
+    return result, built - start, cold, statistics.median(warm)
+
+
+class _Strategy:
+    def reduce_boolean_decision(self, decision, all=True):
+        return decision
+
+
+class _State:
+    def __init__(self):
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        self.fn = TrainerFn.FITTING
+
+
+class StubTrainer:
+    """What `EarlyStopping.on_validation_end` reads of a Trainer, and nothing else."""
+
+    def __init__(self):
+        self.state = _State()
+        self.sanity_checking = False
+        self.fast_dev_run = False
+        self.strategy = _Strategy()
+        self.should_stop = False
+        self.current_epoch = 0
+        self.callback_metrics = {}
+
+
+def time_lightning(history: np.ndarray, configs: list[tuple[int, float]]):
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    values = [torch.tensor(v) for v in history.tolist()]  # as logged: one tensor per check
+    stops = []
+    start = time.perf_counter()
+    for patience, min_delta in configs:
+        callback = EarlyStopping(
+            monitor="val_loss", patience=patience, min_delta=min_delta, mode="min",
+            check_on_train_epoch_end=False, verbose=False,
+        )
+        trainer = StubTrainer()
+        stop = -1
+        for epoch, value in enumerate(values):
+            trainer.current_epoch = epoch
+            trainer.callback_metrics = {"val_loss": value}
+            callback.on_validation_end(trainer, None)
+            if trainer.should_stop:
+                stop = epoch
+                break
+        stops.append(stop)
+    return stops, time.perf_counter() - start
+
+
+def time_flax(history: np.ndarray, configs: list[tuple[int, float]]):
+    from flax.training.early_stopping import EarlyStopping
+
+    values = history.tolist()
+    stops = []
+    start = time.perf_counter()
+    for patience, min_delta in configs:
+        early_stop = EarlyStopping(min_delta=min_delta, patience=patience)
+        stop = -1
+        for epoch, value in enumerate(values):
+            early_stop = early_stop.update(value)
+            if early_stop.should_stop:
+                stop = epoch
+                break
+        stops.append(stop)
+    return stops, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=1_000)
+    parser.add_argument("--sample", type=int, default=200, help="peer configurations timed")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    jax.numpy.zeros(1).block_until_ready()  # JAX's backend start-up is not replay's cost
+    history = make_history(args.steps, args.seed)
+    patience, min_delta = grid_values(args.configs)
+    result, build_s, cold_s, warm_s = time_fcb(history, patience, min_delta)
+    total = len(result)
+
+    rng = np.random.default_rng(args.seed)
+    sample = rng.choice(total, size=min(args.sample, total), replace=False)
+    configs = [(result.configs[i]["patience"], result.configs[i]["min_delta"]) for i in sample]
+    lightning_stops, lightning_s = time_lightning(history, configs)
+    lightning_total = lightning_s / len(sample) * total
+    agree = sum(int(s == result.stop_step[i]) for s, i in zip(lightning_stops, sample))
+    try:
+        flax_stops, flax_s = time_flax(history, configs)
+        flax_total: float | None = flax_s / len(sample) * total
+    except ImportError:
+        flax_total = None
+
+    checks = int(result.checks.sum())
+    machine = platform.processor() or platform.machine()
+    print(f"fcb.replay benchmark, {datetime.date.today()}, {machine}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}, jax {jax.__version__}")
+    print(f"{total} configurations (patience 1..{patience[-1]} x {len(min_delta)} min_delta) "
+          f"x {args.steps} checks; the configurations stop after {checks / total:.0f} checks on "
+          f"average")
+    print()
+    print(f"{'':<34}{'seconds':>10}{'per config':>14}")
+    print(f"{'fcb.grid (build 1 batch)':<34}{build_s:>10.3f}")
+    print(f"{'fcb.replay cold (build+compile+run)':<34}{cold_s:>10.3f}"
+          f"{cold_s / total * 1e6:>11.1f} us")
+    print(f"{'fcb.replay warm (compiled)':<34}{warm_s:>10.3f}{warm_s / total * 1e6:>11.1f} us")
+    print(f"{'Lightning EarlyStopping loop':<34}{lightning_total:>10.1f}"
+          f"{lightning_s / len(sample) * 1e6:>11.0f} us   (timed on {len(sample)}, extrapolated)")
+    if flax_total is not None:
+        print(f"{'flax EarlyStopping loop':<34}{flax_total:>10.2f}"
+              f"{flax_s / len(sample) * 1e6:>11.0f} us   (timed on {len(sample)}, extrapolated)")
+    print()
+    print(f"speed-up vs Lightning: {lightning_total / cold_s:,.0f}x cold, "
+          f"{lightning_total / warm_s:,.0f}x warm (target >= 1000x)")
+    if flax_total is not None:
+        print(f"speed-up vs flax:      {flax_total / cold_s:,.0f}x cold, "
+              f"{flax_total / warm_s:,.0f}x warm (target >= 30x)")
+    print(f"stop steps identical to Lightning's on {agree}/{len(sample)} sampled configurations")
+    if flax_total is not None:
+        later = sum(int(f == s + 1) for f, s in zip(flax_stops, lightning_stops))
+        print(f"(flax counts patience differently: it stops one check after Lightning on "
+              f"{later}/{len(sample)})")
+
+
+if __name__ == "__main__":
+    main()
