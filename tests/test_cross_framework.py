@@ -40,7 +40,9 @@ def callbacks():
 def random_history(seed, n=30):
     """Values from a small set, so ties are frequent, with NaN and inf sprinkled in."""
     rng = np.random.default_rng(seed)
-    values = rng.choice([0.5, 0.55, 0.6, 0.65, 0.7, NAN, INF], size=n, p=[0.2, 0.2, 0.2, 0.15, 0.15, 0.05, 0.05])
+    values = rng.choice(
+        [0.5, 0.55, 0.6, 0.65, 0.7, NAN, INF], size=n, p=[0.2, 0.2, 0.2, 0.15, 0.15, 0.05, 0.05]
+    )
     return [float(v) for v in values]
 
 
@@ -59,9 +61,7 @@ def decision(actions):
 def run_torch(history, dirpath):
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    adapter = fcb.torch.TorchAdapter(
-        callbacks(), model=model, optimizer=optimizer, dirpath=dirpath
-    )
+    adapter = fcb.torch.TorchAdapter(callbacks(), model=model, optimizer=optimizer, dirpath=dirpath)
     adapter.on_fit_start()
     decisions, tables, rates = [], [], []
     for step, value in enumerate(history):
@@ -104,9 +104,7 @@ def run_orbax(history, dirpath):
     return decisions, tables, rates, manifest, steps
 
 
-@pytest.mark.parametrize(
-    "history", [HISTORY, random_history(1)], ids=["hand", "random"]
-)
+@pytest.mark.parametrize("history", [HISTORY, random_history(1)], ids=["hand", "random"])
 def test_torch_and_orbax_adapters_decide_and_keep_the_same(history, tmp_path):
     t_decisions, t_tables, t_rates, t_manifest, t_steps = run_torch(history, str(tmp_path / "t"))
     o_decisions, o_tables, o_rates, o_manifest, o_steps = run_orbax(history, str(tmp_path / "o"))

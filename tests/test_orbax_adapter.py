@@ -2,6 +2,7 @@
 the best_fn + max_to_keep trap, subsets of a model, faults, guards, the memory probe."""
 
 import errno
+import itertools
 import json
 import logging
 import math
@@ -104,8 +105,10 @@ def test_orbax_steps_match_manifest_and_decisions(full_run):
     table = {name: slot["step"] for name, slot in m["slots"].items()}
     assert {k: v for k, v in final["slots"].items() if v >= 0} == table
     # Exactly the referenced steps are on disk, each once, whatever the number of slots.
-    assert orbax_steps(dirpath) == sorted(set(table.values())) == sorted(
-        record["step"] for record in m["files"].values()
+    assert (
+        orbax_steps(dirpath)
+        == sorted(set(table.values()))
+        == sorted(record["step"] for record in m["files"].values())
     )
     assert len(set(table.values())) < len(table)  # some step is shared by several slots
     assert not [n for n in os.listdir(os.path.join(dirpath, "steps")) if "tmp" in n]
@@ -154,7 +157,7 @@ def test_resume_at_a_learning_rate_change(full_run, tmp_path):
     """The check that lowers the learning rate saves the state with the lowered rate (the
     state is a function of the actions), so a run resumed there trains on at that rate."""
     _, decisions, params = full_run
-    k = next(d["step"] for d, e in zip(decisions, decisions[1:]) if e["lr"] != d["lr"]) + 1
+    k = next(e["step"] for d, e in itertools.pairwise(decisions) if e["lr"] != d["lr"])
     first, _ = orbax_training.train(str(tmp_path), stop_after=k)
     assert first[-1]["lr"] < first[-2]["lr"]
     rest, resumed_params = orbax_training.train(str(tmp_path), resume=True)
@@ -240,9 +243,9 @@ def test_plain_orbax_best_fn_with_max_to_keep_loses_the_best_to_nan(tmp_path):
     )
     with ocp.CheckpointManager(tmp_path, options=options) as manager:
         for step, loss in enumerate(HISTORY[:3]):
-            manager.save(step, args=ocp.args.StandardSave({"w": np.zeros(1)}), metrics={
-                "val_loss": loss
-            })
+            manager.save(
+                step, args=ocp.args.StandardSave({"w": np.zeros(1)}), metrics={"val_loss": loss}
+            )
             manager.wait_until_finished()
         assert 1 not in manager.all_steps()  # the best (0.3) is gone
 
@@ -291,8 +294,9 @@ def test_model_names_save_only_those_submodules(tmp_path):
         fcb.BestCheckpoint("val_loss", model_names=["decoder"]), tmp_path / "bad"
     )
     with pytest.raises(
-        fcb.ConfigError, match=r"submodule 'decoder', but the model \(Composite\) has "
-        r"\['encoder', 'head'\]"
+        fcb.ConfigError,
+        match=r"submodule 'decoder', but the model \(Composite\) has "
+        r"\['encoder', 'head'\]",
     ):
         bad.on_fit_start(like={"model": model})
 
@@ -405,20 +409,30 @@ def test_failed_synchronous_save_keeps_the_previous_checkpoint_and_state(tmp_pat
     assert orbax_steps(tmp_path) == [1]
 
 
-def test_second_writer_and_a_second_run_over_a_run_are_refused(tmp_path):
+def test_second_writer_is_refused_and_a_new_run_replaces_an_old_one(tmp_path, caplog):
     first = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path)
     first.on_fit_start()
     second = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path)
     with pytest.raises(fcb.DirectoryInUseError, match=r"being written by another fcb adapter"):
         second.on_fit_start()
-    first.on_validation_end({"val_loss": 1.0}, step=0, state={"w": jnp.zeros(1)})
+    for step, loss in enumerate([1.0, 2.0, 3.0]):
+        first.on_validation_end({"val_loss": loss}, step=step, state={"w": jnp.full(1, step)})
     first.on_fit_end()
-    with pytest.raises(fcb.ConfigError, match=r"already holds a run .* Pass resume=True"):
+    resumed = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path, resume=True)
+    resumed.on_fit_start()  # free again, and resumable
+    assert resumed.resumed_step == 2
+    resumed.on_fit_end()
+    # A new run over the old one: the old steps go, the new step 0 is the new weights.
+    with caplog.at_level(logging.WARNING, logger="fcb"):
         second.on_fit_start()
-    second = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path, resume=True)
-    second.on_fit_start()  # free again, and resumable
-    assert second.resumed_step == 0
+    assert "held a run (2 checkpoints); a new run starts there" in caplog.text
+    assert orbax_steps(tmp_path) == [] and manifest(tmp_path)["slots"] == {}
+    second.on_validation_end({"val_loss": 5.0}, step=0, state={"w": jnp.full(1, 7)})
     second.on_fit_end()
+    assert orbax_steps(tmp_path) == [0]
+    assert (
+        int(fcb.orbax.restore(tmp_path, "last", like={"w": jnp.zeros(1, jnp.int32)})["w"][0]) == 7
+    )
 
 
 def test_bad_input_is_named(tmp_path):
@@ -443,9 +457,7 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(fcb.ConfigError, match=r"`directory` must be a non-empty path"):
         fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), "")
     with pytest.raises(fcb.CheckpointCorruptError, match=r"no resumable checkpoint"):
-        fcb.orbax.OrbaxAdapter(
-            fcb.EarlyStopping(), tmp_path / "empty", resume=True
-        ).on_fit_start()
+        fcb.orbax.OrbaxAdapter(fcb.EarlyStopping(), tmp_path / "empty", resume=True).on_fit_start()
 
 
 def test_torch_and_orbax_run_directories_are_not_mixed(tmp_path):

@@ -219,8 +219,9 @@ class OrbaxAdapter:
         """Open (and lock) the run directory; with `resume=True`, restore the `last`
         checkpoint into `restored_state`, structured like the template `like`.
 
-        A directory that already holds a run is only opened with `resume=True`: starting a
-        new run over it would mix two runs' checkpoints.
+        Without `resume`, a directory that holds a run is taken over: the old run's manifest
+        is replaced (with a warning), then its checkpoints are deleted, so the two runs' steps
+        never mix.
         """
         if self.store is not None:
             return
@@ -238,14 +239,10 @@ class OrbaxAdapter:
         try:
             if self.resume:
                 self._resume(store, like)
-            elif store.manifest["files"] or store.manifest["resume"]:
-                raise ConfigError(
-                    f"OrbaxAdapter: {self.directory} already holds a run (manifest.json lists "
-                    f"{len(store.manifest['files'])} checkpoints). Pass resume=True to continue "
-                    f"it, or give this run its own directory."
-                )
-            elif like is not None:
-                self._check_model_names(like)
+            else:
+                if like is not None:
+                    self._check_model_names(like)
+                store.start_over()
         except BaseException:
             store.close()
             raise
@@ -322,6 +319,60 @@ class OrbaxAdapter:
         except BaseException:
             self.runner.state = before
             raise
+        self._report(actions, step)
+        if bool(actions.stop):
+            self.should_stop = True
+            self.stop_message = actions.stop_message()
+        return actions
+
+    def apply_actions(
+        self,
+        actions: Actions,
+        *,
+        step: int,
+        callbacks_state: Any,
+        state: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Actions:
+        """Apply actions the callbacks computed elsewhere: inside a compiled loop.
+
+        A loop that runs the chain itself (in `lax.scan` or `lax.while_loop`) returns, for
+        each check, the actions, the callbacks' state after the check and the training state
+        training continues from; between compiled chunks, pass them here in step order. The
+        checkpoints, manifest, resume record and stop flag are exactly those
+        `on_validation_end` would produce for the same checks. `callbacks_state` must have
+        the structure of `callbacks.init()`; evaluation requests must have been answered in
+        the loop. Returns the host actions.
+        """
+        if self.store is None:
+            self.on_fit_start()
+        actions, callbacks_state = jax.device_get((actions, callbacks_state))
+        requested = sorted(name for name, asked in actions.evaluate.items() if bool(asked))
+        if requested:
+            raise ConfigError(
+                f"OrbaxAdapter.apply_actions: the actions of step {step} request evaluations "
+                f"{requested}; inside a compiled loop, answer them there with "
+                f"callbacks.evaluated(state, request, results, step=step)."
+            )
+        expected: Any = jax.tree_util.tree_structure(self.runner.state)
+        if expected != jax.tree_util.tree_structure(callbacks_state):
+            raise ConfigError(
+                f"OrbaxAdapter.apply_actions: `callbacks_state` must have the structure of "
+                f"callbacks.init() ({expected}), got "
+                f"{jax.tree_util.tree_structure(callbacks_state)}. Pass the chain's state "
+                f"after the check of step {step}, unbatched."
+            )
+        step = int(step)
+        before = self.runner.state
+        self.runner.state = callbacks_state
+        try:
+            self._apply_checkpoints(
+                actions, step, lambda: state, metrics or {}, state_is_after=True
+            )
+        except BaseException:
+            self.runner.state = before
+            raise
+        self._checks = step + 1
         self._report(actions, step)
         if bool(actions.stop):
             self.should_stop = True
@@ -502,4 +553,3 @@ def _union(variants: set[Models]) -> Models:
     for models in sorted(v for v in variants if v is not None):
         names.extend(n for n in models if n not in names)
     return tuple(names)
-

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from .._manifest import (
     slot_records,
     with_files,
 )
+
+logger = logging.getLogger("fcb")
 
 STORAGE = "orbax"
 STEPS_DIR = "steps"
@@ -213,6 +216,21 @@ class OrbaxStore:
                     f"{self.path(relative)} (step {record['step']}) is listed in "
                     f"{self.manifest_path} but missing or not a committed orbax checkpoint."
                 )
+
+    def start_over(self) -> None:
+        """Begin a new run in a directory that holds another (as the Torch store does): an
+        empty manifest is committed first, then the old run's steps are deleted, so a kill
+        never leaves the old manifest listing a step the new run rewrote."""
+        old = self.manifest
+        if not (old["files"] or old["resume"]):
+            return
+        logger.warning(
+            "fcb: %s held a run (%d checkpoints); a new run starts there and replaces it. "
+            "Pass resume=True to continue the run instead.",
+            self.directory,
+            len(old["files"]),
+        )
+        self._install(empty_manifest(storage=STORAGE), dict(old["files"]))
 
     @property
     def latest_manifest(self) -> dict[str, Any]:
