@@ -235,19 +235,23 @@ def test_nan_never_evicts_the_best_and_best_and_last_are_both_kept(tmp_path):
     assert meta["metrics"] == {"val_loss": "nan"}
 
 
-def test_plain_orbax_best_fn_with_max_to_keep_loses_the_best_to_nan(tmp_path):
+def test_plain_orbax_best_fn_with_max_to_keep_loses_the_best_or_the_latest(tmp_path):
     """Why fcb gives orbax no max_to_keep and no best_fn: with them, a NaN metric evicts
-    the true best, and the latest step is not kept for resuming."""
+    the true best, and a latest step that is not among the best is deleted (no resume)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min"
     )
-    with ocp.CheckpointManager(tmp_path, options=options) as manager:
-        for step, loss in enumerate(HISTORY[:3]):
-            manager.save(
-                step, args=ocp.args.StandardSave({"w": np.zeros(1)}), metrics={"val_loss": loss}
-            )
-            manager.wait_until_finished()
-        assert 1 not in manager.all_steps()  # the best (0.3) is gone
+
+    def kept(history, directory):
+        with ocp.CheckpointManager(directory, options=options) as manager:
+            for step, loss in enumerate(history):
+                args = ocp.args.StandardSave({"w": np.zeros(1)})
+                manager.save(step, args=args, metrics={"val_loss": loss})
+                manager.wait_until_finished()
+            return manager.all_steps()
+
+    assert kept([0.5, 0.3, math.nan], tmp_path / "nan") == [2]  # the best (0.3) is gone
+    assert kept([0.3, 0.5], tmp_path / "latest") == [0]  # the latest is gone
 
 
 # -- model_names: subsets of a composite model ------------------------------------------------
