@@ -44,12 +44,17 @@ class ChecksumWriter:
         self.raw = raw
         self.size = 0
         self.crc32 = 0
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self.crc32 = zlib.crc32(view, self.crc32)
         self.size += len(view)
-        return self.raw.write(view)
+        try:
+            return self.raw.write(view)
+        except OSError as error:
+            self.error = error  # a serializer may hide it behind its own error on clean-up
+            raise
 
     def flush(self) -> None:
         self.raw.flush()
@@ -83,7 +88,14 @@ def atomic_write(final: str, write: Callable[[ChecksumWriter], object]) -> dict[
     """Write `final` atomically with `write(file)`; return its size and CRC-32."""
     with _replacing(final) as tmp, open(tmp, "wb") as raw:
         out = ChecksumWriter(raw)
-        write(out)
+        try:
+            write(out)
+        except Exception as error:
+            # torch.save, for one, answers a failed write with "RuntimeError: unexpected
+            # pos" from its zip writer; the disk error is the one to report
+            if out.error is not None and error is not out.error:
+                raise out.error from error
+            raise
         raw.flush()
         os.fsync(raw.fileno())
     return {"size": out.size, "crc32": out.crc32}

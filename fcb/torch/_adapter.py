@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import queue
 import threading
@@ -18,6 +19,7 @@ from .._errors import (
     CheckpointWriteError,
     ConfigError,
     MetricShapeError,
+    MetricTypeError,
 )
 from .._files import link_atomic, verify
 from .._history import HistoryLog, check_record, find_history
@@ -25,6 +27,7 @@ from .._manifest import json_metrics, plan_checkpoints
 from .._model_checkpoint import ModelCheckpoint
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
+from .._validate import check_metrics_mapping
 from .._vram_drift import VRAMDrift
 from ._distributed import Group, check_reduction
 from ._store import CheckpointStore, read_manifest
@@ -58,6 +61,17 @@ def _number(key: str, value: Any) -> Any:
                 f"{tuple(value.shape)}. Reduce it first, e.g. x.mean()."
             )
         return value.detach().item()
+    return value
+
+
+def _checked_step(step: Any) -> int:
+    """A step as a Python int: an integer >= 0 (a NumPy or 0-d Torch integer is fine)."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        value = -1
+    if isinstance(step, bool) or value < 0:
+        raise ConfigError(f"TorchAdapter: `step` must be an integer >= 0, got step = {step!r}.")
     return value
 
 
@@ -171,6 +185,11 @@ class TorchAdapter:
             raise ConfigError(
                 f"TorchAdapter: `model` must be a torch.nn.Module, got {type(model).__name__}."
             )
+        if not isinstance(callbacks, Callback):
+            raise ConfigError(
+                f"TorchAdapter: `callbacks` must be an fcb.Callback (or fcb.chain(...)), got "
+                f"{type(callbacks).__name__}: {callbacks!r}."
+            )
         self.runner = Runner(callbacks)
         self.callbacks = callbacks
         self.model, self.optimizer, self.scheduler, self.trainer = (
@@ -259,6 +278,11 @@ class TorchAdapter:
             if self.group.is_primary and self.store is None:
                 self.store = CheckpointStore(self.dirpath, suffix=self.suffix)
                 self.store.open()
+                # A new run (not a resume, nor a second start of this adapter's own run)
+                # reuses nothing of a previous run in the directory.
+                resuming = self.resume_from is not None or getattr(self.trainer, "ckpt_path", None)
+                if not resuming and self._checks == 0:
+                    self.store.start_over()
         except BaseException as failure:
             error = failure
         self.group.agree_on_error(error)
@@ -293,7 +317,7 @@ class TorchAdapter:
         trainer: Any = None,
     ) -> Actions | None:
         """Record training metrics; run the check here when `check_on="train_epoch_end"`."""
-        self._stashed.update(metrics or {})
+        self._stash(metrics)
         if self.check_on == "train_epoch_end":
             return self._event(step, trainer)
         return None
@@ -306,10 +330,15 @@ class TorchAdapter:
         trainer: Any = None,
     ) -> Actions | None:
         """Record validation metrics; run the check (default `check_on`)."""
-        self._stashed.update(metrics or {})
+        self._stash(metrics)
         if self.check_on == "validation_end":
             return self._event(step, trainer)
         return None
+
+    def _stash(self, metrics: Mapping[str, Any] | None) -> None:
+        if metrics is not None:
+            check_metrics_mapping("TorchAdapter", metrics)
+            self._stashed.update(metrics)
 
     def _event(self, step: int | None, trainer: Any) -> Actions:
         if trainer is not None:
@@ -323,7 +352,7 @@ class TorchAdapter:
             free = float(torch.cuda.mem_get_info()[0])
             metrics.update(dict.fromkeys(self._memory_keys, free))
         metrics = self.group.reduce_metrics(metrics, self.reduce)
-        step = self._checks if step is None else int(step)
+        step = self._checks if step is None else _checked_step(step)
         self._checks += 1
         before = self.runner.snapshot()
         actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
@@ -376,6 +405,11 @@ class TorchAdapter:
                 results = fn(self.model)
         finally:
             self.model.train(was_training)
+        if not isinstance(results, Mapping):
+            raise MetricTypeError(
+                f"TorchAdapter: the evaluate function for {request!r} must return a mapping "
+                f"from metric name to scalar, got {type(results).__name__}: {results!r}."
+            )
         return {k: _number(k, v) for k, v in results.items()}
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -494,9 +528,19 @@ class TorchAdapter:
             raise CheckpointCorruptError(
                 f"{source} has no resumable checkpoint: resuming needs a `last` slot, e.g. "
                 f"fcb.ModelCheckpoint(save_last=True) in the chain."
+                if manifest["files"]
+                else f"{source} holds no fcb checkpoint (nothing was written there yet)."
             )
+        # Every file the resumed run keeps is checked before anything is restored: a damaged
+        # best checkpoint is refused now, not found when it is loaded after training.
+        for relative in sorted({record["file"]} | {s["file"] for s in record["slots"].values()}):
+            if relative not in manifest["files"]:
+                raise CheckpointCorruptError(
+                    f"{os.path.join(source, 'manifest.json')}: the resume point needs "
+                    f"{relative}, which its file table does not list (edited by hand?)."
+                )
+            verify(os.path.join(source, relative), manifest["files"][relative])
         path = os.path.join(source, record["file"])
-        verify(path, manifest["files"][record["file"]])
         payload = torch.load(path, map_location="cpu", weights_only=True)
         meta = payload.get("fcb", {})
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("step") != record["step"]:
@@ -520,7 +564,6 @@ class TorchAdapter:
             for slot in record["slots"].values():
                 relative = slot["file"]
                 if not same_directory:
-                    verify(os.path.join(source, relative), manifest["files"][relative])
                     link_atomic(os.path.join(source, relative), self.store.path(relative))
                 files[relative] = manifest["files"][relative]
             self.store.reset_to(record["slots"], files, record)

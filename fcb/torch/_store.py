@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -37,6 +38,14 @@ STEPS_DIR = "steps"
 SUFFIX = ".pt"
 _STEP_FILE = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?\.(pt|ckpt)$")
 
+logger = logging.getLogger("fcb")
+
+
+def _reason(error: BaseException) -> str:
+    """The operating system's words for a failure (under fcb's wrapping error, if any)."""
+    cause = error.__cause__ if isinstance(error, CheckpointWriteError) else error
+    return str(getattr(cause, "strerror", None) or cause)
+
 
 def read_manifest(path: str) -> dict[str, Any]:
     """Load and check the manifest of a Torch run; [`fcb.CheckpointCorruptError`][] names
@@ -57,6 +66,11 @@ class CheckpointStore:
     Order of every commit: new step files (atomic) -> manifest (atomic) -> slot links ->
     deletion of files the new manifest no longer lists. A kill at any point leaves a manifest
     whose every file is complete; stale links, orphans and temporaries are repaired by `open`.
+
+    A failure before the manifest's rename raises [`fcb.CheckpointWriteError`][]. After it the
+    check has happened, so a failure to re-point a name or delete a file is logged (logger
+    `fcb`, WARNING) instead: a name that cannot be re-pointed is removed rather than left
+    serving another step, and every later commit and `open` retry what is left.
     """
 
     def __init__(self, directory: str, *, suffix: str = SUFFIX):
@@ -65,6 +79,8 @@ class CheckpointStore:
         self.manifest = empty_manifest()
         self._lock = DirectoryLock(self.directory)
         self._pending: dict[str, dict[str, Any]] = {}
+        self._leftover: set[str] = set()
+        """Files and names to delete that a failed deletion left behind (retried)."""
         self.bytes_written = 0
         self.files_written = 0
 
@@ -96,6 +112,22 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._lock.release()
+
+    def start_over(self) -> None:
+        """Begin a new run in a directory that holds another: the new run must not reuse a
+        step file of the old one (same step, other weights), and a kill must never leave the
+        old manifest listing a file the new run rewrote. So an empty manifest is committed
+        first, then the old run's step files and slot names are deleted."""
+        old = self.manifest
+        if not (old["files"] or old["resume"]):
+            return
+        logger.warning(
+            "fcb: %s held a run (%d checkpoints); a new run starts there and replaces it. "
+            "Pass resume_from=... to continue a run instead.",
+            self.directory,
+            len(old["files"]),
+        )
+        self._install(empty_manifest(), dict(old["files"]))
 
     def step_file(self, step: int, models: tuple[str, ...] | None) -> str:
         return step_file(step, models, self.suffix)
@@ -160,28 +192,83 @@ class CheckpointStore:
         manifest, unlisted = with_files(manifest, files)
         old_links = {slot["link"] for slot in self.manifest["slots"].values()}
         atomic_write_json(self.manifest_path, manifest)
+        # Committed: the check has happened. Raising from here on would make the caller undo
+        # a check the manifest records, so what follows only warns.
         self.manifest, self._pending = manifest, {}
         self._refresh_links(old_links)
         self._delete_unlisted(unlisted)
 
     def _refresh_links(self, old_links: set[str]) -> None:
-        current = set()
+        current = {slot["link"] for slot in self.manifest["slots"].values()}
         for slot in self.manifest["slots"].values():
-            link_atomic(self.path(slot["file"]), self.path(slot["link"]))
-            current.add(slot["link"])
-        for link in old_links - current:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(link))
-        fsync_dir(self.directory)
+            link = self.path(slot["link"])
+            try:
+                link_atomic(self.path(slot["file"]), link)
+            except (CheckpointWriteError, OSError) as error:
+                # A name must never serve another step's checkpoint: drop it until repaired
+                # (load_checkpoint finds the slot's file through the manifest meanwhile).
+                if not self._remove(slot["link"]):
+                    self._leftover.add(slot["link"])
+                logger.warning(
+                    "fcb: could not point %s at %s (%s); load the slot with "
+                    "fcb.torch.load_checkpoint, which reads the manifest. The next commit or "
+                    "the next open of the directory restores the name.",
+                    link,
+                    self.path(slot["file"]),
+                    _reason(error),
+                )
+        self._delete_unlisted(old_links - current)
+        try:
+            fsync_dir(self.directory)
+        except OSError as error:
+            logger.warning("fcb: could not sync the directory %s (%s).", self.directory, error)
+
+    def _remove(self, relative: str) -> bool:
+        """Delete one file or name; False (and a warning) when the disk refuses."""
+        try:
+            os.unlink(self.path(relative))
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                logger.warning(
+                    "fcb: could not delete %s (%s); the manifest does not list it, so it is "
+                    "never loaded, and the next commit deletes it.",
+                    self.path(relative),
+                    _reason(error),
+                )
+                return False
+        return True
 
     def _delete_unlisted(self, candidates: set[str]) -> None:
-        for relative in candidates:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(relative))
+        """Delete files and names the manifest does not use, and any a failed deletion left
+        before; what cannot be deleted now is kept for the next commit."""
+        links = {slot["link"] for slot in self.manifest["slots"].values()}
+        keep = set(self.manifest["files"]) | links
+        for relative in self._leftover | candidates:
+            if relative in keep or self._remove(relative):  # in use again, or deleted
+                self._leftover.discard(relative)
+            else:
+                self._leftover.add(relative)
 
     def _repair(self) -> None:
-        """After a crash: drop step files the manifest does not list, re-point slot links."""
+        """After a crash: drop step files the manifest does not list, re-point slot links.
+
+        Nothing is deleted unless every listed file is there with its recorded size: a
+        manifest that does not describe this directory (edited, or copied from another run)
+        must not make its step files look like orphans.
+        """
         listed = set(self.manifest["files"])
+        for relative, record in self.manifest["files"].items():
+            path = self.path(relative)
+            if not os.path.exists(path):
+                raise CheckpointCorruptError(
+                    f"{path} is listed in {self.manifest_path} but missing."
+                )
+            if os.path.getsize(path) != record.get("size"):
+                raise CheckpointCorruptError(
+                    f"{path} has {os.path.getsize(path)} bytes, {self.manifest_path} records "
+                    f"{record.get('size')} (truncated, replaced, or the manifest is another "
+                    f"run's)."
+                )
         steps_dir = os.path.join(self.directory, STEPS_DIR)
         orphans = {
             f"{STEPS_DIR}/{name}"
@@ -189,11 +276,6 @@ class CheckpointStore:
             if _STEP_FILE.match(name) and f"{STEPS_DIR}/{name}" not in listed
         }
         self._delete_unlisted(orphans)
-        for relative in listed:
-            if not os.path.exists(self.path(relative)):
-                raise CheckpointCorruptError(
-                    f"{self.path(relative)} is listed in {self.manifest_path} but missing."
-                )
         self._refresh_links(set())
 
     def reset_to(self, slots: Mapping[str, Any], files: Mapping[str, Any], resume: Any) -> None:
