@@ -8,7 +8,9 @@ import operator
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from copy import deepcopy
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -76,11 +78,19 @@ def _checked_step(step: Any) -> int:
 
 
 def _host_copy(obj: Any) -> Any:
-    """A copy of a state dict whose tensors live in host memory and share nothing."""
+    """A copy of a state dict whose tensors live in host memory and share nothing.
+
+    Mappings keep their type and a module state dict its `_metadata` (the module versions
+    `load_state_dict` migrates by), so a background write saves what a direct one does.
+    """
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
+        kind = OrderedDict if isinstance(obj, OrderedDict) else dict
+        copied = kind((k, _host_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            copied._metadata = deepcopy(obj._metadata)  # type: ignore[attr-defined]
+        return copied
     if isinstance(obj, (list, tuple)):
         return type(obj)(_host_copy(v) for v in obj)
     return obj
