@@ -115,7 +115,7 @@ def test_replay_in_max_mode_with_terminate_on_nan(history, check_finite):
 
 def test_each_configuration_equals_fcb_testing_run():
     """The same, against fcb.testing.run (eager) on the prefix each configuration ran."""
-    g = fcb.grid(_chain, patience=[1, 3], min_delta=[0, 0.02], every_n=[1])
+    g = fcb.grid(_chain, patience=[1, 3], min_delta=[0.02], every_n=[1])
     history = {"val_loss": np.array([0.9, 0.7, 0.72, 0.69, 0.71, NAN, 0.74, 0.6, 0.65, 0.66])}
     result = fcb.replay(g, history)
     for index in range(len(g)):
