@@ -2,7 +2,7 @@
 
 `grid` builds one batched callback from every combination of some numeric options; `replay`
 runs a callback (single or batched) over a recorded metric history in one compiled
-`jax.vmap` of a `lax.scan`, as if each configuration had driven the training run.
+`jax.vmap` of a loop over the checks, as if each configuration had driven the training run.
 """
 
 from __future__ import annotations
@@ -199,9 +199,10 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     string, a number, a tuple...) is passed to every configuration as is. Configurations are
     the Cartesian product of the axes, the last axis varying fastest.
 
-    Every distinct value is validated by building a configuration with it (so an invalid
-    value raises the callback's own [`fcb.ConfigError`][]); the batch itself is built once
-    under `jax.vmap`, so a grid of 10,000 configurations costs about as much as one. Only
+    The batch is built in one call, each varied option given as the array of its values, so
+    a grid of 10,000 configurations costs about as much as one; the callback validates every
+    value, and an invalid one raises its [`fcb.ConfigError`][] naming the configuration.
+    (A factory that cannot take arrays is built under `jax.vmap` instead.) Only
     options stored as array leaves can vary (`patience`, `min_delta`, thresholds, `every_n`,
     `factor`...): an option that changes the callback's structure (`mode`, `save_top_k`,
     `tolerances`...) raises an error naming it.
@@ -816,7 +817,7 @@ def replay(
     `callback(state, {key: history[key][i]}, step=steps[i])`, exactly as in a training loop,
     and its run ends at the first check that asks to stop: later checks change nothing, as
     training would have ended there. All configurations run in one compiled `jax.vmap` of a
-    `lax.scan` over the checks.
+    `lax.while_loop` over the checks: a scan that ends once every configuration has stopped.
 
     `history` is a mapping from metric name to a 1-D array, a list of per-check dicts, or
     the path of a CSV file (header row of names), a JSONL file, or a run directory with a
