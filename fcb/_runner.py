@@ -2,19 +2,148 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ._core import Actions, Callback, StepLike, merge_actions
+from ._core import ActionNames, Actions, Callback, StepLike, merge_actions
 from ._errors import MetricTypeError
-from ._state_dict import load_state_dict, state_dict
+from ._state_dict import (
+    FORMAT,
+    VERSION,
+    _encode_values,
+    describe,
+    encode_config,
+    load_state_dict,
+    state_dict as tree_state_dict,
+)
 from ._validate import check_metrics_mapping, host_metric
 
 Evaluate = Callable[[str], Mapping[str, Any]]
 """Runs the evaluation registered for a request name on the live model; returns metrics."""
+
+# Leaves are stored in one int32 buffer. Each dtype has an exact route there and back:
+# 32-bit types are bit-cast, narrower ones widened (float16 / bfloat16 through float32).
+_AS_INT32 = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.uint8, np.uint16)}
+_BITCAST = {np.dtype(np.float32), np.dtype(np.uint32)}
+_AS_FLOAT32 = {np.dtype(jnp.float16), np.dtype(jnp.bfloat16)}
+_FLOAT32 = np.dtype(np.float32)
+_BOOL = np.dtype(np.bool_)
+
+
+class _Leaf(NamedTuple):
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class Packing(NamedTuple):
+    """Where each leaf of a pytree of arrays lives in one flat int32 buffer.
+
+    Crossing `jit` costs a few microseconds per array, in and out, and the host reads each
+    array with a separate transfer; a chain's state and actions have dozens of scalar leaves.
+    Packed, one event moves two small buffers each way, and the host reads its actions with
+    one transfer. Hashable, so it can be a static argument of `jit`.
+    """
+
+    treedef: Any
+    leaves: tuple[_Leaf, ...]
+    size: int
+
+    @classmethod
+    def of(cls, tree: Any, *, allow_weak: bool = False) -> Packing | None:
+        """The packing of `tree` (arrays, tracers or shape structs), or None when a leaf
+        cannot be stored exactly (64-bit and complex types, Python scalars, weak types)."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        specs = []
+        offset = 0
+        for leaf in leaves:
+            dtype = getattr(leaf, "dtype", None)
+            if dtype is None or not hasattr(leaf, "shape"):
+                return None
+            dtype = np.dtype(dtype)
+            if dtype not in _AS_INT32 and dtype not in _BITCAST and dtype not in _AS_FLOAT32:
+                return None
+            weak = getattr(leaf, "weak_type", None)
+            if weak is None:
+                weak = getattr(getattr(leaf, "aval", None), "weak_type", False)
+            if weak and not allow_weak:  # unpacking would make it strongly typed
+                return None
+            shape = tuple(int(d) for d in leaf.shape)
+            size = int(np.prod(shape, dtype=np.int64))
+            specs.append(_Leaf(offset, size, shape, dtype))
+            offset += size
+        return cls(treedef, tuple(specs), offset)
+
+    def pack(self, tree: Any) -> jax.Array:
+        """Traceable: the leaves of `tree` in one int32 vector."""
+        parts = [jnp.zeros((0,), jnp.int32)]
+        for spec, leaf in zip(self.leaves, jax.tree_util.tree_leaves(tree), strict=True):
+            flat = jnp.ravel(jnp.asarray(leaf))
+            if spec.dtype in _AS_FLOAT32:
+                flat = flat.astype(jnp.float32)
+            if spec.dtype in _AS_INT32:
+                flat = flat.astype(jnp.int32)
+            else:
+                flat = jax.lax.bitcast_convert_type(flat, jnp.int32)
+            parts.append(flat)
+        return jnp.concatenate(parts)
+
+    def unpack(self, buffer: jax.Array) -> Any:
+        """Traceable: the pytree stored in `buffer` (JAX arrays)."""
+        leaves = []
+        for spec in self.leaves:
+            part = buffer[spec.offset : spec.offset + spec.size]
+            if spec.dtype in _AS_INT32:
+                value = part != 0 if spec.dtype == _BOOL else part.astype(spec.dtype)
+            elif spec.dtype in _AS_FLOAT32:
+                value = jax.lax.bitcast_convert_type(part, jnp.float32).astype(spec.dtype)
+            else:
+                value = jax.lax.bitcast_convert_type(part, spec.dtype)
+            leaves.append(value.reshape(spec.shape))
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def host_leaves(self, buffer: np.ndarray) -> list[np.ndarray]:
+        """The leaves stored in a host copy of the buffer, as NumPy arrays (views)."""
+        as_float = buffer.view(np.float32)
+        leaves = []
+        for spec in self.leaves:
+            end = spec.offset + spec.size
+            if spec.dtype == _FLOAT32:
+                value = as_float[spec.offset : end]
+            elif spec.dtype in _AS_INT32:
+                part = buffer[spec.offset : end]
+                value = part != 0 if spec.dtype == _BOOL else part.astype(spec.dtype, copy=False)
+            elif spec.dtype in _AS_FLOAT32:
+                value = as_float[spec.offset : end].astype(spec.dtype)
+            else:
+                value = buffer[spec.offset : end].view(spec.dtype)
+            leaves.append(value.reshape(spec.shape))
+        return leaves
+
+    def unpack_host(self, buffer: np.ndarray) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, self.host_leaves(buffer))
+
+
+_pack = jax.jit(lambda packing, tree: packing.pack(tree), static_argnums=0)
+_unpack = jax.jit(lambda packing, buffer: packing.unpack(buffer), static_argnums=0)
+
+
+class _NotPackable(Exception):
+    """Raised while tracing when a callback's state or actions cannot use packed buffers."""
+
+
+class _StateLayout(NamedTuple):
+    """What `state_dict` needs of a packed state besides the values (fixed per packing)."""
+
+    description: str
+    paths: tuple[str, ...]
+    dtypes: tuple[str, ...]
 
 
 class Runner:
@@ -23,6 +152,11 @@ class Runner:
     Metrics are converted to float32 NumPy scalars once, on the host, so the jitted function
     sees the same types at every event and never retraces (a new set of metric keys compiles
     once more, then is cached). Actions come back as NumPy values.
+
+    Between events the state stays on the device, packed with the metrics into a few flat
+    buffers (see `Packing`), so an event costs one dispatch and one small transfer however
+    many callbacks the chain holds. States that cannot be packed exactly (64-bit or weakly
+    typed leaves, a structure that changes from one check to the next) take the plain path.
 
     >>> runner = fcb.Runner(fcb.EarlyStopping("val_loss", patience=1))
     >>> bool(runner.check({"val_loss": 0.5}, step=0).stop)
@@ -38,8 +172,18 @@ class Runner:
                 f"{type(callback).__name__}: {callback!r}."
             )
         self.callback = callback
+        self.names: ActionNames = callback.action_names()
+        # The state is held as a pytree, as a packed buffer, or both; see `state`.
+        self._tree: Any = None
+        self._buffer: jax.Array | None = None
+        self._packing: Packing | None = None
+        self._packed = True
         self.state = callback.init()
-        self._check = jax.jit(lambda state, metrics, step: callback(state, metrics, step=step))
+        self._action_packings: dict[tuple[Any, ...], Packing] = {}
+        self._layouts: dict[Packing, _StateLayout] = {}
+        self._config_json: str | None = None
+        self._check = jax.jit(self._packed_check, static_argnums=(2, 3))
+        self._check_tree = jax.jit(lambda state, metrics, step: callback(state, metrics, step=step))
         self._finalize = jax.jit(lambda state: callback.finalize(state))
         self._evaluated = jax.jit(
             lambda state, request, results, step: callback.evaluated(
@@ -48,9 +192,55 @@ class Runner:
             static_argnums=1,
         )
 
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> Any:
+        """The callbacks' state as a pytree (unpacked from the device buffer on first read)."""
+        if self._tree is None:
+            assert self._packing is not None and self._buffer is not None
+            self._tree = _unpack(self._packing, self._buffer)
+        return self._tree
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._tree, self._buffer, self._packing = value, None, None
+
+    def snapshot(self) -> Any:
+        """An opaque copy of the state, cheap to take at every event (see `restore`)."""
+        return (self._tree, self._buffer, self._packing)
+
+    def restore(self, snapshot: Any) -> None:
+        """Go back to the state of `snapshot()` (an event that failed did not happen)."""
+        self._tree, self._buffer, self._packing = snapshot
+
+    def _packed_state(self) -> tuple[jax.Array, Packing] | None:
+        if self._buffer is None:
+            packing = Packing.of(self._tree)
+            if packing is None:
+                return None
+            self._buffer, self._packing = _pack(packing, self._tree), packing
+        assert self._packing is not None
+        return self._buffer, self._packing
+
+    # -- events ------------------------------------------------------------------------------
+
     def host_metrics(self, metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
         check_metrics_mapping("Runner", metrics)
         return {str(k): host_metric("Runner", str(k), v) for k, v in metrics.items()}
+
+    def _packed_check(
+        self, buffer: jax.Array, inputs: jax.Array, keys: tuple[str, ...], packing: Packing
+    ) -> tuple[jax.Array, jax.Array]:
+        state = packing.unpack(buffer)
+        values = jax.lax.bitcast_convert_type(inputs[1:], jnp.float32)
+        metrics = {key: values[i] for i, key in enumerate(keys)}
+        state, actions = self.callback(state, metrics, step=inputs[0])
+        action_packing = Packing.of(actions, allow_weak=True)  # the host reads NumPy values
+        if Packing.of(state) != packing or action_packing is None:
+            raise _NotPackable
+        self._action_packings[keys, packing] = action_packing
+        return packing.pack(state), action_packing.pack(actions)
 
     def check(
         self,
@@ -64,8 +254,43 @@ class Runner:
         The new state is kept only when everything succeeded (an exception leaves the state
         as it was before the event).
         """
+        host = self.host_metrics(metrics)
         step_array = np.asarray(step, np.int32)
-        state, actions = self._check(self.state, self.host_metrics(metrics), step_array)
+        packed = self._packed_state() if self._packed else None
+        if packed is not None:
+            buffer, packing = packed
+            # Sorted, as a dict crossing jit would be: the callbacks see the same order.
+            keys = tuple(sorted(host))
+            inputs = np.empty(len(keys) + 1, np.int32)
+            inputs[0] = step_array
+            inputs[1:] = np.array([host[k] for k in keys], np.float32).view(np.int32)
+            try:
+                new_buffer, action_buffer = self._check(buffer, inputs, keys, packing)
+            except _NotPackable:
+                self._packed = False
+            else:
+                actions = self._action_packings[keys, packing].unpack_host(
+                    np.asarray(action_buffer)
+                )
+                if not self.names.evaluate or not any(actions.evaluate.values()):
+                    self._tree, self._buffer = None, new_buffer
+                    return actions
+                state = _unpack(packing, new_buffer)
+                return self._answer(state, actions, host, step_array, evaluate, on_host=True)
+        state, actions = self._check_tree(self.state, host, step_array)
+        return self._answer(state, actions, host, step_array, evaluate, on_host=False)
+
+    def _answer(
+        self,
+        state: Any,
+        actions: Actions,
+        host: dict[str, np.ndarray],
+        step_array: np.ndarray,
+        evaluate: Evaluate | None,
+        *,
+        on_host: bool,
+    ) -> Actions:
+        """Run the evaluations the actions request, then keep the state."""
         requests = [name for name, asked in actions.evaluate.items() if bool(asked)]
         if requests:
             if evaluate is None:
@@ -80,15 +305,47 @@ class Runner:
                 state, extra = self._evaluated(state, request, results, step_array)
                 merged.append(extra)
             actions = merge_actions(merged)
+            on_host = False
         self.state = state
-        return jax.device_get(actions)
+        return actions if on_host else jax.device_get(actions)
 
     def finalize(self) -> Actions:
         self.state, actions = self._finalize(self.state)
         return jax.device_get(actions)
 
+    # -- state dicts -------------------------------------------------------------------------
+
     def state_dict(self) -> dict[str, Any]:
-        return state_dict(self.state, self.callback)
+        """`fcb.state_dict(self.state, self.callback)`, read from the packed state in one
+        transfer when there is one (adapters call this at every checkpoint)."""
+        if self._buffer is None or self._packing is None:
+            return tree_state_dict(self.state, self.callback)
+        if self._config_json is None:  # the config is immutable: encode it once
+            self._config_json = json.dumps(encode_config(self.callback))
+        layout = self._layouts.get(self._packing)
+        if layout is None:
+            template = self._packing.unpack_host(np.zeros(self._packing.size, np.int32))
+            paths = jax.tree_util.tree_flatten_with_path(template)[0]
+            layout = _StateLayout(
+                describe(template),
+                tuple(jax.tree_util.keystr(p) for p, _ in paths),
+                tuple(str(spec.dtype) for spec in self._packing.leaves),
+            )
+            self._layouts[self._packing] = layout
+        values = self._packing.host_leaves(np.asarray(self._buffer))
+        leaves = {
+            path: {"dtype": dtype, "shape": list(spec.shape), "value": _encode_values(value)}
+            for path, dtype, spec, value in zip(
+                layout.paths, layout.dtypes, self._packing.leaves, values, strict=True
+            )
+        }
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "callback": type(self.callback).__name__,
+            "config": json.loads(self._config_json),  # a fresh copy the caller may change
+            "state": {"type": layout.description, "leaves": leaves},
+        }
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.state = load_state_dict(self.callback, saved)

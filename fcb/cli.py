@@ -200,7 +200,6 @@ def _demo(args: argparse.Namespace) -> int:
     _prepare_demo_dir(out)
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
-    stdout = sys.stdout
     run = _demo_torch if args.framework == "torch" else _demo_jax
     progress = _Progress(args.epochs, sys.stderr, enabled=not args.quiet)
     with open(os.path.join(out, DEMO_MARKER), "w") as f:
@@ -208,7 +207,7 @@ def _demo(args: argparse.Namespace) -> int:
     report = run(out, args.epochs, args.seed, progress)
     progress.close()
     elapsed = time.perf_counter() - start
-    _demo_summary(stdout, out, args.framework, report, elapsed)
+    _demo_summary(sys.stdout, out, args.framework, report, elapsed)
     return 0
 
 

@@ -25,7 +25,7 @@ from .._errors import (
 )
 from .._files import link_atomic, verify
 from .._history import HistoryLog, check_record, find_history
-from .._manifest import json_metrics, plan_checkpoints
+from .._manifest import Plan, json_metrics, plan_checkpoints
 from .._model_checkpoint import ModelCheckpoint
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
@@ -452,8 +452,12 @@ class TorchAdapter:
         assert self.store is not None
         current = {name: slot["step"] for name, slot in self.store.manifest["slots"].items()}
         plan = plan_checkpoints(actions, step, self._slot_models(), current)
-        if plan is None:
-            return
+        if plan is not None:
+            self._save(plan, step)
+
+    def _save(self, plan: Plan, step: int) -> None:
+        """Write what `plan` asks (now, or queued for the background writer) and commit."""
+        assert self.store is not None
         callbacks_state = self.runner.state_dict()
         store = self.store
         writes = [
