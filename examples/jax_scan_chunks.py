@@ -22,7 +22,7 @@ import fcb
 import fcb.orbax
 
 MAX_EPOCHS = 200
-LR = 0.03
+LR = 0.05
 
 
 def make_data(key, n=160, features=48):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import fcb
 
 MAX_EPOCHS = 200
-LR = 0.03
+LR = 0.05
 
 
 def make_data(key, n=160, features=48):

@@ -151,7 +151,12 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--sync", action="store_true")
     parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument(
+        "--wait", action="store_true", help="start training when a line arrives on stdin"
+    )
     args = parser.parse_args(argv)
+    if args.wait:  # lets a test start the (slow) imports while it is busy elsewhere
+        sys.stdin.readline()
 
     def emit(decision):
         print(json.dumps(decision), flush=True)

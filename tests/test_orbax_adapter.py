@@ -44,8 +44,10 @@ def full_run(tmp_path_factory):
 # -- round trips ------------------------------------------------------------------------------
 
 
+@eqx.filter_jit
 def trained_model_and_opt_state():
-    """An equinox model and an optax Adam state after a few updates (non-trivial moments)."""
+    """An equinox model and an optax Adam state after a few updates (non-trivial moments);
+    compiled once rather than op by op."""
     model = eqx.nn.MLP(5, 2, 16, depth=2, key=jax.random.PRNGKey(3))
     optimizer = optax.adam(1e-2)
     params = eqx.filter(model, eqx.is_array)

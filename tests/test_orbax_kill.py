@@ -41,7 +41,6 @@ def check_directory(dirpath):
 
 
 def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
-    reference, params = orbax_training.train(str(tmp_path / "reference"), hidden=HIDDEN)
     # Killed processes share one compilation cache: each then starts in seconds.
     env = {
         **os.environ,
@@ -51,15 +50,25 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
     }
     rng = random.Random(20261122)
     outcomes = {"corrupted": 0, "divergent": 0, "killed_before_first_save": 0, "resumed": 0}
-    for kill in range(KILLS):
+
+    def spawn(kill):
         dirpath = str(tmp_path / f"run{kill}")
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), dirpath, "--hidden", str(HIDDEN)],
+        command = [sys.executable, str(SCRIPT), dirpath, "--hidden", str(HIDDEN), "--wait"]
+        return dirpath, subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
             env=env,
         )
+
+    upcoming = spawn(0)
+    reference, params = orbax_training.train(str(tmp_path / "reference"), hidden=HIDDEN)
+    for kill in range(KILLS):
+        dirpath, process = upcoming
+        process.stdin.write("go\n")
+        process.stdin.flush()
         lines = rng.randrange(0, len(reference))
         for _ in range(lines):
             if not process.stdout.readline():
@@ -68,6 +77,9 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
         process.stdout.close()
+        process.stdin.close()
+        if kill + 1 < KILLS:  # the next process imports while this run is checked and resumed
+            upcoming = spawn(kill + 1)
         if not os.path.exists(os.path.join(dirpath, "manifest.json")):
             outcomes["killed_before_first_save"] += 1
             continue
