@@ -195,8 +195,14 @@ def test_step_file_replaced_by_another_step_with_a_matching_record(run):
     m = manifest(run)
     target, other = slot_file(run, "last"), slot_file(run, "best_model")
     shutil.copy(other, target)
-    m["files"][m["slots"]["last"]["file"]] = _files.file_checksum(target)
+    m["files"][m["slots"]["last"]["file"]].update(_files.file_checksum(target))
     write_manifest(run, m)
+    with pytest.raises(
+        fcb.CheckpointCorruptError,
+        match=rf"{target} holds step 1, the manifest records step 4 \(another step's file "
+        r"copied over it, its record edited\?\)",
+    ):
+        fcb.torch.load_checkpoint(run / "last.pt")
     with pytest.raises(
         fcb.CheckpointCorruptError,
         match=rf"{target} is not the fcb checkpoint of step 4 that the manifest records "
@@ -313,6 +319,8 @@ def test_unreadable_manifest(run, pristine, content):
         with pytest.raises(fcb.CheckpointCorruptError, match=pattern):
             reader(run)
     assert step_files(run) == step_files(pristine[0])
+    if HAS_CLI:
+        assert inspect(run)[0] == 1
 
 
 # --- a manifest from another run -----------------------------------------------------------
@@ -349,6 +357,8 @@ def test_manifest_from_another_run_with_other_steps(run, tmp_path):
     with pytest.raises(fcb.CheckpointCorruptError, match=r"step-0000000\d\.pt is missing"):
         fcb.torch.load_checkpoint(run / "best_model.pt")
     assert step_files(run) == before
+    if HAS_CLI:
+        assert inspect(run)[0] == 1
 
 
 # --- stale temporary files ------------------------------------------------------------------
@@ -413,3 +423,14 @@ def test_new_run_over_an_old_one_never_reuses_its_checkpoints(run, caplog):
     assert sorted(manifest(run)["slots"]) == [
         "best.val_loss", "best.val_loss.tolerance=1", "best_model", "last"
     ]
+
+
+def test_slot_names_of_any_suffix_load_through_the_manifest(tmp_path):
+    """Lightning's store names slots `best_model.ckpt`: load_checkpoint finds them too."""
+    store = fcb.torch.CheckpointStore(str(tmp_path), suffix=".ckpt")
+    store.open()
+    store.write(store.step_file(3, None), 3, None, {"fcb": {"step": 3}, "weights": [1.0]})
+    store.commit(event_step=3, slots={"best_model": (3, 0.5, None)}, archive=[],
+                 callbacks=None, resume=False)
+    store.close()
+    assert fcb.torch.load_checkpoint(tmp_path / "best_model.ckpt")["weights"] == [1.0]

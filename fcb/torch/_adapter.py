@@ -651,9 +651,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     )
     manifest = read_manifest(os.path.join(manifest_dir, "manifest.json"))
     relative = os.path.relpath(os.path.abspath(path), manifest_dir)
-    slot = manifest["slots"].get(os.path.basename(path)[: -len(".pt")])
+    slot = manifest["slots"].get(os.path.splitext(os.path.basename(path))[0])
     record_key = slot["file"] if slot else relative
     if record_key not in manifest["files"]:
         raise CheckpointCorruptError(f"{path} is not listed in {manifest_dir}/manifest.json.")
-    verify(os.path.join(manifest_dir, record_key), manifest["files"][record_key])
-    return torch.load(os.path.join(manifest_dir, record_key), map_location="cpu", weights_only=True)
+    target = os.path.join(manifest_dir, record_key)
+    record = manifest["files"][record_key]
+    verify(target, record)
+    payload = torch.load(target, map_location="cpu", weights_only=True)
+    found = payload.get("fcb", {}).get("step") if isinstance(payload, dict) else None
+    if found is not None and record.get("step") is not None and found != record["step"]:
+        raise CheckpointCorruptError(
+            f"{target} holds step {found}, the manifest records step {record['step']} (another "
+            f"step's file copied over it, its record edited?)."
+        )
+    return payload
