@@ -245,6 +245,19 @@ def _demo_torch(out: str, epochs: int, seed: int, progress: _Progress) -> dict[s
             f"pip install -c constraints.txt 'fcb[torch]', or run --framework jax."
         ) from None
 
+    # A model this small gains nothing from intra-op threads, and on a small CPU their
+    # spin-waiting next to JAX's thread pool made each epoch over ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_torch(torch, TorchAdapter, out, epochs, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_torch(
+    torch: Any, TorchAdapter: Any, out: str, epochs: int, seed: int, progress: _Progress
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     x, y, x_val, y_val = (torch.from_numpy(a) for a in _demo_data(seed))
     h, d = DEMO_SIZES["hidden"], DEMO_SIZES["features"]
