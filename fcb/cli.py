@@ -975,7 +975,31 @@ _USER_ERRORS = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `fcb` command with `argv` (default: `sys.argv[1:]`); return the exit code."""
+    """Run the `fcb` command with `argv` (default: `sys.argv[1:]`); return the exit code.
+
+    Errors print one line on stderr; a usage error returns 2:
+
+    >>> from fcb.cli import main
+    >>> main(["inspect", "no/such/run"])
+    2
+    >>> history = {"val_loss": [0.5, 0.4, 0.45, 0.41, 0.3]}
+    >>> import csv, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "history.csv")
+    >>> with open(path, "w", newline="") as f:
+    ...     csv.writer(f).writerows([["val_loss"], *([v] for v in history["val_loss"])])
+    >>> main([*f"replay {path} --monitor val_loss --patience 1:3".split()])
+    replay: 3 configurations x 5 checks; best = lowest val_loss
+    #  patience  min_delta  stop_step    reason  checks  best_step  best val_loss
+    0         1          0          2  patience       3          1            0.4
+    1         2          0          3  patience       4          1            0.4
+    2         3          0      never         -       5          4            0.3
+    <BLANKLINE>
+    best val_loss: 0.3 at step 4 with patience=3, min_delta=0 (5 checks)
+    trade-offs (fewer checks, or a better value):
+      patience=1    min_delta=0            3 checks  best val_loss 0.4
+      patience=3    min_delta=0            5 checks  best val_loss 0.3
+    0
+    """
     args: argparse.Namespace | None = None
     try:
         args = _parser().parse_args(argv)
