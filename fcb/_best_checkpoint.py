@@ -20,7 +20,7 @@ from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._errors import ConfigError
 from ._monitor import Mode
 from ._slots import check_filename, count_check, holds, key_as_name
-from ._validate import check_key, check_mode, float_param, int_param, read_metric
+from ._validate import check_flag, check_key, check_mode, float_param, int_param, read_metric
 
 
 class BestCheckpointState(eqx.Module):
@@ -108,8 +108,8 @@ class BestCheckpoint(Callback):
         self.filename = check_filename(
             owner, "filename", f"best.{key_as_name(metric_key)}" if filename is None else filename
         )
-        self.check_finite = bool(check_finite)
-        self.strict = bool(strict)
+        self.check_finite = check_flag(owner, "check_finite", check_finite)
+        self.strict = check_flag(owner, "strict", strict)
         self.every_n = int_param(owner, "every_n", every_n, minimum=1)
         worst = np.full(len(self.tolerances), _monitor.worst_value(self.mode), np.float32)
         self.tolerance_stopping = EarlyStopping(

@@ -13,6 +13,7 @@ from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, StopReason
 from ._monitor import Mode
 from ._validate import (
+    check_flag,
     check_key,
     check_mode,
     float_param,
@@ -110,8 +111,8 @@ class EarlyStopping(Callback):
         owner = "EarlyStopping"
         self.monitor = check_key(owner, "monitor", monitor)
         self.mode = check_mode(owner, mode)
-        self.check_finite = bool(check_finite)
-        self.strict = bool(strict)
+        self.check_finite = check_flag(owner, "check_finite", check_finite)
+        self.strict = check_flag(owner, "strict", strict)
         self.patience = int_param(owner, "patience", patience, minimum=0)
         self.min_delta = float_param(
             owner,

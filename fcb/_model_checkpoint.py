@@ -14,7 +14,7 @@ from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
 from ._monitor import Mode
 from ._slots import check_filename, count_check, holds, insert_ranked
-from ._validate import check_key, check_mode, int_param, read_metric
+from ._validate import check_flag, check_key, check_mode, int_param, read_metric
 
 LAST_SLOT = "last"
 
@@ -102,7 +102,7 @@ class ModelCheckpoint(Callback):
                 f"best k), got save_top_k = {save_top_k!r}."
             )
         self.save_top_k = save_top_k
-        self.save_last = bool(save_last)
+        self.save_last = check_flag(owner, "save_last", save_last)
         self.filename = check_filename(owner, "filename", filename)
         if self.save_last and self.filename == LAST_SLOT:
             raise ConfigError(
@@ -112,7 +112,7 @@ class ModelCheckpoint(Callback):
         if not isinstance(dirpath, str):
             raise ConfigError(f"{owner}: `dirpath` must be a str, got dirpath = {dirpath!r}.")
         self.dirpath = dirpath
-        self.strict = bool(strict)
+        self.strict = check_flag(owner, "strict", strict)
         self.every_n = int_param(owner, "every_n", every_n, minimum=1)
 
     @property

@@ -13,6 +13,7 @@ from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._monitor import Mode, ThresholdMode
 from ._validate import (
+    check_flag,
     check_key,
     check_mode,
     check_threshold_mode,
@@ -152,7 +153,7 @@ class ReduceLROnPlateau(Callback):
         self.monitor = check_key(_OWNER, "monitor", monitor)
         self.mode = check_mode(_OWNER, mode)
         self.threshold_mode = check_threshold_mode(_OWNER, threshold_mode)
-        self.strict = bool(strict)
+        self.strict = check_flag(_OWNER, "strict", strict)
         self.factor = float_param(  # 0 would zero the LR and 1 would never reduce it
             _OWNER,
             "factor",

@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Int
 
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, StopReason
 from ._errors import ConfigError
-from ._validate import check_key, check_metrics_mapping, read_metric
+from ._validate import check_flag, check_key, check_metrics_mapping, read_metric
 
 _OWNER = "TerminateOnNaN"
 
@@ -84,7 +84,7 @@ class TerminateOnNaN(Callback):
 
     def __init__(self, keys: Any = ("loss",), *, strict: bool = True):
         self.keys = _check_keys(keys)
-        self.strict = bool(strict)
+        self.strict = check_flag(_OWNER, "strict", strict)
 
     def action_names(self) -> ActionNames:
         return ActionNames(events=("terminate_on_nan/metric_missing",))

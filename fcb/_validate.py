@@ -47,6 +47,13 @@ def check_key(owner: str, field: str, value: Any) -> str:
     return value
 
 
+def check_flag(owner: str, field: str, value: Any) -> bool:
+    """A yes/no option: a bool (a string such as 'False' would otherwise count as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{owner}: `{field}` must be True or False, got {field} = {value!r}.")
+    return bool(value)
+
+
 def _reject_non_numeric(owner: str, field: str, value: Any) -> None:
     if value is None or isinstance(value, (str, bytes)):
         raise ConfigError(f"{owner}: `{field}` must be a number, got {field} = {value!r}.")

@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
-from ._validate import check_key, float_param, read_metric
+from ._validate import check_flag, check_key, float_param, read_metric
 
 _OWNER = "VRAMDrift"
 MIB = 2.0**20
@@ -117,7 +117,7 @@ class VRAMDrift(Callback):
                 f"lost; max_drift_fraction=0.1 when 10% of the baseline is."
             )
         self.key = check_key(_OWNER, "key", key)
-        self.strict = bool(strict)
+        self.strict = check_flag(_OWNER, "strict", strict)
         self.max_drift_bytes = (
             jnp.asarray(jnp.inf, jnp.float32)
             if max_drift_bytes is None

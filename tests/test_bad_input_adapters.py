@@ -1,5 +1,7 @@
-"""Bad input to the adapters: every case gets a clear error naming the key, field, file or
-directory, the value, and the fix. The core's catalogue is in test_bad_input.py.
+"""Bad input to the adapters, and to the options of the callbacks other than EarlyStopping:
+every case gets a clear error naming the key, field, file or directory, the value, and the
+fix. The core's catalogue (EarlyStopping's options, metrics, state dicts, composition) is in
+test_bad_input.py.
 
 Together the two catalogues are the table in docs/reliability.md, generated from them:
 
@@ -251,8 +253,77 @@ def orbax_under_a_file(tmp):
 NESTED = fcb.BestCheckpoint("val_loss", callbacks=[fcb.EarlyStopping("test_loss")])
 SUBSET = fcb.BestCheckpoint("val_loss", model_names=["decoder"])
 
+
+
+def made(callback, **kwargs):
+    return lambda tmp: callback(**kwargs)
+
+
+MC, BC = fcb.ModelCheckpoint, fcb.BestCheckpoint
+RLR, TON, VRAM = fcb.ReduceLROnPlateau, fcb.TerminateOnNaN, fcb.VRAMDrift
+
 # (case, input, build, error, message pattern)
 CASES = [
+    # --- configuration of the callbacks other than EarlyStopping (see test_bad_input.py) ---
+    ("config: ModelCheckpoint save_top_k below -1", "save_top_k=-2", made(MC, save_top_k=-2),
+     fcb.ConfigError,
+     r"^ModelCheckpoint: `save_top_k` must be an integer >= -1 \(-1: keep all, 0: none, k: "
+     r"the best k\), got save_top_k = -2\.$"),
+    ("config: ModelCheckpoint filename with a slash", "filename='a/b'",
+     made(MC, filename="a/b"), fcb.ConfigError,
+     r"^ModelCheckpoint: `filename` must be a file name stem of letters, digits and '\._=\+-' "
+     r"\(no '/' and no leading '\.'\), got filename = 'a/b'\.$"),
+    ("config: ModelCheckpoint unknown mode", "mode='low'", made(MC, mode="low"),
+     fcb.ConfigError, r"^ModelCheckpoint: `mode` must be 'min' or 'max', got mode = 'low'\.$"),
+    ("config: ModelCheckpoint save_last a string", "save_last='no'",
+     made(MC, save_last="no"), fcb.ConfigError,
+     r"^ModelCheckpoint: `save_last` must be True or False, got save_last = 'no'\.$"),
+    ("config: EarlyStopping strict a string", "strict='False'",
+     lambda tmp: fcb.EarlyStopping("val_loss", strict="False"), fcb.ConfigError,
+     r"^EarlyStopping: `strict` must be True or False, got strict = 'False'\.$"),
+    ("config: BestCheckpoint negative tolerance", "tolerances=[-1]",
+     made(BC, metric_key="val_loss", tolerances=[-1]), fcb.ConfigError,
+     r"^BestCheckpoint: every tolerance must be an integer >= 0, got -1 in tolerances = "
+     r"\(-1,\)\.$"),
+    ("config: BestCheckpoint repeated tolerance", "tolerances=[3, 3]",
+     made(BC, metric_key="val_loss", tolerances=[3, 3]), fcb.ConfigError,
+     r"^BestCheckpoint: `tolerances` must be strictly increasing \(sorted, no duplicates\), "
+     r"got tolerances = \(3, 3\); pass \(3,\)\.$"),
+    ("config: BestCheckpoint every_n 0", "every_n=0",
+     made(BC, metric_key="val_loss", every_n=0), fcb.ConfigError,
+     r"^BestCheckpoint: `every_n` must be an integer >= 1, got every_n = 0\.$"),
+    ("config: BestCheckpoint check_finite a string", "check_finite='yes'",
+     made(BC, metric_key="val_loss", check_finite="yes"), fcb.ConfigError,
+     r"^BestCheckpoint: `check_finite` must be True or False, got check_finite = 'yes'\.$"),
+    ("config: ReduceLROnPlateau factor above 1", "factor=1.5", made(RLR, factor=1.5),
+     fcb.ConfigError,
+     r"^ReduceLROnPlateau: `factor` must be a finite number in \(0\.0, 1\.0\), got factor = "
+     r"1\.5\. The new learning rate is lr \* factor"),
+    ("config: ReduceLROnPlateau factor 0", "factor=0.0", made(RLR, factor=0.0),
+     fcb.ConfigError, r"`factor` must be a finite number in \(0\.0, 1\.0\), got factor = 0\.0\."),
+    ("config: ReduceLROnPlateau negative min_lr", "min_lr=-1.0", made(RLR, min_lr=-1.0),
+     fcb.ConfigError,
+     r"^ReduceLROnPlateau: `min_lr` must be a finite number >= 0\.0, got min_lr = -1\.0\.$"),
+    ("config: ReduceLROnPlateau negative cooldown", "cooldown=-1", made(RLR, cooldown=-1),
+     fcb.ConfigError,
+     r"^ReduceLROnPlateau: `cooldown` must be an integer >= 0, got cooldown = -1\.$"),
+    ("config: ReduceLROnPlateau unknown threshold_mode", "threshold_mode='absolute'",
+     made(RLR, threshold_mode="absolute"), fcb.ConfigError,
+     r"^ReduceLROnPlateau: `threshold_mode` must be 'abs' or 'rel', got threshold_mode = "
+     r"'absolute'\.$"),
+    ("config: ReduceLROnPlateau negative threshold", "threshold=-0.1",
+     made(RLR, threshold=-0.1), fcb.ConfigError,
+     r"`threshold` must be a finite number >= 0\.0, got threshold = -0\.1\. The sign is set "
+     r"by `mode`"),
+    ("config: TerminateOnNaN no keys", "keys=()", made(TON, keys=()), fcb.ConfigError,
+     r"^TerminateOnNaN: `keys` must be a non-empty sequence of metric names, got keys = "
+     r"\(\)\."),
+    ("config: VRAMDrift fraction above 1", "max_drift_fraction=1.5",
+     made(VRAM, max_drift_fraction=1.5), fcb.ConfigError,
+     r"^VRAMDrift: `max_drift_fraction` must be a finite number in \[0\.0, 1\.0\), got "
+     r"max_drift_fraction = 1\.5\."),
+    ("config: VRAMDrift without a threshold", "VRAMDrift()", made(VRAM), fcb.ConfigError,
+     r"^VRAMDrift: give `max_drift_bytes` and/or `max_drift_fraction`, got neither\."),
     # --- metrics given to fcb.torch.TorchAdapter ---
     ("torch: tensor metric with 3 values", "{'val_loss': torch.ones(3)}",
      checked({"val_loss": torch.ones(3)}), fcb.MetricShapeError,

@@ -98,7 +98,9 @@ def test_many_checks_do_not_grow_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_long_many_checks_do_not_grow_memory(tmp_path):
+def test_long_many_checks_do_not_grow_memory(tmp_path, request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the long mode (a few minutes): run with -m slow")
     check_memory(tmp_path, SLOW_EVENTS)
 
 
