@@ -479,6 +479,36 @@ def test_torch_and_orbax_run_directories_are_not_mixed(tmp_path):
         fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), torch_dir, resume=True).on_fit_start()
 
 
+def test_a_loop_that_exits_without_on_fit_end_still_commits_its_last_save(tmp_path):
+    code = (
+        "import sys, jax.numpy as jnp, fcb, fcb.orbax\n"
+        "adapter = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), sys.argv[1])\n"
+        "for step in range(3):\n"
+        "    state = {'w': jnp.full((1000,), step)}\n"
+        "    adapter.on_validation_end({'val_loss': 1.0 / (step + 1)}, step=step, state=state)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert manifest(tmp_path)["slots"]["last"]["step"] == 2
+    assert orbax_steps(tmp_path) == [2]
+
+
+def test_a_template_that_does_not_match_is_named(tmp_path):
+    adapter = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path)
+    adapter.on_validation_end({"val_loss": 1.0}, step=0, state={"w": jnp.zeros(3)})
+    adapter.on_fit_end()
+    with pytest.raises(fcb.ConfigError, match=r"`like` does not match the state saved in .*3"):
+        fcb.orbax.restore(tmp_path, like={"w": jnp.zeros(4)})
+    resumed = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path, resume=True)
+    with pytest.raises(fcb.ConfigError, match=r"`like` does not match .* structure"):
+        resumed.on_fit_start(like={"v": jnp.zeros(3)})
+    resumed.on_fit_start(like={"w": jnp.ones(3)})  # the directory was released
+    chex.assert_trees_all_equal(resumed.restored_state, {"w": jnp.zeros(3)})
+    resumed.on_fit_end()
+
+
 def test_import_fcb_does_not_import_orbax():
     code = "import sys, fcb; print(any(m.startswith('orbax') for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

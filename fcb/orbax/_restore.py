@@ -44,6 +44,18 @@ def restore(
     Slots: `best_model`, `best_model-top2`, ..., `last` (`ModelCheckpoint`);
     `best.<metric>`, `best.<metric>.tolerance=<t>` (`BestCheckpoint`); see
     `fcb.orbax.read_manifest(directory)["slots"]`.
+
+    >>> import tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> callbacks = fcb.ModelCheckpoint("val_loss")
+    >>> with fcb.orbax.OrbaxAdapter(callbacks, directory, async_save=False) as adapter:
+    ...     for step, loss in enumerate([0.3, 0.5]):
+    ...         state = {"w": jnp.full((2,), step)}
+    ...         _ = adapter.on_validation_end({"val_loss": loss}, step=step, state=state)
+    >>> fcb.orbax.restore(directory, "last", like={"w": jnp.zeros((2,), jnp.int32)})
+    {'w': Array([1, 1], dtype=int32)}
+    >>> {name: slot["step"] for name, slot in fcb.orbax.read_manifest(directory)["slots"].items()}
+    {'best_model': 0, 'last': 1}
     """
     path, record = _slot(directory, slot)
     models = record.get("models")

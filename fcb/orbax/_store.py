@@ -12,12 +12,15 @@ a manifest whose every step is complete; `open` deletes steps the manifest does 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import threading
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -96,8 +99,10 @@ def leaf_paths(tree: Any) -> set[tuple[str, ...]]:
 def stored_tree(step_path: str) -> Any:
     """The metadata tree of a step's state (nested dicts; leaves describe the arrays)."""
     checkpointer = reader()
-    stored = checkpointer.metadata(step_path).item_metadata[STATE_ITEM]
-    checkpointer.close()
+    try:
+        stored = checkpointer.metadata(step_path).item_metadata[STATE_ITEM]
+    finally:
+        checkpointer.close()
     return getattr(stored, "tree", stored)
 
 
@@ -110,7 +115,6 @@ def read_step(
     of its leaves must be stored (orbax would otherwise hand back the template's value).
     Without `like` the state comes back as orbax stores it (nested dicts of arrays).
     """
-    checkpointer = reader()
     if like is None:
         state_args = ocp.args.PyTreeRestore()
     else:
@@ -130,21 +134,53 @@ def read_step(
     items: dict[str, Any] = {STATE_ITEM: state_args}
     if with_meta:
         items[META_ITEM] = ocp.args.JsonRestore()
-    restored = checkpointer.restore(step_path, args=ocp.args.Composite(**items))
-    checkpointer.close()
+    checkpointer = reader()
+    try:
+        restored = checkpointer.restore(step_path, args=ocp.args.Composite(**items))
+    except ValueError as error:
+        if like is None:
+            raise
+        reason = " ".join(str(error).split())[:400]
+        raise ConfigError(
+            f"the template `like` does not match the state saved in {step_path} ({reason}). "
+            f"Pass a template with the structure, shapes and dtypes of the `state` given to "
+            f"on_validation_end, e.g. {{'model': eqx.filter(model, eqx.is_array), "
+            f"'opt_state': optimizer.init(...)}}."
+        ) from None
+    finally:
+        checkpointer.close()
     return restored[STATE_ITEM], (restored[META_ITEM] if with_meta else None)
 
 
 def read_meta(step_path: str) -> dict[str, Any]:
     checkpointer = reader()
-    restored = checkpointer.restore(
-        step_path, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
-    )
-    checkpointer.close()
+    try:
+        restored = checkpointer.restore(
+            step_path, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+        )
+    finally:
+        checkpointer.close()
     meta = restored[META_ITEM]
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointCorruptError(f"{step_path} is not an fcb orbax checkpoint.")
     return meta
+
+
+def _register_exit_hook(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Call `method` at exit unless its object is gone (a hook must not keep it alive)."""
+
+    def hook() -> None:
+        bound = method()
+        if bound is not None:
+            bound()
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading exit hooks")
+        register(hook)
+    except RuntimeError:  # already shutting down, or another Python
+        atexit.register(hook)
 
 
 class OrbaxStore:
@@ -164,6 +200,7 @@ class OrbaxStore:
         self._lock = DirectoryLock(self.directory)
         self._written: dict[str, dict[str, Any]] = {}
         self._in_flight: int | None = None
+        self._closed = False
         self._pending: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     @property
@@ -203,6 +240,21 @@ class OrbaxStore:
         except BaseException:
             self.close()
             raise
+        # A loop that ends without on_fit_end still gets its last save committed. At exit,
+        # `threading` runs its hooks before `atexit` ones, and one of them stops the
+        # executors orbax's background save needs: so wait in a `threading` hook, which
+        # runs before that one (hooks run in reverse order of registration).
+        _register_exit_hook(weakref.WeakMethod(self._at_exit))
+
+    def _at_exit(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.finish()
+        except Exception as error:
+            logger.warning("fcb: the last checkpoint save failed at exit: %s", error)
+        finally:
+            self.close()
 
     def _repair(self) -> None:
         """After a kill: delete steps the manifest does not list; check the listed ones."""
@@ -365,6 +417,7 @@ class OrbaxStore:
         self._install(*reset_manifest(self.manifest, record["slots"], {}, record))
 
     def close(self) -> None:
+        self._closed = True
         try:
             if self.manager is not None:
                 self.manager.close()
