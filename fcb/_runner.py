@@ -32,7 +32,9 @@ _AS_INT32 = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.uin
 _BITCAST = {np.dtype(np.float32), np.dtype(np.uint32)}
 _AS_FLOAT32 = {np.dtype(jnp.float16), np.dtype(jnp.bfloat16)}
 _FLOAT32 = np.dtype(np.float32)
+_INT32 = np.dtype(np.int32)
 _BOOL = np.dtype(np.bool_)
+_INT_VIEW, _FLOAT_VIEW, _BOOL_VIEW, _UINT_VIEW = range(4)
 
 
 class _Leaf(NamedTuple):
@@ -42,18 +44,47 @@ class _Leaf(NamedTuple):
     dtype: np.dtype
 
 
-class Packing(NamedTuple):
+class Packing:
     """Where each leaf of a pytree of arrays lives in one flat int32 buffer.
 
     Crossing `jit` costs a few microseconds per array, in and out, and the host reads each
     array with a separate transfer; a chain's state and actions have dozens of scalar leaves.
     Packed, one event moves two small buffers each way, and the host reads its actions with
-    one transfer. Hashable, so it can be a static argument of `jit`.
+    one transfer. Hashable (by structure and leaves), so it can be a static argument of `jit`.
     """
 
-    treedef: Any
-    leaves: tuple[_Leaf, ...]
-    size: int
+    __slots__ = ("_hash", "_host_plan", "_views", "leaves", "size", "treedef")
+
+    def __init__(self, treedef: Any, leaves: tuple[_Leaf, ...]):
+        self.treedef, self.leaves = treedef, leaves
+        self.size = sum(leaf.size for leaf in leaves)
+        self._hash = hash((treedef, leaves))
+        # How the host reads each leaf: from which view of the buffer, where, and whether it
+        # must be narrowed; scalars are read as 0-d views (`view[offset, ...]`), the fastest.
+        plan = []
+        for leaf in leaves:
+            if leaf.dtype == _BOOL:
+                view, convert = _BOOL_VIEW, None
+            elif leaf.dtype in _AS_INT32:
+                view, convert = _INT_VIEW, None if leaf.dtype == _INT32 else leaf.dtype
+            elif leaf.dtype in _AS_FLOAT32:
+                view, convert = _FLOAT_VIEW, leaf.dtype
+            else:
+                view, convert = (_FLOAT_VIEW if leaf.dtype == _FLOAT32 else _UINT_VIEW), None
+            plan.append((view, leaf.offset, leaf.offset + leaf.size, leaf.shape or None, convert))
+        self._host_plan = tuple(plan)
+        self._views = frozenset(view for view, *_ in plan)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Packing)
+            and self._hash == other._hash
+            and self.treedef == other.treedef
+            and self.leaves == other.leaves
+        )
 
     @classmethod
     def of(cls, tree: Any, *, allow_weak: bool = False) -> Packing | None:
@@ -78,7 +109,7 @@ class Packing(NamedTuple):
             size = int(np.prod(shape, dtype=np.int64))
             specs.append(_Leaf(offset, size, shape, dtype))
             offset += size
-        return cls(treedef, tuple(specs), offset)
+        return cls(treedef, tuple(specs))
 
     def pack(self, tree: Any) -> jax.Array:
         """Traceable: the leaves of `tree` in one int32 vector."""
@@ -110,20 +141,19 @@ class Packing(NamedTuple):
 
     def host_leaves(self, buffer: np.ndarray) -> list[np.ndarray]:
         """The leaves stored in a host copy of the buffer, as NumPy arrays (views)."""
-        as_float = buffer.view(np.float32)
+        views: list[Any] = [buffer, None, None, None]
+        if _FLOAT_VIEW in self._views:
+            views[_FLOAT_VIEW] = buffer.view(np.float32)
+        if _BOOL_VIEW in self._views:
+            views[_BOOL_VIEW] = buffer != 0
+        if _UINT_VIEW in self._views:
+            views[_UINT_VIEW] = buffer.view(np.uint32)
         leaves = []
-        for spec in self.leaves:
-            end = spec.offset + spec.size
-            if spec.dtype == _FLOAT32:
-                value = as_float[spec.offset : end]
-            elif spec.dtype in _AS_INT32:
-                part = buffer[spec.offset : end]
-                value = part != 0 if spec.dtype == _BOOL else part.astype(spec.dtype, copy=False)
-            elif spec.dtype in _AS_FLOAT32:
-                value = as_float[spec.offset : end].astype(spec.dtype)
-            else:
-                value = buffer[spec.offset : end].view(spec.dtype)
-            leaves.append(value.reshape(spec.shape))
+        for view, start, end, shape, convert in self._host_plan:
+            value = views[view][start, ...] if shape is None else views[view][start:end]
+            if shape is not None:
+                value = value.reshape(shape)
+            leaves.append(value if convert is None else value.astype(convert))
         return leaves
 
     def unpack_host(self, buffer: np.ndarray) -> Any:

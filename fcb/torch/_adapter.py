@@ -77,47 +77,93 @@ def _checked_step(step: Any) -> int:
     return value
 
 
-def _host_copy(obj: Any) -> Any:
+def _host_copy(obj: Any, copy_tensor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """A copy of a state dict whose tensors live in host memory and share nothing.
 
     Mappings keep their type and a module state dict its `_metadata` (the module versions
     `load_state_dict` migrates by), so a background write saves what a direct one does.
+    `copy_tensor` makes the tensors' copies (default: new host tensors).
     """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=True) if copy_tensor is None else copy_tensor(obj)
     if isinstance(obj, dict):
         kind = OrderedDict if isinstance(obj, OrderedDict) else dict
-        copied = kind((k, _host_copy(v)) for k, v in obj.items())
+        copied = kind((k, _host_copy(v, copy_tensor)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
             copied._metadata = deepcopy(obj._metadata)  # type: ignore[attr-defined]
         return copied
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
+        return type(obj)(_host_copy(v, copy_tensor) for v in obj)
     return obj
 
 
+_REUSED_BYTES = 1 << 20
+"""Host copies at least this large are reused from one background write to the next."""
+
+_Lent = list[tuple[tuple[Any, ...], torch.Tensor]]
+
+
 class _BackgroundWriter:
-    """Runs store jobs in order on one thread; the first error is kept and re-raised."""
+    """Runs store jobs in order on one thread; the first error is kept and re-raised.
+
+    It also makes the host copies the jobs write. The memory of a large copy is reused once
+    the job that wrote it is done: fresh memory for a large state costs page faults, often
+    more than the copy itself, and the training loop waits for the copies.
+    """
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
+        self._jobs: queue.Queue[tuple[Callable[[], None], _Lent] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self._spare: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._spare_lock = threading.Lock()
+        self._lent: _Lent = []  # copies made for the job about to be submitted
         self._thread = threading.Thread(target=self._run, name="fcb-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (item := self._jobs.get()) is not None:
+            job, lent = item
             try:
                 if self.error is None:
                     job()
             except BaseException as error:  # surfaced at the next event and at fit end
                 self.error = error
             finally:
+                self._give_back(lent)
                 self._jobs.task_done()
         self._jobs.task_done()
 
+    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of `tensor` for the next submitted job, in reused memory if possible."""
+        tensor = tensor.detach()
+        if (
+            type(tensor) is not torch.Tensor
+            or tensor.layout != torch.strided
+            or tensor.is_quantized
+            or tensor.numel() * tensor.element_size() < _REUSED_BYTES
+        ):
+            return tensor.to("cpu", copy=True)
+        key = (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        with self._spare_lock:
+            spares = self._spare.get(key)
+            buffer = spares.pop() if spares else None
+        if buffer is None:
+            buffer = torch.empty_like(tensor, device="cpu")
+        buffer.copy_(tensor)
+        self._lent.append((key, buffer))
+        return buffer
+
+    def _give_back(self, lent: _Lent) -> None:
+        with self._spare_lock:
+            for key, buffer in lent:
+                spares = self._spare.setdefault(key, [])
+                if len(spares) < 4:  # at most as many as writes can be in flight
+                    spares.append(buffer)
+
     def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
+        """Queue `job`; the host copies made since the last submit are its to write."""
+        lent, self._lent = self._lent, []
+        self._jobs.put((job, lent))
 
     def wait(self) -> None:
         self._jobs.join()
@@ -497,7 +543,8 @@ class TorchAdapter:
     def _payload(
         self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any
     ) -> dict[str, Any]:
-        copy = _host_copy if self._writer is not None else (lambda x: x)
+        writer = self._writer
+        copy = (lambda x: _host_copy(x, writer.host_copy)) if writer is not None else (lambda x: x)
         payload: dict[str, Any] = {
             "fcb": {
                 "format": CHECKPOINT_FORMAT,

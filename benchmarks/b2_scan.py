@@ -1,0 +1,143 @@
+"""B2: fcb callbacks inside a compiled JAX training loop, against the same loop without them.
+
+A small MLP (32 -> 128 -> 128 -> 1, tanh) trained with minibatch SGD for 1,000 steps in one
+`jax.lax.scan`, compiled once. The callback loop runs `fcb.chain(EarlyStopping,
+ModelCheckpoint(top-1, last), ReduceLROnPlateau)` on the minibatch loss at every step (the
+most frequent check a loop can make), multiplies the learning rate by the chain's
+`lr_scale` (`fcb.scaled_lr`) and freezes the parameters once the chain asks to stop. The
+baseline is the same scan without the chain. Both are timed warm (compiled), alternately.
+
+A second row also keeps the best parameters in the loop carry (the in-memory checkpoint a
+compiled loop would hold: a select over every parameter at every step).
+
+Run: python benchmarks/b2_scan.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Row, cli, interleaved, median, ms, ratios, timed
+
+import fcb
+
+FEATURES, HIDDEN, BATCH, BATCHES = 32, 128, 128, 8
+
+
+def init_params(key: jax.Array) -> tuple[jax.Array, ...]:
+    k1, k2, k3 = jax.random.split(key, 3)
+    return (
+        jax.random.normal(k1, (FEATURES, HIDDEN)) / FEATURES**0.5,
+        jnp.zeros(HIDDEN),
+        jax.random.normal(k2, (HIDDEN, HIDDEN)) / HIDDEN**0.5,
+        jnp.zeros(HIDDEN),
+        jax.random.normal(k3, (HIDDEN, 1)) / HIDDEN**0.5,
+        jnp.zeros(1),
+    )
+
+
+def data(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    kx, kw, kn = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (BATCHES, BATCH, FEATURES))
+    y = jnp.tanh(x @ jax.random.normal(kw, (FEATURES, 1))) + 0.1 * jax.random.normal(
+        kn, (BATCHES, BATCH, 1)
+    )
+    return x, y
+
+
+def loss_fn(params: tuple[jax.Array, ...], x: jax.Array, y: jax.Array) -> jax.Array:
+    w1, b1, w2, b2, w3, b3 = params
+    h = jnp.tanh(x @ w1 + b1)
+    h = jnp.tanh(h @ w2 + b2)
+    return jnp.mean((h @ w3 + b3 - y) ** 2)
+
+
+def chain() -> fcb.Callback:
+    return fcb.chain(
+        fcb.EarlyStopping("loss", patience=200),
+        fcb.ModelCheckpoint("loss", save_top_k=1, save_last=True),
+        fcb.ReduceLROnPlateau("loss", factor=0.5, patience=50),
+    )
+
+
+def baseline_loop(steps: int) -> Callable[..., Any]:
+    def train(params: Any, x: jax.Array, y: jax.Array) -> Any:
+        def step(carry: Any, i: jax.Array) -> Any:
+            params, lr = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, x[i % BATCHES], y[i % BATCHES])
+            params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+            return (params, lr), loss
+
+        (params, _), losses = jax.lax.scan(step, (params, jnp.float32(0.05)), jnp.arange(steps))
+        return params, losses
+
+    return jax.jit(train)
+
+
+def callback_loop(steps: int, callbacks: fcb.Callback, keep_best: bool) -> Callable[..., Any]:
+    def train(params: Any, x: jax.Array, y: jax.Array) -> Any:
+        def step(carry: Any, i: jax.Array) -> Any:
+            params, lr, state, stopped, best = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, x[i % BATCHES], y[i % BATCHES])
+            state, actions = callbacks(state, {"loss": loss}, step=i)
+            if keep_best:  # the parameters that produced the best loss so far
+                is_best = actions.slots["best_model"] == i
+                best = jax.tree_util.tree_map(lambda b, p: jnp.where(is_best, p, b), best, params)
+            step_lr = jnp.where(stopped, 0.0, lr)
+            params = jax.tree_util.tree_map(lambda p, g: p - step_lr * g, params, grads)
+            lr = fcb.scaled_lr(lr, actions)
+            return (params, lr, state, stopped | actions.stop, best), loss
+
+        carry = (params, jnp.float32(0.05), callbacks.init(), jnp.asarray(False), params)
+        (params, _, _, stopped, best), losses = jax.lax.scan(step, carry, jnp.arange(steps))
+        return params, losses, stopped, best
+
+    return jax.jit(train)
+
+
+def compare(steps: int, repeats: int, keep_best: bool) -> Row:
+    params = init_params(jax.random.PRNGKey(0))
+    x, y = data(jax.random.PRNGKey(1))
+    plain = baseline_loop(steps)
+    with_callbacks = callback_loop(steps, chain(), keep_best)
+    # Same first loss on both sides: the chain only changes the trajectory after a decision.
+    times = interleaved(
+        {
+            "fcb": lambda: timed(lambda: jax.block_until_ready(with_callbacks(params, x, y))),
+            "peer": lambda: timed(lambda: jax.block_until_ready(plain(params, x, y))),
+        },
+        repeats=repeats,
+        warmup=1,
+    )
+    ratio = median(ratios(times["fcb"], times["peer"]))
+    what = (
+        "EarlyStopping + ModelCheckpoint + ReduceLROnPlateau checked at every step inside a jitted "
+        f"lax.scan (MLP {FEATURES}-{HIDDEN}-{HIDDEN}-1, batch {BATCH}, {steps} steps)"
+        + (", best parameters kept in the carry" if keep_best else "")
+    )
+    return Row(
+        id="B2b" if keep_best else "B2",
+        what=what,
+        fcb=ms(median(times["fcb"])),
+        peer=ms(median(times["peer"])),
+        ratio=ratio,
+        target="<= 1.02x",
+        met=ratio <= 1.02,
+        note=f"{repeats} repeats",
+    )
+
+
+def run(quick: bool = False) -> list[Row]:
+    steps, repeats = (20, 2) if quick else (1000, 21)
+    return [compare(steps, repeats, keep_best=False), compare(steps, repeats, keep_best=True)]
+
+
+if __name__ == "__main__":
+    sys.exit(cli(run, __doc__))

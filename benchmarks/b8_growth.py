@@ -1,0 +1,82 @@
+"""B8: how the host cost per event grows with the number of callbacks, fcb against Lightning.
+
+Chains of 1, 4 and 16 callbacks, EarlyStopping and ModelCheckpoint(top-1) alternately (one:
+EarlyStopping), all monitoring `val_loss`, driven event by event with saves stubbed on both
+sides, as in B1: fcb through `TorchAdapter.on_validation_end` (one jitted dispatch for the whole
+chain), Lightning through each callback's `on_validation_end` with a stub trainer.
+
+Run: python benchmarks/b8_growth.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Row, cli, interleaved, median, ratios, us
+from b1_host_cost import PATIENCE, FcbSide, LightningSide, metric_sequence
+
+import fcb
+
+COUNTS = (1, 4, 16)
+
+
+def fcb_chain(count: int) -> fcb.Callback:
+    callbacks: dict[str, fcb.Callback] = {}
+    for i in range(count):
+        if i % 2 == 0:
+            callbacks[f"stop{i}"] = fcb.EarlyStopping("val_loss", patience=PATIENCE + i)
+        else:
+            callbacks[f"keep{i}"] = fcb.ModelCheckpoint(
+                "val_loss", save_top_k=1, save_last=False, filename=f"best-{i}"
+            )
+    return fcb.named_chain(**callbacks)  # named: each callback's events get its own prefix
+
+
+def run(quick: bool = False) -> list[Row]:
+    events, repeats = (20, 2) if quick else (200, 11)
+    counts = COUNTS[:2] if quick else COUNTS
+    metrics = metric_sequence(events * (repeats + 2))
+    subjects = {}
+    for count in counts:
+        ours = FcbSide(fcb_chain(count), metrics)
+        peer = LightningSide(metrics, callbacks=count, scheduler=False, save_last=False)
+        subjects[f"fcb-{count}"] = lambda side=ours: side.events(events)
+        subjects[f"peer-{count}"] = lambda side=peer: side.events(events)
+    times = interleaved(subjects, repeats=repeats, warmup=2)
+    rows = []
+    for count in counts:
+        ratio = median(ratios(times[f"fcb-{count}"], times[f"peer-{count}"]))
+        rows.append(
+            Row(
+                id=f"B8.{count}",
+                what=f"host cost per event, {count} callback{'s' if count > 1 else ''} "
+                "(EarlyStopping / ModelCheckpoint alternately), saves stubbed",
+                fcb=us(median(times[f"fcb-{count}"])),
+                peer=us(median(times[f"peer-{count}"])),
+                ratio=ratio,
+                target="",
+                met=None,
+            )
+        )
+    first, last = counts[0], counts[-1]
+    fcb_growth = median(ratios(times[f"fcb-{last}"], times[f"fcb-{first}"]))
+    peer_growth = median(ratios(times[f"peer-{last}"], times[f"peer-{first}"]))
+    rows.append(
+        Row(
+            id="B8",
+            what=f"cost growth from {first} to {last} callbacks (cost at {last} / cost at {first})",
+            fcb=f"{fcb_growth:.2f}x",
+            peer=f"{peer_growth:.2f}x",
+            ratio=fcb_growth / peer_growth,
+            target="grows slower than Lightning",
+            met=fcb_growth < peer_growth,
+            note=f"{events} events x {repeats} repeats",
+        )
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(cli(run, __doc__))
