@@ -130,8 +130,9 @@ class OrbaxAdapter:
 
     - `should_stop` / `stop_message` are set when a callback stops (never raises for it);
     - if a slot takes the current step, `state` (a pytree of arrays, e.g.
-      `{"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}`) is copied to host
-      memory and saved **once** as orbax step `steps/<step>` (a Composite of the state and the
+      `{"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}`, or a function of
+      the actions returning it) is copied to host memory and saved **once** as orbax step
+      `steps/<step>` (a Composite of the state and the
       fcb metadata: the callbacks' state dict, the slot table, the JSON-safe metrics),
       however many slots hold it; the save runs in the background with `async_save=True`;
     - `manifest.json` records slot -> step, metric value and the resume point once orbax
