@@ -434,3 +434,31 @@ def test_slot_names_of_any_suffix_load_through_the_manifest(tmp_path):
                  callbacks=None, resume=False)
     store.close()
     assert fcb.torch.load_checkpoint(tmp_path / "best_model.ckpt")["weights"] == [1.0]
+
+
+def test_resume_into_a_directory_holding_another_run_replaces_it(run, pristine, tmp_path):
+    """Resuming run A into directory B, which holds run C: B ends with exactly A's resume
+    point, none of C's files, names or archive."""
+    target = tmp_path / "target"
+    other = fcb.torch.TorchAdapter(  # keeps every step (an archive) under other names
+        fcb.ModelCheckpoint("val_loss", save_top_k=-1, filename="other"),
+        model=torch.nn.Linear(64, 8), dirpath=str(target),
+    )
+    for step, value in enumerate([3.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2]):
+        other.on_validation_end({"val_loss": value}, step=step)
+    other.on_fit_end()
+    assert manifest(target)["archive"]
+    adapter = new_adapter(target, resume_from=str(run))
+    adapter.on_fit_start()
+    adapter.on_fit_end()
+    resumed, source = manifest(target), manifest(run)
+    assert resumed["slots"] == source["resume"]["slots"]
+    assert resumed["archive"] == []
+    assert sorted(resumed["files"]) == sorted(
+        {slot["file"] for slot in source["resume"]["slots"].values()}
+    )
+    assert step_files(target) == sorted(os.path.basename(f) for f in resumed["files"])
+    links = {slot["link"] for slot in resumed["slots"].values()}
+    assert {n for n in os.listdir(target) if n.endswith(".pt")} == links
+    for slot in resumed["slots"].values():
+        assert fcb.torch.load_checkpoint(target / slot["link"])["fcb"]["step"] == slot["step"]

@@ -8,8 +8,9 @@ FCB_KILLS sets the number of kills (default 20; the long mode runs 200):
 Every other run writes with the background writer, so kills also land while a write
 thread is busy. After each kill the directory is checked as it was left (before any repair):
 `fcb inspect` passes, every file the manifest lists is complete and every slot loads. A
-run killed before its first manifest is started again from scratch. The outcomes are
-counted and printed; the goal is 0 corrupted, 0 missing, 0 divergent.
+run killed before its first manifest is started again from scratch; a training process that
+died on its own before the kill counts as crashed. The outcomes are counted and printed;
+the goal is 0 corrupted, 0 missing, 0 divergent, 0 crashed.
 """
 
 import contextlib
@@ -82,7 +83,7 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
     reference_table = slot_table(check_directory(str(tmp_path / "reference")))
     rng = random.Random(20261122)
     outcomes = {
-        "corrupted": 0, "missing": 0, "divergent": 0, "inspect_failed": 0,
+        "corrupted": 0, "missing": 0, "divergent": 0, "inspect_failed": 0, "crashed": 0,
         "killed_before_first_save": 0, "resumed": 0, "background": 0,
     }
     problems = []
@@ -90,21 +91,28 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
         dirpath = str(tmp_path / f"run{kill}")
         background = kill % 2 == 1
         outcomes["background"] += background
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), dirpath, "--hidden", str(HIDDEN)]
-            + (["--background"] if background else []),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        lines = rng.randrange(0, len(reference))
-        for _ in range(lines):
-            if not process.stdout.readline():
-                break
-        time.sleep(rng.random() * 0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        process.stdout.close()
+        with open(tmp_path / f"run{kill}.stderr", "w+") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, str(SCRIPT), dirpath, "--hidden", str(HIDDEN)]
+                + (["--background"] if background else []),
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+            lines = rng.randrange(1, len(reference))  # at least one check: past the imports
+            for _ in range(lines):
+                if not process.stdout.readline():
+                    break
+            time.sleep(rng.random() * 0.05)
+            process.send_signal(signal.SIGKILL)
+            code = process.wait()
+            process.stdout.close()
+            stderr.seek(0)
+            errors = stderr.read()
+        if code not in (-signal.SIGKILL, 0):  # it died on its own, before the kill
+            outcomes["crashed"] += 1
+            problems.append(f"run{kill}: exited with {code} before the kill: {errors}")
+            continue
         fresh = not os.path.exists(os.path.join(dirpath, "manifest.json"))
         if fresh:
             outcomes["killed_before_first_save"] += 1
@@ -146,7 +154,7 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
     for problem in problems:
         print(problem)
     assert outcomes["corrupted"] == outcomes["missing"] == outcomes["divergent"] == 0, outcomes
-    assert outcomes["inspect_failed"] == 0, problems
+    assert outcomes["inspect_failed"] == outcomes["crashed"] == 0, problems
     assert outcomes["resumed"] >= KILLS // 2, outcomes  # most kills landed mid-run
 
 

@@ -621,6 +621,8 @@ class TorchAdapter:
         if "rng" in payload:
             torch.random.set_rng_state(payload["rng"]["torch"])
         if self.store is not None:  # rank 0: the directory now holds exactly this point
+            if not same_directory:  # whatever run it held before is replaced, not mixed in
+                self.store.start_over()
             files = {}
             for slot in record["slots"].values():
                 relative = slot["file"]
