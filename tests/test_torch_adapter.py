@@ -62,11 +62,12 @@ def test_best_checkpoint_holds_the_best_weights(full_run):
     assert loss == pytest.approx(manifest(dirpath)["slots"]["best_model"]["value"], rel=1e-6)
 
 
-@pytest.mark.parametrize("k", [2, 4, 6, 9])
+@pytest.mark.parametrize("k", [2, 4, 6, 7, 9, 15])
 def test_resume_equivalence(full_run, tmp_path, k):
     """Stop after epoch k, drop everything in memory, resume from disk: same decisions,
     manifest slots and final weights as the uninterrupted run. k=4 is at a new best of the
-    reference run, k=6 and k=9 are after the tolerance-1 slot froze."""
+    reference run, k=6 and k=9 are after the tolerance-1 slot froze, k=7 and k=15 are checks
+    where the plateau cut the learning rate."""
     _, decisions, weights = full_run
     dirpath = str(tmp_path)
     first, _ = torch_training.train(dirpath, stop_after=k)

@@ -412,6 +412,10 @@ class TorchAdapter:
         self._checks += 1
         before = self.runner.snapshot()
         actions = self.runner.check(metrics, step=step, evaluate=self._run_evaluation)
+        # The learning rate changes before the save, so a checkpoint of this step holds the
+        # rate the run continues with (resuming there must not undo the cut).
+        rates = [float(g["lr"]) for o in self._optimizers() for g in o.param_groups]
+        self._apply_lr(actions)
         error = None
         try:
             if self.group.is_primary:
@@ -424,8 +428,10 @@ class TorchAdapter:
             self.group.agree_on_error(error)
         except BaseException:
             self.runner.restore(before)  # the event did not happen, on every rank
+            groups = [g for o in self._optimizers() for g in o.param_groups]
+            for group, rate in zip(groups, rates, strict=True):
+                group["lr"] = rate
             raise
-        self._apply_lr(actions)
         self._report(actions, step)
         if self.history is not None:
             self.history.append(
