@@ -511,6 +511,19 @@ def _inspect(args: argparse.Namespace) -> int:
             if not os.path.exists(link_path):
                 notes.append(f"{link} is missing (the next run in this directory restores it)")
             elif not os.path.samefile(link_path, os.path.join(directory, slot["file"])):
+                stale = _step_file_of(directory, link_path)
+                if stale is not None:
+                    # a commit interrupted after its manifest and before its links: the manifest
+                    # and its files are intact, and the next open re-points the name
+                    notes.append(
+                        f"{link} still names {stale} (an interrupted commit); the slot's "
+                        f"checkpoint is {slot['file']}, and the next run re-points the name"
+                    )
+                    rows.append([
+                        name, str(slot["step"]), _value(slot.get("value")), link,
+                        "-" if size is None else _size(size), state,
+                    ])
+                    continue
                 try:
                     _check_torch_file(link_path, manifest["files"][slot["file"]])
                 except CheckpointCorruptError:
@@ -544,6 +557,18 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{len(status)} checkpoint{'s' if len(status) != 1 else ''} ({_size(total)}) match the "
           f"manifest.")
     return 0
+
+
+def _step_file_of(directory: str, link_path: str) -> str | None:
+    """The file under `steps/` that `link_path` is a hard link of, if any."""
+    steps = os.path.join(directory, "steps")
+    if not os.path.isdir(steps):
+        return None
+    for name in os.listdir(steps):
+        candidate = os.path.join(steps, name)
+        if os.path.isfile(candidate) and os.path.samefile(candidate, link_path):
+            return f"steps/{name}"
+    return None
 
 
 def _check_torch_file(path: str, record: Mapping[str, Any]) -> int:

@@ -185,6 +185,19 @@ def test_inspect_notes_a_missing_link(demo_run, tmp_path, capsys):
     assert "note: last.pt is missing" in out
 
 
+def test_inspect_passes_a_link_left_stale_by_an_interrupted_commit(demo_run, tmp_path, capsys):
+    """A kill after the manifest commit and before the links: the name still points at the
+    previous step file (not yet deleted); the manifest and its files are intact."""
+    run = _copy(demo_run, tmp_path)
+    previous = run / "steps" / "step-99999999.pt"
+    previous.write_bytes((run / "best_model.pt").read_bytes())
+    (run / "last.pt").unlink()
+    os.link(previous, run / "last.pt")
+    code, out, _ = _run(capsys, "inspect", str(run))
+    assert code == 0
+    assert "note: last.pt still names steps/step-99999999.pt (an interrupted commit)" in out
+
+
 # -- replay ----------------------------------------------------------------------------------
 
 
