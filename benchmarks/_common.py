@@ -71,6 +71,14 @@ def ratios(numerator: list[float], denominator: list[float]) -> list[float]:
     return [a / b for a, b in zip(numerator, denominator, strict=True)]
 
 
+def spread(values: Sequence[float]) -> str:
+    """The middle half of the per-repeat ratios, to show how much the machine moved them."""
+    if len(values) < 4:
+        return f"ratios {min(values):.2f}-{max(values):.2f}"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"middle half of the ratios {q1:.2f}-{q3:.2f}"
+
+
 def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -116,6 +124,8 @@ def machine() -> dict[str, str]:
 def format_ratio(ratio: float) -> str:
     if ratio >= 100:
         return f"{ratio:,.0f}x"
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
     if ratio >= 0.01:
         return f"{ratio:.3f}x"
     return f"{ratio:.2g}x"

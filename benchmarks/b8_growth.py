@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, cli, interleaved, median, ratios, us
+from _common import Row, cli, interleaved, median, ratios, spread, us
 from b1_host_cost import PATIENCE, FcbSide, LightningSide, metric_sequence
 
 import fcb
@@ -35,7 +35,7 @@ def fcb_chain(count: int) -> fcb.Callback:
 
 
 def run(quick: bool = False) -> list[Row]:
-    events, repeats = (20, 2) if quick else (200, 11)
+    events, repeats = (20, 2) if quick else (200, 21)
     counts = COUNTS[:2] if quick else COUNTS
     metrics = metric_sequence(events * (repeats + 2))
     subjects = {}
@@ -47,7 +47,8 @@ def run(quick: bool = False) -> list[Row]:
     times = interleaved(subjects, repeats=repeats, warmup=2)
     rows = []
     for count in counts:
-        ratio = median(ratios(times[f"fcb-{count}"], times[f"peer-{count}"]))
+        per_repeat = ratios(times[f"fcb-{count}"], times[f"peer-{count}"])
+        ratio = median(per_repeat)
         rows.append(
             Row(
                 id=f"B8.{count}",
@@ -58,6 +59,7 @@ def run(quick: bool = False) -> list[Row]:
                 ratio=ratio,
                 target="",
                 met=None,
+                note=spread(per_repeat),
             )
         )
     first, last = counts[0], counts[-1]

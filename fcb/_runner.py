@@ -164,6 +164,14 @@ _pack = jax.jit(lambda packing, tree: packing.pack(tree), static_argnums=0)
 _unpack = jax.jit(lambda packing, buffer: packing.unpack(buffer), static_argnums=0)
 
 
+def _encode_leaf(value: np.ndarray) -> Any:
+    """`_encode_values(value)`, without its per-element pass when no element needs one:
+    only non-finite floats are spelled differently from `tolist()`."""
+    if value.dtype.kind in "biu" or np.isfinite(value).all():  # bfloat16's kind is "V"
+        return value.tolist()
+    return _encode_values(value)
+
+
 class _NotPackable(Exception):
     """Raised while tracing when a callback's state or actions cannot use packed buffers."""
 
@@ -364,7 +372,7 @@ class Runner:
             self._layouts[self._packing] = layout
         values = self._packing.host_leaves(np.asarray(self._buffer))
         leaves = {
-            path: {"dtype": dtype, "shape": list(spec.shape), "value": _encode_values(value)}
+            path: {"dtype": dtype, "shape": list(spec.shape), "value": _encode_leaf(value)}
             for path, dtype, spec, value in zip(
                 layout.paths, layout.dtypes, self._packing.leaves, values, strict=True
             )

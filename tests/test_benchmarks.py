@@ -57,10 +57,16 @@ def test_rows_are_read_from_a_script_table_and_from_the_replay_report():
     assert [(r.id, r.ratio, r.met) for r in rows] == [("B7", 1.02, True)]
     report = (
         "fcb.replay cold (build+compile+run)      1.234\n"
+        "fcb.replay warm (compiled)               0.062\n"
         "Lightning EarlyStopping loop            812.0\n"
         "flax EarlyStopping loop                  51.00\n"
         "speed-up vs Lightning: 1,234x cold, 5,678x warm (target >= 1000x)\n"
         "speed-up vs flax:      41x cold, 190x warm (target >= 30x)\n"
     )
     rows = run.rows_from_output(run.Benchmark("B3", "replay"), report)
-    assert [(r.id, r.ratio, r.met) for r in rows] == [("B3", 1234.0, True), ("B3f", 41.0, True)]
+    assert [(r.id, r.ratio, r.met) for r in rows] == [
+        ("B3", 5678.0, True),
+        ("B3c", 1234.0, True),
+        ("B3f", 190.0, True),
+        ("B3fc", 41.0, True),
+    ]

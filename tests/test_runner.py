@@ -163,3 +163,28 @@ def test_packing_refuses_what_it_cannot_store_exactly():
     assert Packing.of({"x": 1.0}) is None  # a Python scalar
     assert Packing.of(np.zeros(2, np.float64)) is None
     assert Packing.of(np.zeros(2, np.complex64)) is None
+
+
+class MixedState(fcb.Callback):
+    """State leaves of several dtypes, some non-finite: the state dict spells them as JSON."""
+
+    def init(self):
+        return {
+            "half": jnp.asarray([1.0, jnp.nan], jnp.bfloat16),
+            "single": jnp.asarray([jnp.inf, 2.0], jnp.float32),
+            "count": jnp.asarray(3, jnp.int16),
+            "flag": jnp.asarray([True, False]),
+        }
+
+    def __call__(self, state, metrics, *, step):
+        return state, self.no_actions()
+
+
+def test_the_packed_state_dict_spells_non_finite_values_like_fcb_state_dict():
+    callback = MixedState()
+    runner = fcb.Runner(callback)
+    runner.check({"x": 1.0}, step=0)
+    assert runner._buffer is not None
+    saved = runner.state_dict()
+    assert saved == fcb.state_dict(runner.state, callback)
+    assert saved["state"]["leaves"]["['half']"]["value"] == [1.0, "nan"]
