@@ -16,12 +16,15 @@ import numpy as np
 from .._core import Actions, Callback
 from .._errors import CheckpointCorruptError, ConfigError
 from .._manifest import Models, json_metrics, plan_checkpoints
+from .._ranks import check_reduction
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
 from .._vram_drift import VRAMDrift
+from ._processes import Processes
 from ._store import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    DEFAULT_TIMEOUT,
     OrbaxStore,
     models_cover,
     read_step,
@@ -96,7 +99,10 @@ def model_subset(state: Any, models: tuple[str, ...]) -> dict[str, Any]:
 
 def host_copy(tree: Any) -> Any:
     """A copy of `tree` in host memory sharing nothing with the device buffers, so the
-    training loop may donate or overwrite them while orbax writes in the background."""
+    training loop may donate or overwrite them while orbax writes in the background.
+
+    An array spread over several processes stays a `jax.Array`: orbax writes each process's
+    shards itself, and copies them to host memory before `save` returns."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in flat:
         if isinstance(leaf, jax.Array):
@@ -115,7 +121,11 @@ def host_copy(tree: Any) -> Any:
                 )
             )
     copied = [
-        np.array(leaf, copy=True) if isinstance(leaf, (jax.Array, np.ndarray)) else leaf
+        leaf
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+        else np.array(leaf, copy=True)
+        if isinstance(leaf, (jax.Array, np.ndarray))
+        else leaf
         for _, leaf in flat
     ]
     return jax.tree_util.tree_unflatten(treedef, copied)
@@ -173,6 +183,16 @@ class OrbaxAdapter:
             manifest references it, before any deletion, and at `on_fit_end`.
         log: `fn(step, scalars)` called with the callbacks' log scalars at each check and the
             summary at the end.
+        reduce: in a multi-process run, how each process's metrics are reduced over the
+            processes: `"mean"` (default), `"sum"`, `"max"`, `"min"`, or `None` when they
+            are already equal on every process. Ignored with one process.
+        timeout: in a multi-process run, the seconds a process waits for the others inside
+            an orbax save (orbax's `AsyncOptions.timeout_secs`).
+
+    Multi-process runs (`jax.distributed.initialize()`): every process constructs the same
+    adapter and makes the same calls; the decisions agree on every process, orbax writes
+    with its own multi-host protocol, and only the primary process writes the manifest
+    (see the adapter's docs).
     """
 
     def __init__(
@@ -184,6 +204,8 @@ class OrbaxAdapter:
         resume: bool = False,
         async_save: bool = True,
         log: Callable[[int, dict[str, float]], None] | None = None,
+        reduce: str | None = "mean",
+        timeout: float = DEFAULT_TIMEOUT,
     ):
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise ConfigError(
@@ -195,6 +217,14 @@ class OrbaxAdapter:
                 f"OrbaxAdapter: `evaluate` must be a function of the state or a mapping from "
                 f"request name to one, got {type(evaluate).__name__}."
             )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(
+                f"OrbaxAdapter: `timeout` must be a number of seconds > 0, got "
+                f"timeout = {timeout!r}."
+            )
+        self.reduce = check_reduction("OrbaxAdapter", reduce)
+        self.timeout = float(timeout)
+        self.processes = Processes()
         self.runner = Runner(callbacks)
         self.callbacks = callbacks
         self.directory = os.path.abspath(os.fspath(directory))
@@ -235,7 +265,14 @@ class OrbaxAdapter:
                     "memory figure and does nothing.",
                     jax.local_devices()[0].platform,
                 )
-        store = OrbaxStore(self.directory, async_save=self.async_save)
+        # jax.distributed may have been initialised since __init__
+        self.processes = Processes()
+        store = OrbaxStore(
+            self.directory,
+            async_save=self.async_save,
+            processes=self.processes,
+            timeout=self.timeout,
+        )
         store.open()
         try:
             if self.resume:
@@ -299,6 +336,7 @@ class OrbaxAdapter:
             free = device_free_memory()
             if free is not None:
                 metrics.update(dict.fromkeys(self._memory_keys, free))
+        metrics = self.processes.reduce_metrics(metrics, self.reduce)
         self._checks = step + 1
         state_after = state if _is_function(state) else None
         self._state = (
@@ -321,9 +359,7 @@ class OrbaxAdapter:
             self.runner.state = before
             raise
         self._report(actions, step)
-        if bool(actions.stop):
-            self.should_stop = True
-            self.stop_message = actions.stop_message()
+        self._agree_on_stop(actions)
         return actions
 
     def apply_actions(
@@ -375,10 +411,16 @@ class OrbaxAdapter:
             raise
         self._checks = step + 1
         self._report(actions, step)
-        if bool(actions.stop):
-            self.should_stop = True
-            self.stop_message = actions.stop_message()
+        self._agree_on_stop(actions)
         return actions
+
+    def _agree_on_stop(self, actions: Actions) -> None:
+        """Stop when a callback stops, on this process or any other."""
+        if self.processes.any(bool(actions.stop)):
+            self.should_stop = True
+            self.stop_message = (
+                actions.stop_message() if bool(actions.stop) else "another process stopped"
+            )
 
     def _run_evaluation(self, request: str) -> Mapping[str, Any]:
         fn = self.evaluate.get(request) if isinstance(self.evaluate, Mapping) else self.evaluate

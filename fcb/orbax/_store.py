@@ -8,6 +8,10 @@ Orbax commits each step atomically (temporary directory, then rename) and writes
 background; the manifest is written only once the step it references is committed, and a step
 is deleted only once a committed manifest no longer references it. A kill at any point leaves
 a manifest whose every step is complete; `open` deletes steps the manifest does not list.
+
+In a multi-process JAX run every process opens the store and makes the same calls; orbax
+saves and deletes with its own multi-host protocol, and only the primary process holds the
+lock and writes the manifest (see `_processes.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .._manifest import (
     slot_records,
     with_files,
 )
+from ._processes import Processes
 
 logger = logging.getLogger("fcb")
 
@@ -48,6 +53,8 @@ STATE_ITEM = "state"
 META_ITEM = "fcb"
 CHECKPOINT_FORMAT = "fcb.checkpoint"
 CHECKPOINT_VERSION = 1
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a process waits for the others inside an orbax save (orbax's own default)."""
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -166,6 +173,18 @@ def read_meta(step_path: str) -> dict[str, Any]:
     return meta
 
 
+def _reason(error: BaseException) -> str:
+    """What went wrong first: orbax may raise a barrier timeout while handling the write
+    error that caused it (the write error is then the timeout's context)."""
+    first = error
+    while first.__cause__ or first.__context__:
+        first = first.__cause__ or first.__context__  # type: ignore[assignment]
+    reason = " ".join(str(error).split())[:300]
+    if first is error:
+        return reason
+    return f"{type(first).__name__}: {first} (then: {type(error).__name__}: {reason})"
+
+
 def _register_exit_hook(method: weakref.WeakMethod[Callable[[], None]]) -> None:
     """Call `method` at exit unless its object is gone (a hook must not keep it alive)."""
 
@@ -192,9 +211,18 @@ class OrbaxStore:
     changes anything, and at the end.
     """
 
-    def __init__(self, directory: str, *, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        async_save: bool = True,
+        processes: Processes | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
         self.directory = os.path.abspath(directory)
         self.async_save = async_save
+        self.processes = Processes() if processes is None else processes
+        self.timeout = timeout
         self.manifest = empty_manifest(storage=STORAGE)
         self.manager: ocp.CheckpointManager | None = None
         self._lock = DirectoryLock(self.directory)
@@ -222,17 +250,27 @@ class OrbaxStore:
             raise CheckpointWriteError(
                 f"the run directory {self.directory} is not writable. Pass a writable directory."
             )
-        self._lock.acquire()
+        processes = self.processes
+        locked: BaseException | None = None
         try:
-            remove_temporaries(self.directory)
+            if processes.is_primary:
+                self._lock.acquire()
+                remove_temporaries(self.directory)
+        except BaseException as failure:
+            locked = failure
+        processes.agree_on_error(locked)
+        try:
             if os.path.exists(self.manifest_path):
                 self.manifest = read_manifest(self.directory)
+            # every process has read the manifest before the primary may replace it
+            processes.barrier("opened")
             self.manager = ocp.CheckpointManager(
                 os.path.join(self.directory, STEPS_DIR),
                 options=ocp.CheckpointManagerOptions(
                     # fcb decides what to keep: no max_to_keep, no best_fn (see the docs)
                     cleanup_tmp_directories=True,
                     enable_async_checkpointing=self.async_save,
+                    async_options=ocp.AsyncOptions(timeout_secs=max(1, round(self.timeout))),
                     create=True,
                 ),
             )
@@ -387,23 +425,33 @@ class OrbaxStore:
         except Exception as caught:  # orbax raises various types from its writer threads
             committed, error = False, caught
         if not committed:
-            self._written.pop(location(step), None)
-            with contextlib.suppress(Exception):
-                if step in self.manager.all_steps():
-                    self.manager.delete(step)
-            # orbax leaves the failed step's temporary directory until the next open
-            for leftover in glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            raise CheckpointWriteError(
+            failure = CheckpointWriteError(
                 f"orbax could not commit step {step} to {path}"
-                + (f": {error}" if error is not None else "")
+                + (f": {_reason(error)}" if error is not None else "")
                 + "; the manifest still holds the previous checkpoints."
-            ) from error
+            )
+            self._written.pop(location(step), None)
+            if not self.processes.active:  # a delete is collective: not on a failure path
+                with contextlib.suppress(Exception):
+                    if step in self.manager.all_steps():
+                        self.manager.delete(step)
+            # orbax leaves the failed step's temporary directory until the next open
+            if self.processes.is_primary:
+                for leftover in glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            failure.__cause__ = error
+            self.processes.agree_on_error(failure)
 
     def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
         assert self.manager is not None
         manifest, unlisted = with_files(manifest, files)
-        atomic_write_json(self.manifest_path, manifest)
+        error = None
+        try:
+            if self.processes.is_primary:
+                atomic_write_json(self.manifest_path, manifest)
+        except BaseException as failure:
+            error = failure
+        self.processes.agree_on_error(error)
         self.manifest, self._written = manifest, {}
         on_disk = set(self.manager.all_steps())
         for relative in sorted(unlisted):

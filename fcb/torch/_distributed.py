@@ -7,16 +7,18 @@ success or failure through one collective, so no rank waits forever for another.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .._errors import CheckpointWriteError, ConfigError
-
-REDUCTIONS = ("mean", "sum", "max", "min")
+from .._ranks import (
+    check_reduction as _check_reduction,
+    failed_elsewhere,
+    key_fingerprint,
+    keys_differ,
+)
 
 
 class Group:
@@ -44,7 +46,7 @@ class Group:
             return dict(metrics)
         keys = sorted(metrics)
         values = [float(metrics[k]) for k in keys]
-        fingerprint = float(zlib.crc32("\0".join(keys).encode()))
+        fingerprint = float(key_fingerprint(keys))
         # NaN and inf propagate through every reduction: a rank that sees NaN stops all.
         op = {
             "mean": dist.ReduceOp.SUM,
@@ -57,10 +59,7 @@ class Group:
         dist.all_reduce(data, op=op)
         dist.all_reduce(check, op=dist.ReduceOp.MAX)
         if check[0].item() != -check[1].item():
-            raise ConfigError(
-                f"TorchAdapter: the ranks passed different metric keys (this rank: {keys}); "
-                f"every rank must log the same keys at each check."
-            )
+            raise keys_differ("TorchAdapter", keys)
         if reduction == "mean":
             data /= self.world_size
         return dict(zip(keys, data.tolist(), strict=True))
@@ -87,8 +86,7 @@ class Group:
         )
         if error is not None:
             raise error
-        failed = ", ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
-        raise CheckpointWriteError(f"a checkpoint write failed on another rank ({failed}).")
+        raise failed_elsewhere("rank", messages)
 
     def barrier(self) -> None:
         if self.active:
@@ -96,9 +94,4 @@ class Group:
 
 
 def check_reduction(value: Any) -> str | None:
-    if value is not None and value not in REDUCTIONS:
-        raise ConfigError(
-            f"TorchAdapter: `reduce` must be one of {REDUCTIONS} or None (metrics already "
-            f"reduced), got reduce = {value!r}."
-        )
-    return value
+    return _check_reduction("TorchAdapter", value)
