@@ -357,6 +357,20 @@ def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str
     def evaluate(model: Any) -> tuple[Any, Any]:
         return mse(model, x_val, y_val), mse(model, x, y)
 
+    def after_check(model: Any, opt_state: Any) -> Any:
+        """The state after a check's actions: what its checkpoint holds, and what training
+        continues from (the learning rate lowered when `ReduceLROnPlateau` says so)."""
+
+        def state(actions: Any) -> dict[str, Any]:
+            lr = scaled_lr(opt_state.hyperparams["learning_rate"], actions)
+            hyperparams = {**opt_state.hyperparams, "learning_rate": lr}
+            return {
+                "model": eqx.filter(model, eqx.is_array),
+                "opt_state": opt_state._replace(hyperparams=hyperparams),
+            }
+
+        return state
+
     adapter = OrbaxAdapter(_demo_callbacks(), out, async_save=True)
     adapter.on_fit_start()
     history = HistoryLog(out)  # the orbax adapter records no history; the demo does
@@ -369,10 +383,9 @@ def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str
             model, opt_state = train_epoch(model, opt_state, epoch_key)
             val_loss, train_loss = evaluate(model)
             metrics = {"val_loss": float(val_loss), "train_loss": float(train_loss)}
-            state = {"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}
+            state = after_check(model, opt_state)
             actions = adapter.on_validation_end(metrics, step=epoch, state=state)
-            lr = opt_state.hyperparams["learning_rate"]
-            opt_state.hyperparams["learning_rate"] = scaled_lr(lr, actions)
+            opt_state = state(actions)["opt_state"]
             lr_now = float(opt_state.hyperparams["learning_rate"])
             checks += 1
             history.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+import fcb
 from fcb import cli
 from fcb._history import read_records
 
@@ -103,6 +105,56 @@ def test_demo_with_jax_and_orbax(tmp_path, capsys):
     code, _, err = _run(capsys, "inspect", str(out))
     assert code == 1
     assert "steps/3 cannot be read back" in err and "Traceback" not in err
+
+
+def _saved_lr(framework, out, slot):
+    """The learning rate a checkpoint slot of a demo run holds: what a resumed run trains at."""
+    if framework == "jax":
+        import fcb.orbax
+
+        restored = fcb.orbax.restore(str(out), slot)
+        return float(restored["opt_state"]["hyperparams"]["learning_rate"])
+    import torch
+
+    import fcb.torch
+
+    manifest = fcb.torch.read_manifest(str(out / "manifest.json"))
+    payload = torch.load(out / manifest["slots"][slot]["file"], weights_only=True)
+    return payload["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_demo_checkpoints_hold_the_learning_rate_after_the_cut(
+    framework, tmp_path, capsys, caplog, monkeypatch
+):
+    """A check that lowers the learning rate and is saved keeps the lowered rate: a run
+    resumed from it trains on at the rate of the uninterrupted run, not the old one."""
+    if framework == "jax":
+        pytest.importorskip("orbax.checkpoint")
+    plateau = fcb.ReduceLROnPlateau
+
+    def cut_at_every_check(monitor, **options):
+        # no value improves on the best by 1e9: every check after the first cuts the rate
+        return plateau(
+            monitor, **{**options, "patience": 0, "threshold": 1e9, "threshold_mode": "abs"}
+        )
+
+    monkeypatch.setattr(fcb, "ReduceLROnPlateau", cut_at_every_check)
+    out = tmp_path / framework
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        argv = ["demo", "--framework", framework, "--out", str(out), "--epochs", "3", "--quiet"]
+        code, stdout, _ = _run(capsys, *argv)
+    assert code == 0, stdout
+    assert "learning rate 0.0005 -> 0.000125 (ReduceLROnPlateau)" in stdout
+    # the rate training went on with after each check (cuts at checks 1 and 2)
+    lrs = {r["step"]: r["lr"][0] for r in read_records(str(out / "history.jsonl")) if "lr" in r}
+    assert lrs == pytest.approx({0: 5e-4, 1: 2.5e-4, 2: 1.25e-4}, rel=1e-6)
+    slots = json.loads((out / "manifest.json").read_text())["slots"]
+    assert {s["step"] for s in slots.values()} == {1, 2}  # last and best_model-top2
+    for name, slot in slots.items():
+        assert _saved_lr(framework, out, name) == pytest.approx(lrs[slot["step"]], rel=1e-6), name
+    # and the adapter saw no state from before a cut (it warns about one)
+    assert not [r for r in caplog.records if "learning rate" in r.getMessage()], caplog.text
 
 
 # -- inspect ---------------------------------------------------------------------------------
