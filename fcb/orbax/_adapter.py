@@ -217,14 +217,18 @@ class OrbaxAdapter:
                 f"OrbaxAdapter: `evaluate` must be a function of the state or a mapping from "
                 f"request name to one, got {type(evaluate).__name__}."
             )
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < float("inf")
+        ):
             raise ConfigError(
-                f"OrbaxAdapter: `timeout` must be a number of seconds > 0, got "
+                f"OrbaxAdapter: `timeout` must be a finite number of seconds > 0, got "
                 f"timeout = {timeout!r}."
             )
         self.reduce = check_reduction("OrbaxAdapter", reduce)
         self.timeout = float(timeout)
-        self.processes = Processes()
+        self.processes = Processes(single=True)  # the run's processes, from on_fit_start
         self.runner = Runner(callbacks)
         self.callbacks = callbacks
         self.directory = os.path.abspath(os.fspath(directory))

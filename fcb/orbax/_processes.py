@@ -27,9 +27,10 @@ from .._ranks import failed_elsewhere, key_fingerprint, keys_differ, reduce_rows
 class Processes:
     """The processes of a JAX run; with one process, every method is a no-op."""
 
-    def __init__(self) -> None:
-        self.count = jax.process_count()
-        self.index = jax.process_index()
+    def __init__(self, *, single: bool = False) -> None:
+        # `single` touches no JAX backend (jax.distributed.initialize must come first)
+        self.count = 1 if single else jax.process_count()
+        self.index = 0 if single else jax.process_index()
         self.active = self.count > 1
 
     @property
