@@ -8,6 +8,7 @@ No engine is imported here.
 
 from __future__ import annotations
 
+import abc
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -57,3 +58,39 @@ def failed_elsewhere(kind: str, messages: Sequence[str | None]) -> CheckpointWri
     """The error raised on processes that did not fail, naming each one that did."""
     failed = ", ".join(f"{kind} {index}: {m}" for index, m in enumerate(messages) if m is not None)
     return CheckpointWriteError(f"a checkpoint write failed on another {kind} ({failed}).")
+
+
+class ProcessGroup(abc.ABC):
+    """The processes of a run, as one engine sees them; with one process, a no-op."""
+
+    kind = "process"  # how errors name a member: "rank" for torch.distributed
+    active: bool
+    index: int
+
+    @abc.abstractmethod
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on at least one (a collective)."""
+
+    @abc.abstractmethod
+    def gather_text(self, text: str | None) -> list[str | None]:
+        """Every process's text, in process order (a collective)."""
+
+    def agree_on_error(self, error: BaseException | None) -> None:
+        """Raise on every process when any process failed: a failed process raises its own
+        error (naming the other failures, for a write error), the others one naming every
+        failure. Every process calls it, so no process waits for another that gave up."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        if not self.any(error is not None):
+            return
+        messages = self.gather_text(None if error is None else f"{type(error).__name__}: {error}")
+        if error is None:
+            raise failed_elsewhere(self.kind, messages)
+        others = [f"{self.kind} {i}: {m}" for i, m in enumerate(messages) if m and i != self.index]
+        if others and isinstance(error, CheckpointWriteError):
+            raise CheckpointWriteError(
+                f"{error} (failed on the other {self.kind}s too: {'; '.join(others)})"
+            ) from error
+        raise error

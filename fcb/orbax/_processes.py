@@ -20,11 +20,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from .._errors import CheckpointWriteError
-from .._ranks import failed_elsewhere, key_fingerprint, keys_differ, reduce_rows
+from .._ranks import ProcessGroup, key_fingerprint, keys_differ, reduce_rows
 
 
-class Processes:
+class Processes(ProcessGroup):
     """The processes of a JAX run; with one process, every method is a no-op."""
 
     def __init__(self, *, single: bool = False) -> None:
@@ -65,27 +64,7 @@ class Processes:
             return flag
         return bool(self._gather(np.asarray([int(flag)], np.uint32)).any())
 
-    def agree_on_error(self, error: BaseException | None) -> None:
-        """Raise on every process when any process failed (each failed process re-raises
-        its own error; the others raise one naming every failure)."""
-        if not self.active:
-            if error is not None:
-                raise error
-            return
-        if not self.any(error is not None):
-            return
-        own = None if error is None else f"{type(error).__name__}: {error}"
-        messages = self._gather_text(own)
-        if error is None:
-            raise failed_elsewhere("process", messages)
-        others = [f"process {i}: {m}" for i, m in enumerate(messages) if m and i != self.index]
-        if others and isinstance(error, CheckpointWriteError):
-            raise CheckpointWriteError(
-                f"{error} (failed on the other processes too: {'; '.join(others)})"
-            ) from error
-        raise error
-
-    def _gather_text(self, text: str | None) -> list[str | None]:
+    def gather_text(self, text: str | None) -> list[str | None]:
         data = b"" if text is None else text.encode()
         lengths = self._gather(np.asarray([len(data) + (text is not None)], np.uint32))[:, 0]
         size = -(-int(lengths.max()) // 4) * 4

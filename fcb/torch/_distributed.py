@@ -14,19 +14,22 @@ import torch
 import torch.distributed as dist
 
 from .._ranks import (
+    ProcessGroup,
     check_reduction as _check_reduction,
-    failed_elsewhere,
     key_fingerprint,
     keys_differ,
 )
 
 
-class Group:
+class Group(ProcessGroup):
     """The default process group when `torch.distributed` is initialised, else a no-op."""
+
+    kind = "rank"
 
     def __init__(self) -> None:
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
+        self.index = self.rank
         self.world_size = dist.get_world_size() if self.active else 1
 
     @property
@@ -72,21 +75,10 @@ class Group:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def agree_on_error(self, error: BaseException | None) -> None:
-        """Raise on every rank when any rank failed (rank 0 re-raises its own error)."""
-        if not self.active:
-            if error is not None:
-                raise error
-            return
-        if not self.any(error is not None):
-            return
+    def gather_text(self, text: str | None) -> list[str | None]:
         messages: list[Any] = [None] * self.world_size
-        dist.all_gather_object(
-            messages, None if error is None else f"{type(error).__name__}: {error}"
-        )
-        if error is not None:
-            raise error
-        raise failed_elsewhere("rank", messages)
+        dist.all_gather_object(messages, text)
+        return messages
 
     def barrier(self) -> None:
         if self.active:
