@@ -168,21 +168,25 @@ class EarlyStopping(Callback):
         active = ~state.stopped & (step >= self.start_from_step)
         improved = active & _monitor.improves(value, state.best, self.min_delta, self.mode)
         wait_count = jnp.where(improved, 0, state.wait_count + 1)
-        reason = jnp.select(
+        # The first condition that holds gives the reason. Nested `where`s rather than
+        # `jnp.select`, which stacks the conditions and takes an argmax: a reduction kernel
+        # of its own that XLA:CPU compiles slowly (the costliest kernel of an fcb.replay).
+        reason = jnp.asarray(StopReason.NONE, jnp.int32)
+        for condition, code in reversed(
             [
-                jnp.asarray(self.check_finite) & ~jnp.isfinite(value),
-                _monitor.reached(value, self.stopping_threshold, self.mode),
-                _monitor.exceeded(value, self.divergence_threshold, self.mode),
-                ~improved & (wait_count >= self.patience),
-            ],
-            [
-                StopReason.NON_FINITE,
-                StopReason.STOPPING_THRESHOLD,
-                StopReason.DIVERGENCE_THRESHOLD,
-                StopReason.PATIENCE,
-            ],
-            StopReason.NONE,
-        ).astype(jnp.int32)
+                (jnp.asarray(self.check_finite) & ~jnp.isfinite(value), StopReason.NON_FINITE),
+                (
+                    _monitor.reached(value, self.stopping_threshold, self.mode),
+                    StopReason.STOPPING_THRESHOLD,
+                ),
+                (
+                    _monitor.exceeded(value, self.divergence_threshold, self.mode),
+                    StopReason.DIVERGENCE_THRESHOLD,
+                ),
+                (~improved & (wait_count >= self.patience), StopReason.PATIENCE),
+            ]
+        ):
+            reason = jnp.where(condition, jnp.int32(code), reason)
         stopping = active & (reason != StopReason.NONE)
         new_state = EarlyStoppingState(
             best=jnp.where(improved, value, state.best),

@@ -1,8 +1,9 @@
 """fcb.grid and fcb.replay: choose early-stopping and checkpoint options after the fact.
 
 `grid` builds one batched callback from every combination of some numeric options; `replay`
-runs a callback (single or batched) over a recorded metric history in one compiled
-`jax.vmap` of a loop over the checks, as if each configuration had driven the training run.
+runs a callback (single or batched) over a recorded metric history in one compiled loop
+over the checks, every configuration at once (`jax.vmap`), as if each configuration had
+driven the training run.
 """
 
 from __future__ import annotations
@@ -123,9 +124,7 @@ class Grid(Callback):
             raise TypeError(f"fcb.Grid: index with an int, got {index!r}.")
         if not -size <= index < size:
             raise IndexError(f"fcb.Grid: index {index} is out of range for {size} configurations.")
-        return jax.tree_util.tree_map(
-            lambda leaf: leaf[index] if eqx.is_array(leaf) else leaf, self.callback
-        )
+        return jax.tree_util.tree_map(lambda leaf: _row(leaf, index), self.callback)
 
     def action_names(self) -> Any:
         return self.callback.action_names()
@@ -145,6 +144,15 @@ class Grid(Callback):
         return eqx.filter_vmap(lambda c, s: c.evaluated(s, request, results, step=step))(
             self.callback, state
         )
+
+
+def _row(leaf: Any, index: int) -> Any:
+    """Row `index` of a batched leaf. A concrete array is indexed on the host: indexing a
+    `jax.Array` compiles a slicing program per shape and dtype (tens of ms each, paid again
+    by every new batch size); `device_put` compiles nothing."""
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+        return jax.device_put(np.asarray(leaf)[index])
+    return leaf[index] if eqx.is_array(leaf) else leaf
 
 
 def _is_axis(value: Any) -> bool:
@@ -568,7 +576,7 @@ def _resolve_monitor(
 
 class _Carry(eqx.Module):
     state: Any
-    index: Int[Array, ""]
+    index: Int[Array, ""]  # the check, shared by the batch; the other fields are per config
     stop_index: Int[Array, ""]
     stop_reason: Int[Array, ""]
     best: Float[Array, ""]
@@ -577,57 +585,13 @@ class _Carry(eqx.Module):
     slot_values: dict[str, Float[Array, ""]]
 
 
-def _replay_one(
-    callback: Callback,
-    monitor: str | None,
-    mode: Mode,
-    columns: Mapping[str, Float[Array, " n"]],
-    steps: Int[Array, " n"],
-) -> _Carry:
-    """One configuration, check after check, until it stops or the history ends.
+def _keep_running(running: Bool[Array, " b"], new: Any, old: Any) -> Any:
+    """`new` for the configurations still running, `old` for those that have stopped."""
 
-    A `while_loop` rather than a `scan`: the run ends at the stopping check, as training
-    would. Under `jax.vmap` the loop runs while any configuration is still running, and
-    JAX's batching keeps the carry of every stopped configuration as it was.
-    """
-    slot_names = callback.action_names().slots
-    initial = _Carry(
-        state=callback.init(),
-        index=jnp.asarray(0, jnp.int32),
-        stop_index=jnp.asarray(NO_STEP, jnp.int32),
-        stop_reason=jnp.asarray(StopReason.NONE, jnp.int32),
-        best=jnp.asarray(worst_value(mode), jnp.float32),
-        best_step=jnp.asarray(NO_STEP, jnp.int32),
-        slots={n: jnp.asarray(NO_STEP, jnp.int32) for n in slot_names},
-        slot_values={n: jnp.asarray(jnp.nan, jnp.float32) for n in slot_names},
-    )
-    length = steps.shape[0]
+    def pick(n: Any, o: Any) -> Any:
+        return jnp.where(running.reshape(running.shape + (1,) * (jnp.ndim(n) - 1)), n, o)
 
-    def running(carry: _Carry) -> Bool[Array, ""]:
-        return (carry.index < length) & (carry.stop_index < 0)
-
-    def check(carry: _Carry) -> _Carry:
-        metrics = {key: column[carry.index] for key, column in columns.items()}
-        step = steps[carry.index]
-        state, actions = callback(carry.state, metrics, step=step)
-        best, best_step = carry.best, carry.best_step
-        if monitor is not None:
-            # the best a ModelCheckpoint(monitor, mode) would hold: the shared rule, no margin
-            better = improves(metrics[monitor], best, 0.0, mode)
-            best = jnp.where(better, metrics[monitor], best)
-            best_step = jnp.where(better, step, best_step)
-        return _Carry(
-            state=state,
-            index=carry.index + 1,
-            stop_index=jnp.where(actions.stop, carry.index, NO_STEP).astype(jnp.int32),
-            stop_reason=actions.stop_reason,
-            best=best,
-            best_step=best_step,
-            slots=actions.slots,
-            slot_values=actions.slot_values,
-        )
-
-    return jax.lax.while_loop(running, check, initial)
+    return jax.tree_util.tree_map(pick, new, old)
 
 
 @eqx.filter_jit
@@ -636,13 +600,91 @@ def _replay_batch(
     monitor: str | None,
     mode: Mode,
     columns: Mapping[str, Float[ArrayLike, " n"]],
-    steps: Int[Array, " n"],
+    steps: Int[ArrayLike, " n"],
     size: int,
 ) -> _Carry:
+    """Every configuration, check after check, until it stops or the history ends.
+
+    A `while_loop` rather than a `scan`: a run ends at its stopping check, as training
+    would, and the loop ends once every configuration has stopped; a stopped
+    configuration's carry stays as it was at its stop. One loop over the checks with a
+    scalar check index, the batched callback called at each check (rather than a `vmap` of
+    one loop per configuration, which makes the index and every read of the history
+    per-configuration gathers).
+    """
     # axis_size: a batch of callbacks without array leaves (TerminateOnNaN) has no axis to read
-    return eqx.filter_vmap(
-        _replay_one, in_axes=(eqx.if_array(0), None, None, None, None), axis_size=size
-    )(callback, monitor, mode, columns, steps)
+    slot_names = callback.action_names().slots
+
+    def full(value: Any, dtype: Any) -> Array:
+        return jnp.full((size,), value, dtype)
+
+    initial = _Carry(
+        state=eqx.filter_vmap(lambda c: c.init(), in_axes=(eqx.if_array(0),), axis_size=size)(
+            callback
+        ),
+        index=jnp.asarray(0, jnp.int32),
+        stop_index=full(NO_STEP, jnp.int32),
+        stop_reason=full(StopReason.NONE, jnp.int32),
+        best=full(worst_value(mode), jnp.float32),
+        best_step=full(NO_STEP, jnp.int32),
+        slots={n: full(NO_STEP, jnp.int32) for n in slot_names},
+        slot_values={n: full(jnp.nan, jnp.float32) for n in slot_names},
+    )
+    length = jnp.shape(steps)[0]
+
+    def running(carry: _Carry) -> Bool[Array, ""]:
+        # whether any configuration still runs, as a dot product of 0/1 values (exact: any 1
+        # makes it >= 1): XLA:CPU splits a reduction this wide into a tree of three kernels,
+        # slower to compile and to run at every check than one dot.
+        live = (carry.stop_index < 0).astype(jnp.float32)
+        return (carry.index < length) & (jnp.dot(live, live) > 0)
+
+    def check(carry: _Carry) -> _Carry:
+        metrics = {key: jnp.asarray(column)[carry.index] for key, column in columns.items()}
+        step = jnp.asarray(steps)[carry.index]
+        state, actions = eqx.filter_vmap(
+            lambda c, s: c(s, metrics, step=step), in_axes=(eqx.if_array(0), 0), axis_size=size
+        )(callback, carry.state)
+        best, best_step = carry.best, carry.best_step
+        if monitor is not None:
+            # the best a ModelCheckpoint(monitor, mode) would hold: the shared rule, no margin
+            better = improves(metrics[monitor], best, 0.0, mode)
+            best = jnp.where(better, metrics[monitor], best)
+            best_step = jnp.where(better, step, best_step)
+        updated = _keep_running(
+            carry.stop_index < 0,
+            (
+                state,
+                jnp.where(actions.stop, carry.index, NO_STEP).astype(jnp.int32),
+                actions.stop_reason,
+                best,
+                best_step,
+                actions.slots,
+                actions.slot_values,
+            ),
+            (
+                carry.state,
+                carry.stop_index,
+                carry.stop_reason,
+                carry.best,
+                carry.best_step,
+                carry.slots,
+                carry.slot_values,
+            ),
+        )
+        state, stop_index, stop_reason, best, best_step, slots, slot_values = updated
+        return _Carry(
+            state=state,
+            index=carry.index + 1,
+            stop_index=stop_index,
+            stop_reason=stop_reason,
+            best=best,
+            best_step=best_step,
+            slots=slots,
+            slot_values=slot_values,
+        )
+
+    return jax.lax.while_loop(running, check, initial)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -816,8 +858,9 @@ def replay(
     Each configuration sees check `i` of the history as
     `callback(state, {key: history[key][i]}, step=steps[i])`, exactly as in a training loop,
     and its run ends at the first check that asks to stop: later checks change nothing, as
-    training would have ended there. All configurations run in one compiled `jax.vmap` of a
-    `lax.while_loop` over the checks: a scan that ends once every configuration has stopped.
+    training would have ended there. All configurations run in one compiled `lax.while_loop`
+    over the checks, the callback `jax.vmap`-ed over the configurations at each check: a scan
+    that ends once every configuration has stopped.
 
     `history` is a mapping from metric name to a 1-D array, a list of per-check dicts, or
     the path of a CSV file (header row of names), a JSONL file, or a run directory with a
@@ -863,7 +906,7 @@ def replay(
     key, resolved_mode = _resolve_monitor(single, list(columns), monitor, mode)
     final = jax.device_get(
         _replay_batch(
-            batch.callback, key, resolved_mode, columns, jnp.asarray(step_numbers), len(batch)
+            batch.callback, key, resolved_mode, columns, step_numbers, len(batch)
         )
     )
     stopped = final.stop_index >= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import chex
@@ -356,3 +357,22 @@ def test_bad_steps():
         fcb.replay(es, history, mode="down")
     with pytest.raises(fcb.MissingMetricError, match="monitor = 'acc' is not a metric"):
         fcb.replay(es, history, monitor="acc")
+
+
+def _compiled(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+
+
+def test_replay_compiles_one_program_and_reuses_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A replay compiles its own function and nothing else (no slicing or conversion
+    programs on the side); another replay of the same shapes compiles nothing."""
+    batch = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=[1, 2, 3, 5, 8, 13, 21])
+    history = {"val_loss": np.linspace(1.0, 0.5, 23) + np.sin(np.arange(23.0)) / 10}
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        first = fcb.replay(batch, history)
+        compiled = _compiled(caplog)
+        caplog.clear()
+        again = fcb.replay(batch, {"val_loss": history["val_loss"][::-1].copy()})
+        assert _compiled(caplog) == []
+    assert len(compiled) == 1 and "_replay_batch" in compiled[0], compiled
+    assert len(first) == len(again) == 7
