@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,6 +74,20 @@ class ProcessGroup(abc.ABC):
     @abc.abstractmethod
     def gather_text(self, text: str | None) -> list[str | None]:
         """Every process's text, in process order (a collective)."""
+
+    @property
+    def is_primary(self) -> bool:
+        return self.index == 0
+
+    def on_primary(self, action: Callable[[], object]) -> None:
+        """Run `action` on the primary process only; raise its failure on every process."""
+        error: BaseException | None = None
+        try:
+            if self.is_primary:
+                action()
+        except BaseException as failure:
+            error = failure
+        self.agree_on_error(error)
 
     def agree_on_error(self, error: BaseException | None) -> None:
         """Raise on every process when any process failed: a failed process raises its own

@@ -32,10 +32,6 @@ class Processes(ProcessGroup):
         self.index = 0 if single else jax.process_index()
         self.active = self.count > 1
 
-    @property
-    def is_primary(self) -> bool:
-        return self.index == 0
-
     def _gather(self, words: np.ndarray) -> np.ndarray:
         """`[processes, n]` uint32 rows: one per process, in process order."""
         gathered = multihost_utils.process_allgather(np.ascontiguousarray(words, np.uint32))

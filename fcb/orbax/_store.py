@@ -251,14 +251,12 @@ class OrbaxStore:
                 f"the run directory {self.directory} is not writable. Pass a writable directory."
             )
         processes = self.processes
-        locked: BaseException | None = None
-        try:
-            if processes.is_primary:
-                self._lock.acquire()
-                remove_temporaries(self.directory)
-        except BaseException as failure:
-            locked = failure
-        processes.agree_on_error(locked)
+
+        def lock() -> None:
+            self._lock.acquire()
+            remove_temporaries(self.directory)
+
+        processes.on_primary(lock)
         try:
             if os.path.exists(self.manifest_path):
                 self.manifest = read_manifest(self.directory)
@@ -445,13 +443,7 @@ class OrbaxStore:
     def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
         assert self.manager is not None
         manifest, unlisted = with_files(manifest, files)
-        error = None
-        try:
-            if self.processes.is_primary:
-                atomic_write_json(self.manifest_path, manifest)
-        except BaseException as failure:
-            error = failure
-        self.processes.agree_on_error(error)
+        self.processes.on_primary(lambda: atomic_write_json(self.manifest_path, manifest))
         self.manifest, self._written = manifest, {}
         on_disk = set(self.manager.all_steps())
         for relative in sorted(unlisted):

@@ -27,11 +27,12 @@ from .._files import link_atomic, verify
 from .._history import HistoryLog, check_record, find_history
 from .._manifest import Plan, json_metrics, plan_checkpoints
 from .._model_checkpoint import ModelCheckpoint
+from .._ranks import check_reduction
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
 from .._validate import check_metrics_mapping
 from .._vram_drift import VRAMDrift
-from ._distributed import Group, check_reduction
+from ._distributed import Group
 from ._store import CheckpointStore, read_manifest
 
 logger = logging.getLogger("fcb")
@@ -262,7 +263,7 @@ class TorchAdapter:
         self.background = background
         self.resume_from = None if resume_from is None else os.fspath(resume_from)
         self._dirpath = None if dirpath is None else os.fspath(dirpath)
-        self.reduce = check_reduction(reduce)
+        self.reduce = check_reduction("TorchAdapter", reduce)
         self.group = Group()
         self._started = False
         self.store: CheckpointStore | None = None

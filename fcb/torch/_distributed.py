@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from .._ranks import (
     ProcessGroup,
-    check_reduction as _check_reduction,
     key_fingerprint,
     keys_differ,
 )
@@ -31,10 +30,6 @@ class Group(ProcessGroup):
         self.rank = dist.get_rank() if self.active else 0
         self.index = self.rank
         self.world_size = dist.get_world_size() if self.active else 1
-
-    @property
-    def is_primary(self) -> bool:
-        return self.rank == 0
 
     def _device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo and mpi take CPU tensors.
@@ -83,7 +78,3 @@ class Group(ProcessGroup):
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
-
-
-def check_reduction(value: Any) -> str | None:
-    return _check_reduction("TorchAdapter", value)
