@@ -39,6 +39,7 @@ from ._errors import (
     MissingMetricError as MissingMetricError,
     StateDictError as StateDictError,
 )
+from ._grid import Grid as Grid, grid as grid
 from ._model_checkpoint import (
     ModelCheckpoint as ModelCheckpoint,
     ModelCheckpointState as ModelCheckpointState,
@@ -48,12 +49,8 @@ from ._reduce_lr_on_plateau import (
     ReduceLROnPlateau as ReduceLROnPlateau,
     ReduceLROnPlateauState as ReduceLROnPlateauState,
 )
-from ._replay import (
-    Grid as Grid,
-    ReplayResult as ReplayResult,
-    grid as grid,
-    replay as replay,
-)
+from ._replay import replay as replay
+from ._replay_result import ReplayResult as ReplayResult
 from ._runner import Runner as Runner
 from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
 from ._terminate_on_nan import (
