@@ -14,6 +14,7 @@ import pytest
 import fcb
 from fcb import cli
 from fcb._history import read_records
+from fcb.cli._replay import _parse_values
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -289,7 +290,7 @@ def test_replay_of_a_csv_file(tmp_path, capsys):
     ],
 )
 def test_value_specs(spec, integer, expected):
-    assert cli._parse_values("--x", spec, integer=integer) == expected
+    assert _parse_values("--x", spec, integer=integer) == expected
 
 
 # -- plot ------------------------------------------------------------------------------------

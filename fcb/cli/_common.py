@@ -1,0 +1,148 @@
+"""What every `fcb` subcommand shares: the usage error and exit codes, the one-line error
+message, tables and value formatting, finding and reading a run's manifest, and the progress
+bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any
+
+from .._manifest import MANIFEST_NAME
+
+USAGE_EXIT = 2
+CORRUPT_EXIT = 1
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: one line, exit code 2."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+def _fail(args: argparse.Namespace | None, message: str, prog: str | None = None) -> None:
+    command = getattr(args, "command", None)
+    prog = prog or (f"fcb {command}" if command else "fcb")
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+# -- tables and values -----------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):  # non-finite numbers are spelled out in manifests
+        return value
+    if value is None:
+        return "-"
+    return f"{float(value):.5g}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def _by_tolerance(slots: Iterable[str]) -> list[str]:
+    """Tolerance slot names (`best_model.tolerance=3`) in order of their tolerance."""
+    return sorted(slots, key=lambda s: int(s.rsplit("=", 1)[1]))
+
+
+# -- run directories -------------------------------------------------------------------------
+
+
+def _find_manifest(run_dir: str) -> str:
+    """The directory holding a run's manifest: RUN_DIR or RUN_DIR/checkpoints."""
+    if not os.path.exists(run_dir):
+        raise UsageError(f"{run_dir} does not exist.")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is not a directory; pass a run directory.")
+    for candidate in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if os.path.isfile(os.path.join(candidate, MANIFEST_NAME)):
+            return candidate
+    raise UsageError(
+        f"{run_dir} has no {MANIFEST_NAME} (nor checkpoints/{MANIFEST_NAME}): not an fcb run "
+        f"directory, or no checkpoint was written yet."
+    )
+
+
+def _storage(directory: str) -> str:
+    try:
+        with open(os.path.join(directory, MANIFEST_NAME), "rb") as f:
+            raw = json.loads(f.read())
+    except (OSError, ValueError):
+        return "torch"  # read_manifest reports what is wrong with it
+    return str(raw.get("storage", "torch")) if isinstance(raw, dict) else "torch"
+
+
+def _read_manifest(directory: str, storage: str) -> dict[str, Any]:
+    from .._manifest import read_manifest
+
+    return read_manifest(os.path.join(directory, MANIFEST_NAME), storage=storage)
+
+
+def _monitor_of(config: Any) -> tuple[str, str] | None:
+    """The first (metric, mode) a state dict's recorded config monitors."""
+    if isinstance(config, Mapping):
+        key = config.get("monitor", config.get("metric_key"))
+        if isinstance(key, str) and config.get("mode") in ("min", "max"):
+            return key, str(config["mode"])
+        for value in config.values():
+            found = _monitor_of(value)
+            if found:
+                return found
+    elif isinstance(config, list):
+        for value in config:
+            found = _monitor_of(value)
+            if found:
+                return found
+    return None
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; a line every 10 checks otherwise."""
+
+    def __init__(self, total: int, stream: IO[str], enabled: bool = True):
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.tty = enabled and stream.isatty()
+        self.width = 0
+
+    def update(self, done: int, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            filled = round(24 * done / self.total)
+            line = f"\repoch {done:>3}/{self.total} [{'#' * filled}{'.' * (24 - filled)}] {text}"
+            self.width = max(self.width, len(line))
+            self.stream.write(line.ljust(self.width))
+            self.stream.flush()
+        elif done % 10 == 0 or done == self.total:
+            self.stream.write(f"epoch {done:>3}/{self.total}  {text}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

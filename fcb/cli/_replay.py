@@ -1,0 +1,83 @@
+"""`fcb replay`: every combination of `--patience` and `--min-delta` replayed at once over a
+recorded metric history, as a table, the best configuration and the trade-off front."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any
+
+from ._common import UsageError
+from ._plot import _plot_replay, _require_matplotlib
+
+
+def _parse_values(option: str, spec: str, *, integer: bool) -> list[Any]:
+    """`1:50` (inclusive), `1:50:5`, `0,1e-3,1e-2`, or a mix: `1,2,5:20:5`."""
+    values: list[Any] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                bounds = [float(p) for p in part.split(":")]
+                if len(bounds) not in (2, 3):
+                    raise ValueError
+                low, high = bounds[0], bounds[1]
+                step = bounds[2] if len(bounds) == 3 else 1.0
+                if step <= 0 or high < low:
+                    raise ValueError
+                count = math.floor((high - low) / step + 1e-9) + 1
+                values += [low + i * step for i in range(count)]
+            else:
+                values.append(float(part))
+        except ValueError:
+            raise UsageError(
+                f"{option} {spec!r}: expected numbers and inclusive ranges such as 1:50, "
+                f"1:50:5 or 0,1e-3,1e-2."
+            ) from None
+    if integer:
+        if any(v != round(v) for v in values):
+            raise UsageError(f"{option} {spec!r}: expected whole numbers.")
+        return [round(v) for v in values]
+    # ranges accumulate binary rounding (0.1 + 0.2): keep what the user would have typed
+    return [float(f"{v:.12g}") for v in values]
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .. import _early_stopping
+    from .._replay import grid, replay
+
+    patience = _parse_values("--patience", args.patience, integer=True)
+    min_delta = _parse_values("--min-delta", args.min_delta, integer=False)
+    if not os.path.exists(args.history):
+        raise UsageError(f"{args.history} does not exist.")
+    if args.plot:
+        _require_matplotlib()
+    batch = grid(
+        _early_stopping.EarlyStopping,
+        monitor=args.monitor,
+        mode=args.mode,
+        patience=patience,
+        min_delta=min_delta,
+    )
+    result = replay(batch, args.history, steps=args.steps)
+    print(result.table(max_rows=None if args.rows == 0 else args.rows, sort_by=args.sort))
+    best = result.best()
+    print()
+    print(
+        f"best {result.monitor}: {best['best_value']:.6g} at step {best['best_step']} with "
+        f"patience={best['patience']}, min_delta={best['min_delta']:g} ({best['checks']} checks)"
+    )
+    front = result.pareto()
+    if len(front) > 1:
+        print("trade-offs (fewer checks, or a better value):")
+        for index in front:
+            row = result.row(int(index))
+            print(
+                f"  patience={row['patience']:<4} min_delta={row['min_delta']:<8g} "
+                f"{row['checks']:>5} checks  best {result.monitor} {row['best_value']:.6g}"
+            )
+    if args.plot:
+        _plot_replay(result, args.plot, args.history)
+        print(f"plot: {args.plot}")
+    return 0
