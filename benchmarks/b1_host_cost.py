@@ -35,7 +35,8 @@ from _common import Row, cli, interleaved, median, ratios, spread, timed, us
 
 import fcb
 import fcb.torch
-from fcb._manifest import Plan, with_files
+from fcb._host.engine import Check
+from fcb._host.manifest import with_files
 from fcb.torch._store import CheckpointStore
 
 PATIENCE = 10_000  # no stop: every event runs the whole chain on both sides
@@ -55,7 +56,7 @@ class MemoryStore(CheckpointStore):
 
     def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
         manifest, _ = with_files(manifest, files)
-        self.manifest, self._pending = manifest, {}
+        self.manifest, self._written = manifest, {}
 
 
 def metric_sequence(count: int, seed: int = 0) -> list[torch.Tensor]:
@@ -80,16 +81,26 @@ def fcb_chain() -> fcb.Callback:
     )
 
 
-class DecisionsOnlyAdapter(fcb.torch.TorchAdapter):
+class InMemoryAdapter(fcb.torch.TorchAdapter):
+    """The Torch adapter over a `MemoryStore`."""
+
+    def open_store(self, processes: Any) -> MemoryStore:
+        return MemoryStore(self.dirpath)
+
+
+class DecisionsOnlyAdapter(InMemoryAdapter):
     """The Torch adapter with its save replaced by a record of the slot table (no payload)."""
 
-    def _save(self, plan: Plan, step: int) -> None:
-        assert self.store is not None
-        self.store.manifest["slots"] = {
+    def write(self, store: Any, check: Check) -> Any:
+        store.manifest["slots"] = {
             name: {"step": slot_step}
-            for name, (slot_step, _, _) in plan.slots.items()
+            for name, (slot_step, _, _) in check.plan.slots.items()
             if slot_step >= 0
         }
+        return lambda: None
+
+    def submit(self, job: Any) -> None:
+        """Nothing to commit: the slot table is recorded by `write`."""
 
 
 class FcbSide:
@@ -103,11 +114,10 @@ class FcbSide:
     ):
         self.model, self.optimizer = model_and_optimizer()
         directory = tempfile.mkdtemp(prefix="fcb-bench-")  # never written: MemoryStore
-        adapter_class = fcb.torch.TorchAdapter if payload else DecisionsOnlyAdapter
+        adapter_class = InMemoryAdapter if payload else DecisionsOnlyAdapter
         self.adapter = adapter_class(
             chain, model=self.model, optimizer=self.optimizer, dirpath=directory
         )
-        self.adapter.store = MemoryStore(directory)
         self.adapter.on_fit_start()
         self.metrics, self.keys, self.step = metrics, keys, 0
 

@@ -143,6 +143,10 @@ class BestCheckpoint(Callback):
             ),
             evaluate=(self.filename,) if self.children.callbacks else (),
             slot_models=tuple((s, self.model_names) for s in slots) if self.model_names else (),
+            slot_kinds=(
+                (self.filename, "best"),
+                *((s, "tolerance") for s in self.tolerance_slots()),
+            ),
         )
 
     def init(self) -> BestCheckpointState:

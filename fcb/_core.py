@@ -8,6 +8,7 @@ from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 Metrics: TypeAlias = Mapping[str, ArrayLike]
@@ -57,6 +58,11 @@ class ActionNames(NamedTuple):
     """The static names a callback emits: slots, log scalars, events and evaluation requests.
 
     `slot_models` maps a slot to the submodules it saves (slots not listed save everything).
+    `host_inputs` pairs a metric key with the host figure an adapter feeds it, e.g.
+    `("free_memory_bytes", "free_device_memory")` for `fcb.VRAMDrift`: adapters read what
+    callbacks need from these declarations, never from a callback's type.
+    `slot_kinds` pairs a slot with what it holds: `"best"`, `"top_k"` (a rank below the
+    best), `"last"` or `"tolerance"`; adapters record it in the manifest.
     """
 
     slots: tuple[str, ...] = ()
@@ -64,6 +70,8 @@ class ActionNames(NamedTuple):
     events: tuple[str, ...] = ()
     evaluate: tuple[str, ...] = ()
     slot_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    host_inputs: tuple[tuple[str, str], ...] = ()
+    slot_kinds: tuple[tuple[str, str], ...] = ()
 
 
 class Actions(eqx.Module):
@@ -192,6 +200,12 @@ def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = N
     )
 
 
+def _lr_rule(xp: Any, lr: Any, scale: Any, min_lr: Any, min_change: Any) -> Any:
+    """torch's `ReduceLROnPlateau` rule in the array namespace `xp` (jax.numpy or NumPy)."""
+    new = xp.asarray(xp.maximum(lr * scale, xp.minimum(min_lr, lr)), dtype=xp.asarray(lr).dtype)
+    return xp.where(xp.abs(lr - new) > min_change, new, lr)
+
+
 def scaled_lr(lr: ArrayLike, actions: Actions) -> Array:
     """The learning rate after applying `actions`: torch's `ReduceLROnPlateau` rule.
 
@@ -204,9 +218,20 @@ def scaled_lr(lr: ArrayLike, actions: Actions) -> Array:
     0.1...
     """
     lr = jnp.asarray(lr)
-    floor = jnp.minimum(actions.min_lr, lr)
-    new = jnp.maximum(lr * actions.lr_scale, floor).astype(lr.dtype)
-    return jnp.where(jnp.abs(lr - new) > actions.min_lr_change, new, lr)
+    return _lr_rule(jnp, lr, actions.lr_scale, actions.min_lr, actions.min_lr_change)
+
+
+def scaled_lr_host(lr: float, actions: Actions) -> float:
+    """`scaled_lr` of a Python float in float64, as torch computes it (host actions)."""
+    return float(
+        _lr_rule(
+            np,
+            float(lr),
+            float(actions.lr_scale),
+            float(actions.min_lr),
+            float(actions.min_lr_change),
+        )
+    )
 
 
 class Callback(eqx.Module):

@@ -17,23 +17,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from ._files import atomic_write
-from ._manifest import json_metrics, json_value
-
-HISTORY_NAME = "history.jsonl"
-
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def decode_number(value: Any) -> Any:
-    if isinstance(value, str) and value in _NON_FINITE:
-        return _NON_FINITE[value]
-    return value
+from ._host.manifest import json_metrics, json_value
+from ._host.rundir import HISTORY_NAME as HISTORY_NAME, find_history as find_history
+from ._state_dict import decode_number as decode_number
 
 
 def _line(record: Mapping[str, Any]) -> bytes:
@@ -114,15 +105,6 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("lr"), list):
         out["lr"] = [decode_number(v) for v in out["lr"]]
     return out
-
-
-def find_history(run_dir: str) -> str | None:
-    """The history file of a run directory (or its `checkpoints/` subdirectory), if any."""
-    for candidate in (run_dir, os.path.join(run_dir, "checkpoints")):
-        path = os.path.join(candidate, HISTORY_NAME)
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -127,9 +127,13 @@ class ModelCheckpoint(Callback):
         )
 
     def action_names(self) -> ActionNames:
+        ranks = self.rank_slots()
+        last = (LAST_SLOT,) if self.save_last else ()
         return ActionNames(
-            slots=self.rank_slots() + ((LAST_SLOT,) if self.save_last else ()),
+            slots=ranks + last,
             events=(f"{self.filename}/improved", f"{self.filename}/metric_missing"),
+            slot_kinds=tuple((s, "best" if i == 0 else "top_k") for i, s in enumerate(ranks))
+            + tuple((s, "last") for s in last),
         )
 
     def init(self) -> ModelCheckpointState:

@@ -18,30 +18,38 @@ from ._errors import ConfigChangedWarning, StateDictError
 FORMAT = "fcb.state_dict"
 VERSION = 1
 
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+"""The one JSON spelling of non-finite numbers (state dicts, manifests, histories)."""
 
 
-def _json_number(x: Any) -> Any:
+def json_number(x: Any) -> Any:
     """A Python scalar with non-finite floats spelled as strings, so strict JSON holds them."""
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
 
 
+def decode_number(value: Any) -> Any:
+    """The inverse of `json_number`: `"nan"`, `"inf"`, `"-inf"` back to floats."""
+    if isinstance(value, str) and value in NON_FINITE:
+        return NON_FINITE[value]
+    return value
+
+
 def _encode_values(array: np.ndarray) -> Any:
     values = array.tolist()
     if array.ndim == 0:
-        return _json_number(values)
-    return jax.tree_util.tree_map(_json_number, values)
+        return json_number(values)
+    return jax.tree_util.tree_map(json_number, values)
 
 
 def _decode_values(values: Any) -> Any:
     if isinstance(values, list):
         return [_decode_values(v) for v in values]
     if isinstance(values, str):
-        if values not in _NON_FINITE:
+        if values not in NON_FINITE:
             raise ValueError(f"unexpected string {values!r}")
-        return _NON_FINITE[values]
+        return NON_FINITE[values]
     return values
 
 
@@ -83,7 +91,7 @@ def _encode_config_value(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
-        return _json_number(value)
+        return json_number(value)
     try:
         return _encode_values(np.asarray(value))
     except Exception:

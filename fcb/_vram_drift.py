@@ -14,6 +14,9 @@ from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
 from ._validate import check_flag, check_key, float_param, read_metric
 
+FREE_DEVICE_MEMORY = "free_device_memory"
+"""The host input VRAMDrift declares: free accelerator memory in bytes (see `ActionNames`)."""
+
 _OWNER = "VRAMDrift"
 MIB = 2.0**20
 """Bytes per MiB. A power of two, so converting float32 bytes to MiB is exact."""
@@ -133,7 +136,11 @@ class VRAMDrift(Callback):
         )
 
     def action_names(self) -> ActionNames:
-        return ActionNames(log=(_BASELINE_LOG, _FREE_LOG, _DRIFT_LOG), events=(_DRIFT, _MISSING))
+        return ActionNames(
+            log=(_BASELINE_LOG, _FREE_LOG, _DRIFT_LOG),
+            events=(_DRIFT, _MISSING),
+            host_inputs=((self.key, FREE_DEVICE_MEMORY),),
+        )
 
     def init(self) -> VRAMDriftState:
         shape = jnp.broadcast_shapes(

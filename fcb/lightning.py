@@ -25,6 +25,8 @@ import pytorch_lightning as pl
 import torch
 
 from ._core import Actions, Callback
+from ._errors import ConfigError
+from ._host.engine import Check
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._store import CheckpointStore
 
@@ -37,7 +39,7 @@ class _LightningAdapter(TorchAdapter):
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return list(getattr(self.trainer, "optimizers", []) or [])
 
-    def _follow_checkpoints(self, actions: Actions, step: int) -> None:
+    def follow(self, actions: Actions, step: int) -> None:
         # Trainer.save_checkpoint ends in a barrier on every rank, so the other ranks call it
         # as often as rank 0 does for a full checkpoint of this step; only rank 0 writes.
         slot_models = dict(actions.slot_models)
@@ -48,23 +50,51 @@ class _LightningAdapter(TorchAdapter):
             self.trainer.save_checkpoint(os.path.join(self.dirpath, "not-written-on-this-rank"))
 
     def _step_writer(
-        self, step: int, models: tuple[str, ...] | None, callbacks_state: Any, slots: Any
-    ) -> Callable[[CheckpointStore], None]:
+        self, store: CheckpointStore, check: Check, models: tuple[str, ...] | None
+    ) -> Callable[[], None]:
         if models:  # a subset of submodules: the Trainer cannot save that, torch.save does
-            return super()._step_writer(step, models, callbacks_state, slots)
-        trainer = self.trainer
+            return super()._step_writer(store, check, models)
+        trainer, step = self.trainer, check.step
 
-        def write(store: CheckpointStore) -> None:
-            store.write_with(store.step_file(step, None), step, None, trainer.save_checkpoint)
+        def write() -> None:
+            self.saving_step = step  # FcbCallback.state_dict records it in the checkpoint
+            try:
+                store.write_with(store.step_file(step, None), step, None, trainer.save_checkpoint)
+            finally:
+                self.saving_step = None
 
         return write
+
+    saving_step: int | None = None
+    loaded: dict[str, Any] | None = None
+    """The state Lightning restored from `ckpt_path` (`FcbCallback.load_state_dict`)."""
+
+    def read_resume(
+        self, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
+    ) -> tuple[Any, Callable[[], None]]:
+        """Lightning restores the model, optimizer and loops itself; the session resets the
+        directory to the checkpoint's resume point, which must be the one Lightning loaded."""
+        assert self.loaded is not None
+        step = self.loaded.get("step")
+        if step is not None and step != record["step"]:
+            raise ConfigError(
+                f"FcbCallback: Lightning resumed from the checkpoint of step {step}, but the "
+                f"run's resume point in {source} is step {record['step']} (its `last` slot); "
+                f"resuming from another slot would leave later checkpoints in the run. Pass "
+                f"ckpt_path={os.path.join(source, 'last' + self.suffix)!r}."
+            )
+        return self.loaded["callbacks"], lambda: None
 
 
 class FcbCallback(pl.Callback):
     """Wrap any fcb callback (or chain) as a Lightning `Callback`.
 
     At each validation end (sanity checks excepted) the chain sees `trainer.callback_metrics`
-    at `step = trainer.current_epoch`; a stop sets `trainer.should_stop`; `lr_scale` applies
+    at `step = trainer.current_epoch` (`step="epoch"`, the default) or at
+    `step = trainer.global_step` (`step="global_step"`: use it when validation runs more
+    than once per epoch, e.g. `val_check_interval=0.5`; with epoch numbering, a second
+    validation in one epoch is refused, since its checkpoint would reuse the epoch's step);
+    a stop sets `trainer.should_stop`; `lr_scale` applies
     to every param group of `trainer.optimizers`; checkpoints are written by
     `trainer.save_checkpoint` into `dirpath` (default `{default_root_dir}/checkpoints`) with
     the same one-file-per-step store, stable slot names (`best_model.ckpt`, `last.ckpt`, ...)
@@ -79,8 +109,20 @@ class FcbCallback(pl.Callback):
         *,
         dirpath: str | os.PathLike[str] | None = None,
         evaluate: EvaluateFn | Mapping[str, EvaluateFn] | None = None,
+        step: str = "epoch",
+        history: bool = False,
+        log: Callable[[int, dict[str, float]], None] | None = None,
+        reduce: str | None = "mean",
     ):
-        self.adapter = _LightningAdapter(callbacks, dirpath=dirpath, evaluate=evaluate)
+        if step not in ("epoch", "global_step"):
+            raise ConfigError(
+                f"FcbCallback: `step` must be 'epoch' or 'global_step', got step = {step!r}."
+            )
+        self.step = step
+        self.adapter = _LightningAdapter(
+            callbacks, dirpath=dirpath, evaluate=evaluate, history=history, log=log,
+            reduce=reduce,
+        )
 
     @property
     def state_key(self) -> str:
@@ -89,14 +131,15 @@ class FcbCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapter.trainer = trainer
         self.adapter.model = pl_module
+        if self.adapter.loaded is not None:  # Trainer.fit(ckpt_path=...) of an fcb checkpoint
+            self.adapter.resume_from = self.adapter.dirpath
         self.adapter.on_fit_start(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.adapter.on_validation_end(
-            dict(trainer.callback_metrics), step=trainer.current_epoch, trainer=trainer
-        )
+        step = trainer.current_epoch if self.step == "epoch" else trainer.global_step
+        self.adapter.on_validation_end(dict(trainer.callback_metrics), step=step, trainer=trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapter.on_fit_end(trainer)
@@ -107,10 +150,18 @@ class FcbCallback(pl.Callback):
         self.adapter.on_exception(exception)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"callbacks": self.adapter.state_dict()}
+        adapter = self.adapter
+        step = adapter.saving_step
+        return {
+            "callbacks": adapter.state_dict(),
+            "step": adapter.session.last_step if step is None else step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.adapter.runner.load_state_dict(state_dict["callbacks"])
+        if self.adapter.session.started:  # a strategy that restores callbacks after the start
+            self.adapter.runner.load_state_dict(state_dict["callbacks"])
+        else:
+            self.adapter.loaded = dict(state_dict)
 
 
 __all__ = ["FcbCallback"]

@@ -9,7 +9,7 @@ import torch
 
 import fcb
 import fcb.torch
-from fcb.torch._adapter import _BackgroundWriter
+from fcb.torch._writer import BackgroundWriter as _BackgroundWriter
 
 LARGE = (512, 1024)  # 2 MiB of float32: large enough to be reused
 

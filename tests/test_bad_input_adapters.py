@@ -469,9 +469,9 @@ CASES = [
      fcb.ConfigError,
      r"OrbaxAdapter: model_names asks for submodule 'decoder', but the model \(dict\) has "
      r"\['encoder'\]\. Fix model_names\."),
-    ("orbax: empty directory name", "directory=''",
+    ("orbax: empty directory name", "dirpath=''",
      lambda tmp: fcb.orbax.OrbaxAdapter(ES, ""), fcb.ConfigError,
-     r"^OrbaxAdapter: `directory` must be a non-empty path, got directory = ''\.$"),
+     r"^OrbaxAdapter: `dirpath` must be a non-empty path, got dirpath = ''\.$"),
     ("orbax: two writers on one directory", "two adapters, one directory", orbax_two_writers,
      fcb.DirectoryInUseError, r"orbax is being written by another fcb adapter"),
     ("orbax: evaluate not a function", "evaluate=3",
@@ -497,10 +497,10 @@ CASES = [
     ("orbax: resume a Torch run", "resume=True on a fcb.torch run directory",
      orbax_resumes_a_torch_run, fcb.CheckpointCorruptError,
      r"belongs to a run written by fcb\.torch; open it with fcb\.torch, not fcb\.orbax"),
-    ("orbax: directory under a regular file", "directory='file/run'", orbax_under_a_file,
+    ("orbax: directory under a regular file", "dirpath='file/run'", orbax_under_a_file,
      fcb.CheckpointWriteError,
-     r"^cannot create the run directory .*file/run: Not a directory\. Pass a writable "
-     r"directory\.$"),
+     r"^cannot create the checkpoint directory .*file/run: Not a directory\. Pass a writable "
+     r"dirpath\.$"),
 ]
 
 

@@ -36,7 +36,7 @@ import torch
 import fcb
 import fcb.torch
 from fcb import _files
-from fcb.torch import _store
+from fcb._host import store as _store
 
 CHAIN = fcb.chain(
     fcb.EarlyStopping("val_loss", patience=100),

@@ -460,7 +460,7 @@ def test_bad_input_is_named(tmp_path):
         fcb.orbax.restore(tmp_path, "best")
     with pytest.raises(fcb.ConfigError, match=r"1 leaves the checkpoint .* does not store"):
         fcb.orbax.restore(tmp_path, like={"w": jnp.zeros(2), "v": jnp.zeros(1)})
-    with pytest.raises(fcb.ConfigError, match=r"`directory` must be a non-empty path"):
+    with pytest.raises(fcb.ConfigError, match=r"`dirpath` must be a non-empty path"):
         fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), "")
     with pytest.raises(fcb.CheckpointCorruptError, match=r"no resumable checkpoint"):
         fcb.orbax.OrbaxAdapter(fcb.EarlyStopping(), tmp_path / "empty", resume=True).on_fit_start()

@@ -188,3 +188,22 @@ def test_the_packed_state_dict_spells_non_finite_values_like_fcb_state_dict():
     saved = runner.state_dict()
     assert saved == fcb.state_dict(runner.state, callback)
     assert saved["state"]["leaves"]["['half']"]["value"] == [1.0, "nan"]
+
+
+def test_an_evaluation_request_keeps_the_checks_slot_decisions():
+    """A new best that asks for an evaluation must not reset the other callbacks' slots to
+    their inactive defaults when the evaluation's actions are merged in."""
+    child = fcb.EarlyStopping("best=val_loss/test_loss")
+    nested = fcb.BestCheckpoint("val_loss", callbacks=[child])
+    with_children = fcb.Runner(fcb.chain(fcb.ModelCheckpoint("val_loss"), nested))
+    alone = fcb.Runner(fcb.chain(fcb.ModelCheckpoint("val_loss"), fcb.BestCheckpoint("val_loss")))
+    for step, value in enumerate([1.0, 0.8, 0.9, 0.7]):
+        got = with_children.check(
+            {"val_loss": value}, step=step, evaluate=lambda request: {"test_loss": 0.5}
+        )
+        want = alone.check({"val_loss": value}, step=step)
+        assert {k: int(v) for k, v in got.slots.items()} == {
+            k: int(v) for k, v in want.slots.items()
+        }
+        assert bool(got.save) == bool(want.save)
+        assert bool(got.events["best.val_loss/improved"]) == (step in (0, 1, 3))

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from .._manifest import MANIFEST_NAME
+from .._host.manifest import MANIFEST_NAME, read_manifest
+from .._host.rundir import find_run
 
 USAGE_EXIT = 2
 CORRUPT_EXIT = 1
@@ -67,6 +68,12 @@ def _by_tolerance(slots: Iterable[str]) -> list[str]:
     return sorted(slots, key=lambda s: int(s.rsplit("=", 1)[1]))
 
 
+def _kind(slot: Mapping[str, Any]) -> str:
+    """What a manifest's slot holds: its recorded kind ("best", "top_k", "last",
+    "tolerance"); manifests written before kinds were recorded hold no kind."""
+    return str(slot.get("kind", ""))
+
+
 # -- run directories -------------------------------------------------------------------------
 
 
@@ -76,9 +83,9 @@ def _find_manifest(run_dir: str) -> str:
         raise UsageError(f"{run_dir} does not exist.")
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is not a directory; pass a run directory.")
-    for candidate in (run_dir, os.path.join(run_dir, "checkpoints")):
-        if os.path.isfile(os.path.join(candidate, MANIFEST_NAME)):
-            return candidate
+    found = find_run(run_dir)
+    if found is not None:
+        return found
     raise UsageError(
         f"{run_dir} has no {MANIFEST_NAME} (nor checkpoints/{MANIFEST_NAME}): not an fcb run "
         f"directory, or no checkpoint was written yet."
@@ -95,9 +102,7 @@ def _storage(directory: str) -> str:
 
 
 def _read_manifest(directory: str, storage: str) -> dict[str, Any]:
-    from .._manifest import read_manifest
-
-    return read_manifest(os.path.join(directory, MANIFEST_NAME), storage=storage)
+    return read_manifest(directory, storage=storage)
 
 
 def _monitor_of(config: Any) -> tuple[str, str] | None:

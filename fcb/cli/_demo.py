@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from .._history import HISTORY_NAME, HistoryLog, check_record
-from .._manifest import MANIFEST_NAME
+from .._host.manifest import MANIFEST_NAME
+from .._host.rundir import HISTORY_NAME
 from ._common import UsageError, _by_tolerance, _Progress, _read_manifest, _size, _table, _value
 
 DEMO_MARKER = "demo.json"
@@ -258,10 +258,14 @@ def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str
 
         return state
 
-    adapter = OrbaxAdapter(_demo_callbacks(), out, async_save=True)
+    adapter = OrbaxAdapter(
+        _demo_callbacks(),
+        out,
+        background=True,
+        history=True,
+        learning_rate=lambda state: state["opt_state"].hyperparams["learning_rate"],
+    )
     adapter.on_fit_start()
-    history = HistoryLog(out)  # the orbax adapter records no history; the demo does
-    history.start(None)
 
     def check(epoch: int) -> tuple[dict[str, float], Any, float]:
         nonlocal key, model, opt_state
@@ -272,22 +276,9 @@ def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str
         state = after_check(model, opt_state)
         actions = adapter.on_validation_end(metrics, step=epoch, state=state)
         opt_state = state(actions)["opt_state"]
-        lr_now = float(opt_state.hyperparams["learning_rate"])
-        history.append(
-            check_record(
-                epoch,
-                metrics,
-                lr=[lr_now],
-                events=[n for n, fired in actions.events.items() if bool(fired)],
-                stop=actions.stop_message() if bool(actions.stop) else None,
-            )
-        )
-        return metrics, actions, lr_now
+        return metrics, actions, float(opt_state.hyperparams["learning_rate"])
 
     report = _fit(adapter, epochs, progress, check)
-    from .._manifest import json_metrics
-
-    history.append({"summary": json_metrics(report["summary"])})
     return {
         **report,
         "model": f"MLP {d}-{h}-{h}-1 (equinox), optax SGD with momentum, orbax checkpoints",

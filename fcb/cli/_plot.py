@@ -15,6 +15,7 @@ from ._common import (
     UsageError,
     _by_tolerance,
     _find_manifest,
+    _kind,
     _monitor_of,
     _read_manifest,
     _storage,
@@ -159,11 +160,8 @@ def _plot_run(
         lr_ax = None
     others = [k for k in checks[0]["metrics"] if k != metric and "loss" in k and "loss" in metric]
     slots = manifest.get("slots", {})
-    tolerance_slots = _by_tolerance(name for name in slots if ".tolerance=" in name)
-    best_steps = sorted({
-        slot["step"] for name, slot in slots.items()
-        if name not in tolerance_slots and name != "last" and "-top" not in name
-    })
+    tolerance_slots = _by_tolerance(n for n, slot in slots.items() if _kind(slot) == "tolerance")
+    best_steps = sorted({slot["step"] for slot in slots.values() if _kind(slot) == "best"})
     stop = next((r for r in checks if r.get("stop")), None)
     finite = [v for v in values if math.isfinite(v)]
     span = (max(finite) - min(finite)) if finite else 1.0

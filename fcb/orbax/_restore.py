@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import equinox as eqx
 
 from .._errors import CheckpointError
-from ._adapter import model_subset, submodule
+from ._payload import model_subset, submodule
 from ._store import read_manifest, read_step, stored_tree
 
 Model = TypeVar("Model")

@@ -31,24 +31,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
-from .._files import DirectoryLock, atomic_write_json, remove_temporaries
-from .._manifest import (
-    MANIFEST_NAME,
-    Models,
-    SlotRequest,
-    empty_manifest,
-    next_manifest,
-    read_manifest as _read_manifest,
-    reset_manifest,
-    slot_records,
-    with_files,
-)
-from ._processes import Processes
+from .._host.manifest import Models, SlotRequest, read_manifest as _read_manifest
+from .._host.processes import ProcessGroup
+from .._host.store import STEPS_DIR, ManifestStore
 
 logger = logging.getLogger("fcb")
 
 STORAGE = "orbax"
-STEPS_DIR = "steps"
 STATE_ITEM = "state"
 META_ITEM = "fcb"
 CHECKPOINT_FORMAT = "fcb.checkpoint"
@@ -57,13 +46,26 @@ DEFAULT_TIMEOUT = 600.0
 """Seconds a process waits for the others inside an orbax save (orbax's own default)."""
 
 
+def check_timeout(owner: str, timeout: Any) -> None:
+    """`timeout` must be a finite number of seconds > 0 (a `ConfigError` names it)."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < float("inf")
+    ):
+        raise ConfigError(
+            f"{owner}: `timeout` must be a finite number of seconds > 0, got "
+            f"timeout = {timeout!r}."
+        )
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked manifest of an orbax run directory (a dict; see the adapter's docs).
 
     Raises [`fcb.CheckpointCorruptError`][] when the directory has no manifest, when it is
     not valid, or when a Torch run wrote it.
     """
-    return _read_manifest(os.path.join(os.fspath(directory), MANIFEST_NAME), storage=STORAGE)
+    return _read_manifest(directory, storage=STORAGE)
 
 
 def location(step: int, models: Models = None) -> str:
@@ -202,8 +204,8 @@ def _register_exit_hook(method: weakref.WeakMethod[Callable[[], None]]) -> None:
         atexit.register(hook)
 
 
-class OrbaxStore:
-    """The orbax steps and the manifest of one run, in commit order.
+class OrbaxStore(ManifestStore):
+    """The orbax steps and the manifest of one run, in commit order (see `fcb._host.store`).
 
     `save` starts an (asynchronous) orbax save; `commit` records the manifest that follows
     from a check; when the save is still in flight, the manifest waits as *pending* until
@@ -211,71 +213,37 @@ class OrbaxStore:
     changes anything, and at the end.
     """
 
+    storage = STORAGE
+
     def __init__(
         self,
         directory: str,
         *,
         async_save: bool = True,
-        processes: Processes | None = None,
+        processes: ProcessGroup | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ):
-        self.directory = os.path.abspath(directory)
+        super().__init__(directory, processes=processes)
         self.async_save = async_save
-        self.processes = Processes() if processes is None else processes
         self.timeout = timeout
-        self.manifest = empty_manifest(storage=STORAGE)
         self.manager: ocp.CheckpointManager | None = None
-        self._lock = DirectoryLock(self.directory)
-        self._written: dict[str, dict[str, Any]] = {}
-        self._in_flight: int | None = None
+        self._saving: int | None = None
         self._closed = False
-        self._pending: tuple[dict[str, Any], dict[str, Any]] | None = None
 
-    @property
-    def manifest_path(self) -> str:
-        return os.path.join(self.directory, MANIFEST_NAME)
+    def location(self, step: int, models: Models = None) -> str:
+        return location(step, models)
 
-    def path(self, relative: str) -> str:
-        return os.path.join(self.directory, relative)
-
-    def open(self) -> None:
-        try:
-            os.makedirs(os.path.join(self.directory, STEPS_DIR), exist_ok=True)
-        except OSError as error:
-            raise CheckpointWriteError(
-                f"cannot create the run directory {self.directory}: {error.strerror or error}. "
-                f"Pass a writable directory."
-            ) from error
-        if not os.access(self.directory, os.W_OK):
-            raise CheckpointWriteError(
-                f"the run directory {self.directory} is not writable. Pass a writable directory."
-            )
-        processes = self.processes
-
-        def lock() -> None:
-            self._lock.acquire()
-            remove_temporaries(self.directory)
-
-        processes.on_primary(lock)
-        try:
-            if os.path.exists(self.manifest_path):
-                self.manifest = read_manifest(self.directory)
-            # every process has read the manifest before the primary may replace it
-            processes.barrier("opened")
-            self.manager = ocp.CheckpointManager(
-                os.path.join(self.directory, STEPS_DIR),
-                options=ocp.CheckpointManagerOptions(
-                    # fcb decides what to keep: no max_to_keep, no best_fn (see the docs)
-                    cleanup_tmp_directories=True,
-                    enable_async_checkpointing=self.async_save,
-                    async_options=ocp.AsyncOptions(timeout_secs=max(1, round(self.timeout))),
-                    create=True,
-                ),
-            )
-            self._repair()
-        except BaseException:
-            self.close()
-            raise
+    def _open_backend(self) -> None:
+        self.manager = ocp.CheckpointManager(
+            os.path.join(self.directory, STEPS_DIR),
+            options=ocp.CheckpointManagerOptions(
+                # fcb decides what to keep: no max_to_keep, no best_fn (see the docs)
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=self.async_save,
+                async_options=ocp.AsyncOptions(timeout_secs=max(1, round(self.timeout))),
+                create=True,
+            ),
+        )
         # A loop that ends without on_fit_end still gets its last save committed. At exit,
         # `threading` runs its hooks before `atexit` ones, and one of them stops the
         # executors orbax's background save needs: so wait in a `threading` hook, which
@@ -292,43 +260,46 @@ class OrbaxStore:
         finally:
             self.close()
 
-    def _repair(self) -> None:
-        """After a kill: delete steps the manifest does not list; check the listed ones."""
+    # -- backend operations ------------------------------------------------------------------
+
+    def _check_listed(self, relative: str, record: Mapping[str, Any]) -> None:
+        if not ocp.utils.is_checkpoint_finalized(self.path(relative)):
+            raise CheckpointCorruptError(
+                f"{self.path(relative)} (step {record['step']}) is listed in "
+                f"{self.manifest_path} but missing or not a committed orbax checkpoint."
+            )
+
+    def _on_disk(self) -> set[str]:
         assert self.manager is not None
-        listed = {record["step"] for record in self.manifest["files"].values()}
-        for step in sorted(set(self.manager.all_steps()) - listed):
-            self.manager.delete(step)
-        for relative, record in self.manifest["files"].items():
-            if not ocp.utils.is_checkpoint_finalized(self.path(relative)):
+        return {location(step) for step in self.manager.all_steps()}
+
+    def _delete(self, locations: set[str], files: Mapping[str, Any]) -> None:
+        assert self.manager is not None
+        on_disk = set(self.manager.all_steps())
+        for relative in sorted(locations):
+            step = int(relative.rsplit("/", 1)[1])
+            if step in on_disk:
+                self.manager.delete(step)
+
+    def _slot_extra(self, name: str, models: Models) -> dict[str, Any]:
+        return {"models": None if models is None else list(models)}
+
+    def _check_records(
+        self,
+        records: Mapping[str, Any],
+        files: Mapping[str, Any],
+        slots: Mapping[str, SlotRequest],
+    ) -> None:
+        for name, record in records.items():
+            stored, wanted = files[record["file"]]["models"], slots[name][2]
+            if not models_cover(None if stored is None else tuple(stored), wanted):
                 raise CheckpointCorruptError(
-                    f"{self.path(relative)} (step {record['step']}) is listed in "
-                    f"{self.manifest_path} but missing or not a committed orbax checkpoint."
+                    f"slot {name!r} must hold step {record['step']} with "
+                    f"{'every submodule' if wanted is None else list(wanted)}, but that step "
+                    f"was saved with only {stored}."
                 )
 
-    def start_over(self) -> None:
-        """Begin a new run in a directory that holds another (as the Torch store does): an
-        empty manifest is committed first, then the old run's steps are deleted, so a kill
-        never leaves the old manifest listing a step the new run rewrote."""
-        old = self.manifest
-        if not (old["files"] or old["resume"]):
-            return
-        logger.warning(
-            "fcb: %s held a run (%d checkpoints); a new run starts there and replaces it. "
-            "Pass resume=True to continue the run instead.",
-            self.directory,
-            len(old["files"]),
-        )
-        self._install(empty_manifest(storage=STORAGE), dict(old["files"]))
-
-    @property
-    def latest_manifest(self) -> dict[str, Any]:
-        """The manifest after the last check: pending (its step still being written) or
-        committed."""
-        return self.manifest if self._pending is None else self._pending[0]
-
-    def has(self, step: int) -> bool:
-        relative = location(step)
-        return relative in self.manifest["files"] or relative in self._written
+    # -- saves -------------------------------------------------------------------------------
 
     def stored_models(self, step: int) -> Models:
         record = self._written.get(location(step)) or self.manifest["files"][location(step)]
@@ -336,7 +307,7 @@ class OrbaxStore:
 
     def save(self, step: int, state: Any, meta: dict[str, Any], models: Models) -> None:
         """Start saving `state` (host arrays) and `meta` (JSON) as orbax step `step`."""
-        assert self.manager is not None and self._in_flight is None
+        assert self.manager is not None and self._saving is None
         try:
             self.manager.save(
                 step,
@@ -353,67 +324,21 @@ class OrbaxStore:
                 f"could not write step {step} to {self.path(location(step))}: "
                 f"{error.strerror or error}; the previous checkpoints are intact."
             ) from error
-        self._written[location(step)] = {
-            "step": step,
-            "models": None if models is None else list(models),
-        }
-        if self.async_save:
-            self._in_flight = step
-        else:
-            self._check_committed(step)
-
-    def commit(
-        self,
-        *,
-        event_step: int,
-        slots: Mapping[str, SlotRequest],
-        archive: bool,
-        callbacks: Any,
-        resume: bool,
-        stop_message: str = "",
-    ) -> None:
-        files = {**self.manifest["files"], **self._written}
-        records = slot_records(
-            slots,
-            location,
-            files,
-            self.directory,
-            extra=lambda name, models: {"models": None if models is None else list(models)},
+        self.record_write(
+            location(step), {"step": step, "models": None if models is None else list(models)}
         )
-        for name, record in records.items():
-            stored, wanted = files[record["file"]]["models"], slots[name][2]
-            if not models_cover(None if stored is None else tuple(stored), wanted):
-                raise CheckpointCorruptError(
-                    f"slot {name!r} must hold step {record['step']} with "
-                    f"{'every submodule' if wanted is None else list(wanted)}, but that step "
-                    f"was saved with only {stored}."
-                )
-        manifest = next_manifest(
-            self.manifest,
-            event_step=event_step,
-            slots=records,
-            archive=[location(event_step)] if archive else [],
-            callbacks=callbacks,
-            resume=resume,
-            stop_message=stop_message,
-        )
-        if self._in_flight is not None:
-            self._pending = (manifest, files)
-        else:
-            self._install(manifest, files)
+        self._saving = step
+        if not self.async_save:
+            self._wait_written()
 
-    def finish(self) -> None:
-        """Wait for the save in flight; once it is committed, install the pending manifest."""
-        if self._in_flight is None:
-            return
-        step, self._in_flight = self._in_flight, None
-        pending, self._pending = self._pending, None
-        self._check_committed(step)
-        if pending is not None:
-            self._install(*pending)
+    def _in_flight(self) -> bool:
+        return self._saving is not None
 
-    def _check_committed(self, step: int) -> None:
+    def _wait_written(self) -> None:
         assert self.manager is not None
+        step, self._saving = self._saving, None
+        if step is None:
+            return
         path = self.path(location(step))
         try:
             self.manager.wait_until_finished()
@@ -440,27 +365,8 @@ class OrbaxStore:
             failure.__cause__ = error
             self.processes.agree_on_error(failure)
 
-    def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
-        assert self.manager is not None
-        manifest, unlisted = with_files(manifest, files)
-        self.processes.on_primary(lambda: atomic_write_json(self.manifest_path, manifest))
-        self.manifest, self._written = manifest, {}
-        on_disk = set(self.manager.all_steps())
-        for relative in sorted(unlisted):
-            step = files[relative]["step"]
-            if step in on_disk:
-                self.manager.delete(step)
-
-    def reset_to(self, record: Mapping[str, Any]) -> None:
-        """Make the manifest hold exactly the resume record's slots; delete later steps."""
-        self.finish()
-        self._install(*reset_manifest(self.manifest, record["slots"], {}, record))
-
-    def close(self) -> None:
+    def _close_backend(self) -> None:
         self._closed = True
-        try:
-            if self.manager is not None:
-                self.manager.close()
-        finally:
-            self.manager = None
-            self._lock.release()
+        if self.manager is not None:
+            manager, self.manager = self.manager, None
+            manager.close()

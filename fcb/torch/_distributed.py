@@ -1,80 +1,45 @@
-"""Rank agreement for the Torch adapter under `torch.distributed` (DDP, FSDP, any backend).
+"""The collectives of `torch.distributed` (DDP, FSDP, any backend) for fcb's process rules.
 
-Every rank runs the same pure callbacks on the same reduced metrics, so every rank makes the
-same decisions; only rank 0 touches the checkpoint directory, and every rank learns of its
-success or failure through one collective, so no rank waits forever for another.
+Every rule over the ranks (metric reduction, stop agreement, error agreement) lives in
+`fcb._host.processes`; this module only moves words between ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._ranks import (
-    ProcessGroup,
-    key_fingerprint,
-    keys_differ,
-)
+from .._host.processes import ProcessGroup
 
 
-class Group(ProcessGroup):
-    """The default process group when `torch.distributed` is initialised, else a no-op."""
-
-    kind = "rank"
+class TorchCollectives:
+    """All-gather and barrier over the default process group (a no-op when it is not
+    initialised)."""
 
     def __init__(self) -> None:
         self.active = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.active else 0
-        self.index = self.rank
-        self.world_size = dist.get_world_size() if self.active else 1
+        self.count = dist.get_world_size() if self.active else 1
+        self.index = dist.get_rank() if self.active else 0
 
     def _device(self) -> torch.device:
-        # NCCL reduces only CUDA tensors; gloo and mpi take CPU tensors.
-        if self.active and dist.get_backend() == "nccl":
+        # NCCL moves only CUDA tensors; gloo and mpi take CPU tensors.
+        if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def reduce_metrics(self, metrics: Mapping[str, Any], reduction: str | None) -> dict[str, Any]:
-        """The metrics reduced over ranks (one collective); a key set that differs between
-        ranks is an error on every rank, never a hang or a silent mix-up."""
-        if not self.active or reduction is None or not metrics:
-            return dict(metrics)
-        keys = sorted(metrics)
-        values = [float(metrics[k]) for k in keys]
-        fingerprint = float(key_fingerprint(keys))
-        # NaN and inf propagate through every reduction: a rank that sees NaN stops all.
-        op = {
-            "mean": dist.ReduceOp.SUM,
-            "sum": dist.ReduceOp.SUM,
-            "max": dist.ReduceOp.MAX,
-            "min": dist.ReduceOp.MIN,
-        }[reduction]
-        data = torch.tensor(values, dtype=torch.float64, device=self._device())
-        check = torch.tensor([fingerprint, -fingerprint], dtype=torch.float64, device=data.device)
-        dist.all_reduce(data, op=op)
-        dist.all_reduce(check, op=dist.ReduceOp.MAX)
-        if check[0].item() != -check[1].item():
-            raise keys_differ("TorchAdapter", keys)
-        if reduction == "mean":
-            data /= self.world_size
-        return dict(zip(keys, data.tolist(), strict=True))
+    def all_gather_words(self, words: np.ndarray) -> np.ndarray:
+        # int64 carries every uint32 exactly, on every backend
+        local = torch.from_numpy(np.asarray(words, np.uint32).astype(np.int64)).to(self._device())
+        rows = [torch.empty_like(local) for _ in range(self.count)]
+        dist.all_gather(rows, local)
+        return torch.stack(rows).cpu().numpy().astype(np.uint32)
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on at least one."""
-        if not self.active:
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int32, device=self._device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+    def barrier(self, name: str) -> None:
+        del name
+        dist.barrier()
 
-    def gather_text(self, text: str | None) -> list[str | None]:
-        messages: list[Any] = [None] * self.world_size
-        dist.all_gather_object(messages, text)
-        return messages
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
+def ranks() -> ProcessGroup:
+    """The ranks of the run, as `torch.distributed` sees them now."""
+    return ProcessGroup(TorchCollectives(), kind="rank")

@@ -10,18 +10,23 @@ the manifest does not reference may be deleted, but only after the manifest is c
 from __future__ import annotations
 
 import json
-import math
+import os
+import posixpath
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ._core import Actions
-from ._errors import CheckpointCorruptError
+from .._core import Actions
+from .._errors import CheckpointCorruptError
+from .._state_dict import json_number
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fcb.manifest"
 MANIFEST_VERSION = 1
 RESUME_SLOT = "last"
 """The slot whose step is the resume point: a run resumes where `last` was written."""
+
+SLOT_KINDS = ("best", "top_k", "last", "tolerance")
+"""What a slot holds (`fcb.ActionNames.slot_kinds`), recorded with each slot."""
 
 Models = tuple[str, ...] | None
 """The submodules a slot saves (`None`: everything)."""
@@ -32,10 +37,7 @@ SlotRequest = tuple[int, float, Models]
 
 def json_value(value: Any) -> float | str:
     """A Python float, with NaN and ±inf spelled `"nan"`, `"inf"`, `"-inf"` (strict JSON)."""
-    value = float(value)
-    if math.isfinite(value):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return json_number(float(value))
 
 
 def json_metrics(metrics: Mapping[str, Any]) -> dict[str, float | str]:
@@ -57,12 +59,21 @@ def empty_manifest(**extra: Any) -> dict[str, Any]:
     }
 
 
-def read_manifest(path: str, storage: str = "torch") -> dict[str, Any]:
-    """Load and check a manifest; [`fcb.CheckpointCorruptError`][] names what is wrong.
+def manifest_file(path: str | os.PathLike[str]) -> str:
+    """The manifest of a run: `path` itself, or `path/manifest.json` for a run directory."""
+    path = os.fspath(path)
+    return os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
 
-    `storage` is the adapter that must have written it (`"torch"` or `"orbax"`): the two
-    store steps differently, so one cannot read the other's run directory.
+
+def read_manifest(path: str | os.PathLike[str], storage: str | None = "torch") -> dict[str, Any]:
+    """Load and check a manifest (its path, or the run directory holding it);
+    [`fcb.CheckpointCorruptError`][] names what is wrong.
+
+    `storage` is the adapter that must have written it (`"torch"` or `"orbax"`; `None`:
+    either): the two store steps differently, so one cannot read the other's run directory.
+    Every path the manifest holds must stay inside the run directory.
     """
+    path = manifest_file(path)
     try:
         with open(path, "rb") as f:
             manifest = json.loads(f.read())
@@ -80,14 +91,20 @@ def read_manifest(path: str, storage: str = "torch") -> dict[str, Any]:
             f"version {MANIFEST_VERSION}."
         )
     found = manifest.get("storage", "torch")
-    if found != storage:
+    if storage is not None and found != storage:
         raise CheckpointCorruptError(
             f"{path} belongs to a run written by fcb.{found}; open it with fcb.{found}, "
             f"not fcb.{storage}."
         )
-    for key in ("slots", "files", "archive"):
+    for key, kind in (("slots", dict), ("files", dict), ("archive", list)):
         if key not in manifest:
             raise CheckpointCorruptError(f"{path} has no {key!r} table.")
+        if not isinstance(manifest[key], kind):
+            raise CheckpointCorruptError(
+                f"{path}: {key!r} must be a JSON {'object' if kind is dict else 'array'}, got "
+                f"{type(manifest[key]).__name__}."
+            )
+    _check_structure(path, manifest)
     for name, slot in manifest["slots"].items():
         if slot.get("file") not in manifest["files"]:
             raise CheckpointCorruptError(
@@ -95,6 +112,86 @@ def read_manifest(path: str, storage: str = "torch") -> dict[str, Any]:
                 f"file table does not list (edited by hand, or from another run?)."
             )
     return manifest
+
+
+def _check_step(path: str, entry: str, value: Any, *, allow_empty: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        (-1 if allow_empty else 0) <= value < 2**31
+    ):
+        raise CheckpointCorruptError(
+            f"{path}: {entry} must be a step number from 0 to 2**31 - 1, got {value!r}."
+        )
+
+
+def confined(path: str, entry: str, relative: Any, *, name_only: bool = False) -> str:
+    """`relative` if it is a normalised relative path inside the run directory of the
+    manifest `path` (symlinks resolved), else a `CheckpointCorruptError` naming `entry`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    ok = (
+        isinstance(relative, str)
+        and relative
+        and not os.path.isabs(relative)
+        and "\\" not in relative
+        and ".." not in relative.split("/")
+        and posixpath.normpath(relative) == relative
+        and not (name_only and "/" in relative)
+    )
+    if ok:
+        root = os.path.realpath(directory)
+        ok = os.path.realpath(os.path.join(directory, relative)).startswith(root + os.sep)
+    if not ok:
+        raise CheckpointCorruptError(
+            f"{path}: {entry} is {relative!r}, which is not a "
+            f"{'plain file name' if name_only else 'relative path'} inside the run directory "
+            f"{directory}; fcb never reads, writes or deletes outside it (edited by hand?)."
+        )
+    return str(relative)
+
+
+def _check_slots(path: str, where: str, slots: Any) -> None:
+    if not isinstance(slots, dict):
+        raise CheckpointCorruptError(f"{path}: {where} must be a JSON object, got {slots!r}.")
+    for name, slot in slots.items():
+        entry = f"{where}[{name!r}]"
+        if not isinstance(slot, dict):
+            raise CheckpointCorruptError(f"{path}: {entry} must be a JSON object, got {slot!r}.")
+        for key in ("step", "file"):
+            if key not in slot:
+                raise CheckpointCorruptError(f"{path}: {entry} has no {key!r}.")
+        _check_step(path, f"{entry}['step']", slot["step"])
+        confined(path, f"{entry}['file']", slot["file"])
+        if "link" in slot:
+            confined(path, f"{entry}['link']", slot["link"], name_only=True)
+        if slot.get("kind", "best") not in SLOT_KINDS:
+            raise CheckpointCorruptError(
+                f"{path}: {entry}['kind'] must be one of {SLOT_KINDS}, got {slot['kind']!r}."
+            )
+
+
+def _check_structure(path: str, manifest: dict[str, Any]) -> None:
+    """Types, step ranges and path containment of every entry (a damaged or hostile
+    manifest is refused before anything acts on it)."""
+    _check_step(path, "'event_step'", manifest.get("event_step", -1), allow_empty=True)
+    _check_slots(path, "slots", manifest["slots"])
+    for relative, record in manifest["files"].items():
+        entry = f"files[{relative!r}]"
+        confined(path, "a key of 'files'", relative)
+        if not isinstance(record, dict):
+            raise CheckpointCorruptError(f"{path}: {entry} must be a JSON object, got {record!r}.")
+        if "step" in record:
+            _check_step(path, f"{entry}['step']", record["step"])
+    for index, relative in enumerate(manifest["archive"]):
+        confined(path, f"archive[{index}]", relative)
+    resume = manifest.get("resume")
+    if resume is not None:
+        if not isinstance(resume, dict) or not {"step", "file", "slots"} <= set(resume):
+            raise CheckpointCorruptError(
+                f"{path}: 'resume' must be null or an object with 'step', 'file' and 'slots', "
+                f"got {resume!r}."
+            )
+        _check_step(path, "resume['step']", resume["step"])
+        confined(path, "resume['file']", resume["file"])
+        _check_slots(path, "resume['slots']", resume["slots"])
 
 
 class Plan(NamedTuple):

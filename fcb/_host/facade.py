@@ -1,0 +1,79 @@
+"""What every adapter shows of its session: one copy of the public read-outs and hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .session import Session
+from .store import ManifestStore
+
+
+class SessionFacade:
+    """The adapter's public view of its `Session` (`self.session`): run state, the context
+    manager, the callbacks' state dict. Adapters subclass it; the session is composed."""
+
+    session: Session
+
+    @property
+    def runner(self) -> Any:
+        """The `fcb.Runner` that holds the callbacks' state."""
+        return self.session.runner
+
+    @runner.setter
+    def runner(self, runner: Any) -> None:
+        self.session.runner = runner
+
+    @property
+    def store(self) -> ManifestStore | None:
+        """The open store of this process (`None` before the start and after the end)."""
+        return self.session.store
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a callback stopped the run (on any process), or it was resumed stopped."""
+        return self.session.should_stop
+
+    @property
+    def stop_message(self) -> str:
+        return self.session.stop_message
+
+    @property
+    def resumed_step(self) -> int | None:
+        """The step the run resumed from (`None` for a new run)."""
+        return self.session.resumed_step
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """The callbacks' end-of-run scalars (after `on_fit_end`)."""
+        return self.session.summary
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """The slot -> step table of the checkpoints kept (committed or being committed)."""
+        store = self.session.store
+        if store is None:
+            return {}
+        return {name: slot["step"] for name, slot in store.latest_manifest["slots"].items()}
+
+    def on_fit_start(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def on_fit_end(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_exception(self, exception: BaseException | None = None, *args: Any) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self.on_fit_start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is None:
+            self.on_fit_end()
+        else:
+            self.on_exception(exc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callbacks' state dict (JSON-safe), as recorded in every checkpoint."""
+        return self.session.state_dict()

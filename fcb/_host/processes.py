@@ -1,0 +1,190 @@
+"""The processes of a run: every multi-process rule, over two collectives an engine provides.
+
+Every process runs the same pure callbacks on the same reduced metrics, so every process
+makes the same decisions. An engine (`torch.distributed`, `jax.distributed`) supplies only
+[`Collectives`][]: an all-gather of a vector of 32-bit words and a barrier. Everything else
+lives here, once: how metrics reduce (float64, in process order, so every process computes
+the same numbers), how a differing key set is reported, how a stop is agreed, how a failure
+on one process reaches every other. No engine is imported here.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .._errors import CheckpointWriteError, ConfigError
+
+REDUCTIONS = ("mean", "sum", "max", "min")
+"""How metrics are reduced over processes; `None` means the user already reduced them."""
+
+
+def check_reduction(owner: str, value: Any) -> str | None:
+    """`value` if it names a reduction (or is None), else a `ConfigError`."""
+    if value is not None and value not in REDUCTIONS:
+        raise ConfigError(
+            f"{owner}: `reduce` must be one of {REDUCTIONS} or None (metrics already "
+            f"reduced), got reduce = {value!r}."
+        )
+    return value
+
+
+def key_fingerprint(keys: Sequence[str]) -> int:
+    """A 32-bit fingerprint of a sorted key list, compared across processes."""
+    return zlib.crc32("\0".join(keys).encode())
+
+
+def reduce_rows(rows: np.ndarray, reduction: str) -> np.ndarray:
+    """Reduce a `[processes, metrics]` float64 array over processes, in process order. NaN
+    and inf propagate through every reduction, so a process that sees NaN stops all."""
+    if reduction == "mean":
+        return rows.sum(axis=0) / rows.shape[0]
+    if reduction == "sum":
+        return rows.sum(axis=0)
+    return rows.max(axis=0) if reduction == "max" else rows.min(axis=0)
+
+
+class Collectives(Protocol):
+    """What an engine provides; every process calls each method the same number of times."""
+
+    count: int
+    """The number of processes."""
+    index: int
+    """This process's index, 0 (the primary) to `count - 1`."""
+
+    def all_gather_words(self, words: np.ndarray) -> np.ndarray:
+        """Every process's `uint32` vector (the same length on every process), as a
+        `[count, n]` array in process order."""
+        ...
+
+    def barrier(self, name: str) -> None:
+        """Wait until every process has reached the barrier `name`."""
+        ...
+
+
+class SingleProcess:
+    """The collectives of a run of one process."""
+
+    count = 1
+    index = 0
+
+    def all_gather_words(self, words: np.ndarray) -> np.ndarray:
+        return np.asarray(words, np.uint32).reshape(1, -1)
+
+    def barrier(self, name: str) -> None:
+        del name
+
+
+class ProcessGroup:
+    """The processes of a run, over an engine's collectives; with one process, a no-op.
+
+    >>> group = ProcessGroup(SingleProcess())
+    >>> group.reduce_metrics("demo", {"val_loss": 0.5}, "mean"), group.any(False)
+    ({'val_loss': 0.5}, False)
+    """
+
+    def __init__(self, collectives: Collectives | None = None, *, kind: str = "process"):
+        self.collectives: Collectives = SingleProcess() if collectives is None else collectives
+        self.kind = kind  # how messages name a member: "rank" under torch.distributed
+        self.plural = kind + ("es" if kind.endswith("s") else "s")
+        self.count = self.collectives.count
+        self.index = self.collectives.index
+        self.active = self.count > 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.index == 0
+
+    def _gather(self, words: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = self.collectives.all_gather_words(np.ascontiguousarray(words, np.uint32))
+        return np.asarray(rows, np.uint32).reshape(self.count, -1)
+
+    def barrier(self, name: str) -> None:
+        if self.active:
+            self.collectives.barrier(f"fcb:{name}")
+
+    def reduce_metrics(
+        self, owner: str, metrics: Mapping[str, Any], reduction: str | None
+    ) -> dict[str, Any]:
+        """The metrics reduced over processes. A key set that differs between processes is
+        a `ConfigError` on every process, never a hang or a silent mix-up."""
+        if not self.active or reduction is None:
+            return dict(metrics)
+        keys = sorted(metrics)
+        header = self._gather([key_fingerprint(keys), len(keys)])
+        if (header != header[0]).any():
+            raise ConfigError(
+                f"{owner}: the {self.plural} passed different metric keys (this {self.kind}: "
+                f"{keys}); every {self.kind} must log the same keys at each check."
+            )
+        if not keys:
+            return {}
+        # float64 bits travel as uint32 words: JAX without x64 would round them to float32
+        values = np.asarray([float(metrics[k]) for k in keys], np.float64)
+        rows = self._gather(values.view(np.uint32))
+        reduced = reduce_rows(np.ascontiguousarray(rows).view(np.float64), reduction)
+        return dict(zip(keys, reduced.tolist(), strict=True))
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on at least one (a collective)."""
+        if not self.active:
+            return flag
+        return bool(self._gather([int(flag)]).any())
+
+    def gather_text(self, text: str | None) -> list[str | None]:
+        """Every process's text (or None), in process order (a collective)."""
+        if not self.active:
+            return [text]
+        data = b"" if text is None else text.encode()
+        lengths = self._gather([len(data) + (text is not None)])[:, 0]
+        size = max(4, -(-int(lengths.max()) // 4) * 4)
+        padded = np.zeros(size, np.uint8)
+        padded[: len(data)] = np.frombuffer(data, np.uint8)
+        rows = self._gather(padded.view(np.uint32)).view(np.uint8)
+        return [
+            None if length == 0 else bytes(row[: length - 1]).decode(errors="replace")
+            for row, length in zip(rows, lengths, strict=True)
+        ]
+
+    def on_primary(self, action: Callable[[], object]) -> None:
+        """Run `action` on the primary process only; raise its failure on every process."""
+        error: BaseException | None = None
+        try:
+            if self.is_primary:
+                action()
+        except BaseException as failure:
+            error = failure
+        self.agree_on_error(error)
+
+    def agree_on_error(self, error: BaseException | None) -> None:
+        """Raise on every process when any process failed: a failed process raises its own
+        error (naming the other failures, for a write error), the others one naming every
+        failure. Every process calls it, so no process waits for another that gave up."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        if not self.any(error is not None):
+            return
+        messages = self.gather_text(None if error is None else f"{type(error).__name__}: {error}")
+        if error is None:
+            failed = ", ".join(f"{self.kind} {i}: {m}" for i, m in enumerate(messages) if m)
+            raise CheckpointWriteError(
+                f"a checkpoint write failed on another {self.kind} ({failed})."
+            )
+        others = [f"{self.kind} {i}: {m}" for i, m in enumerate(messages) if m and i != self.index]
+        if others and isinstance(error, CheckpointWriteError):
+            raise CheckpointWriteError(
+                f"{error} (failed on the other {self.plural} too: {'; '.join(others)})"
+            ) from error
+        raise error
+
+    def agree_on_stop(self, stopped: bool, message: str) -> tuple[bool, str]:
+        """Stop every process when one stops; the message of a process that did not stop
+        itself says so."""
+        if not self.any(stopped):
+            return False, ""
+        return True, message if stopped else f"another {self.kind} stopped"

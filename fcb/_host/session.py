@@ -1,0 +1,329 @@
+"""The check session: the per-check sequence every adapter runs, in one place.
+
+An adapter (`fcb.torch.TorchAdapter`, `fcb.orbax.OrbaxAdapter`, the Lightning bridge) is an
+[`Engine`][]: it says how a step's checkpoint is written, how a learning-rate change is
+applied, which store and which collectives it uses. Everything else happens here, the same
+for all of them:
+
+1. metrics converted and validated, host inputs added (free device memory, for callbacks
+   that declare it), then reduced over processes;
+2. the step numbered: an unnumbered check is the previous step + 1 (the first is 0); a
+   given step must be larger than the previous one, since a step names one checkpoint;
+3. the chain runs (one jitted dispatch; evaluation requests answered on the live model);
+4. the learning-rate change is applied, then the plan of the check is written and
+   committed; if anything fails on any process, the callbacks' state and the learning
+   rates go back to what they were and the error is raised on every process: the check
+   did not happen;
+5. events reported, the history line appended, the stop agreed over processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from .._core import Actions, Callback
+from .._errors import CheckpointCorruptError, ConfigError
+from .._history import HistoryLog, check_record
+from .._runner import Runner
+from .._state_dict import state_dict as fcb_state_dict
+from .._validate import check_metrics_mapping
+from .engine import _HOST_INPUTS, Check, Engine, check_flag, checked_step
+from .manifest import json_metrics, plan_checkpoints, read_manifest
+from .processes import ProcessGroup, check_reduction
+from .rundir import find_history, find_run
+from .store import ManifestStore
+
+logger = logging.getLogger("fcb")
+
+
+
+class Session:
+    """One run's host side: the store, the processes, the step numbering, the history."""
+
+    def __init__(
+        self,
+        owner: str,
+        callbacks: Callback,
+        engine: Engine,
+        *,
+        storage: str,
+        reduce: str | None = "mean",
+        log: Callable[[int, dict[str, float]], None] | None = None,
+        history: bool = False,
+        step_names: str = "",
+    ):
+        if not isinstance(callbacks, Callback):
+            raise ConfigError(
+                f"{owner}: `callbacks` must be an fcb.Callback (or fcb.chain(...)), got "
+                f"{type(callbacks).__name__}: {callbacks!r}."
+            )
+        if log is not None and not callable(log):
+            raise ConfigError(
+                f"{owner}: `log` must be a function (step, scalars) -> None, got "
+                f"{type(log).__name__}: {log!r}."
+            )
+        self.owner, self.engine, self.storage = owner, engine, storage
+        self.step_names = step_names
+        self.callbacks = callbacks
+        self.runner = Runner(callbacks)
+        self.reduce = check_reduction(owner, reduce)
+        self.log = log
+        self.record_history = check_flag(owner, "history", history)
+        self.processes = ProcessGroup()
+        self.store: ManifestStore | None = None
+        self.history: HistoryLog | None = None
+        self.started = False
+        self.last_step = -1
+        """The step of the last check that happened (-1: none yet)."""
+        self._probes: list[tuple[str, Callable[[], float | None]]] = []
+        self.should_stop = False
+        self.stop_message = ""
+        self.resumed_step: int | None = None
+        self.summary: dict[str, float] = {}
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self, dirpath: str, *, resume_from: str | None, keep: bool = False) -> None:
+        """Open (and lock) `dirpath`, resume from `resume_from` if given; otherwise a run
+        the directory holds is replaced, unless `keep` (the trainer resumes it itself)."""
+        self._probes = []
+        for key, kind in sorted(set(self.runner.names.host_inputs)):
+            probe = self.engine.host_input(kind)
+            if probe is None:
+                logger.info(
+                    "fcb: this machine reports no memory statistics for %s; the callbacks "
+                    "reading %r (%s) have no figure and do nothing.",
+                    _HOST_INPUTS.get(kind, (kind, ""))[0],
+                    key,
+                    _HOST_INPUTS.get(kind, (kind, "a callback"))[1],
+                )
+            else:
+                self._probes.append((key, probe))
+        self.processes = self.engine.processes()
+        store = None
+        error = None
+        try:  # a failure to open on one process reaches every process
+            store = self.engine.open_store(self.processes)
+            if store is not None:
+                store.slot_kinds = dict(self.runner.names.slot_kinds)
+                store.open()
+                if resume_from is None and not keep and self.last_step < 0:
+                    store.start_over()  # a new run reuses nothing of an old one
+        except BaseException as failure:
+            error = failure
+        try:
+            self.processes.agree_on_error(error)
+            self.store = store
+            if resume_from is not None:
+                self.resumed_step = self._resume(resume_from)
+            if self.record_history and self.processes.is_primary:
+                self.history = HistoryLog(dirpath)
+                source = None if resume_from is None else find_history(resume_from)
+                self.history.start(self.resumed_step, source)
+        except BaseException:  # nothing is kept of a failed start: not the lock either
+            self.store = None
+            if store is not None:
+                store.close()
+            raise
+        self.started = True
+        self.processes.barrier("started")
+
+    def _resume(self, run_dir: str) -> int:
+        source = os.path.abspath(find_run(run_dir) or run_dir)
+        store = self.store
+        same = store is not None and source == store.directory
+        manifest = store.manifest if store is not None and same else read_manifest(
+            source, self.storage
+        )
+        record = manifest.get("resume")
+        if not record:
+            raise CheckpointCorruptError(
+                f"{source} has no resumable checkpoint: resuming needs a `last` slot, e.g. "
+                f"fcb.ModelCheckpoint(save_last=True) in the chain."
+                if manifest["files"]
+                else f"{source} has no resumable checkpoint: it holds no fcb checkpoint (nothing "
+                f"was written there yet)."
+            )
+        callbacks_state, restore = self.engine.read_resume(source, record, manifest)
+        before = self.runner.snapshot()
+        self.runner.load_state_dict(callbacks_state)
+        try:
+            restore()
+            if store is not None:  # the directory now holds exactly this point
+                files = {} if same else self.engine.adopt(store, source, record, manifest)
+                store.reset_to(record, files)
+        except BaseException:
+            self.runner.restore(before)
+            raise
+        self.last_step = int(record["step"])
+        if record.get("stop_message"):  # the run had already stopped: do not train on
+            self._stop(record["stop_message"])
+        return self.last_step
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def next_step(self, step: Any) -> int:
+        """The step of the next check: given (larger than the last), or the last + 1."""
+        if step is None:
+            return self.last_step + 1
+        value = checked_step(self.owner, step, self.step_names)
+        if value <= self.last_step:
+            raise ConfigError(
+                f"{self.owner}: step {value} comes after step {self.last_step}: every check "
+                f"needs a larger step than the last (a step names one checkpoint, and a "
+                f"repeated step would keep another check's weights). Pass the global step, "
+                f"or omit `step` to number checks one after the other."
+            )
+        return value
+
+    def metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The check's metrics with the host inputs, reduced over processes."""
+        check_metrics_mapping(self.owner, metrics)
+        metrics = dict(metrics)
+        for key, probe in self._probes:
+            value = probe()
+            if value is not None:
+                metrics[key] = value
+        return self.processes.reduce_metrics(self.owner, metrics, self.reduce)
+
+    def check(self, metrics: Mapping[str, Any], *, step: Any, context: Any = None) -> Actions:
+        """One check of the chain on `metrics` at `step` (`None`: the next), applied."""
+        step = self.next_step(step)
+        metrics = self.metrics(metrics)
+        before = self.runner.snapshot()
+        actions = self.runner.check(
+            metrics,
+            step=step,
+            evaluate=lambda request: self.engine.run_evaluation(request, context),
+        )
+        return self._apply(actions, step, metrics, context, before)
+
+    def apply(
+        self, actions: Actions, callbacks_state: Any, *, step: Any, context: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Actions:
+        """Apply actions the chain computed elsewhere (inside a compiled loop)."""
+        actions, callbacks_state = jax.device_get((actions, callbacks_state))
+        owner = f"{self.owner}.apply_actions"
+        requested = sorted(name for name, asked in actions.evaluate.items() if bool(asked))
+        if requested:
+            raise ConfigError(
+                f"{owner}: the actions of step {step} request evaluations {requested}; inside "
+                f"a compiled loop, answer them there with callbacks.evaluated(state, request, "
+                f"results, step=step)."
+            )
+        expected: Any = jax.tree_util.tree_structure(self.runner.state)
+        if expected != jax.tree_util.tree_structure(callbacks_state):
+            raise ConfigError(
+                f"{owner}: `callbacks_state` must have the structure of callbacks.init() "
+                f"({expected}), got {jax.tree_util.tree_structure(callbacks_state)}. Pass the "
+                f"chain's state after the check of step {step}, unbatched."
+            )
+        step = self.next_step(step)
+        before = self.runner.snapshot()
+        self.runner.state = callbacks_state
+        return self._apply(actions, step, dict(metrics or {}), context, before)
+
+    def _apply(
+        self, actions: Actions, step: int, metrics: dict[str, Any], context: Any, before: Any
+    ) -> Actions:
+        rates = self.engine.learning_rates()
+        error = None
+        try:
+            # The learning rate changes before the save, so a checkpoint of this step holds
+            # the rate the run continues with (resuming there must not undo the cut).
+            self.engine.apply_lr(actions)
+            if self.store is not None:
+                self._write(actions, step, metrics, context)
+            else:
+                self.engine.follow(actions, step)
+        except BaseException as failure:
+            error = failure
+        try:
+            self.processes.agree_on_error(error)
+        except BaseException:
+            self.runner.restore(before)  # the check did not happen, on every process
+            self.engine.set_learning_rates(rates)
+            if self.store is not None:
+                self.engine.settle()
+                self.store.abandon()
+            raise
+        self.last_step = step
+        self._report(actions, step, metrics, context)
+        stopped, message = self.processes.agree_on_stop(
+            bool(actions.stop), actions.stop_message() if bool(actions.stop) else ""
+        )
+        if stopped:
+            self._stop(message)
+        return actions
+
+    def _write(self, actions: Actions, step: int, metrics: dict[str, Any], context: Any):
+        store = self.store
+        assert store is not None
+        current = {name: s["step"] for name, s in store.latest_manifest["slots"].items()}
+        plan = plan_checkpoints(actions, step, dict(self.runner.names.slot_models), current)
+        if plan is None:
+            return
+        store.finish()  # the previous check's write is committed first
+        callbacks_state = self.runner.state_dict()
+        write = self.engine.write(
+            store, Check(step, actions, metrics, plan, callbacks_state, context)
+        )
+
+        def job() -> None:
+            write()
+            store.commit_plan(plan, step, callbacks_state)
+
+        self.engine.submit(job)
+
+    def _report(
+        self, actions: Actions, step: int, metrics: Mapping[str, Any], context: Any
+    ) -> None:
+        for name, fired in actions.events.items():
+            if bool(fired):
+                level = logging.WARNING if name.endswith("vram_drift/drift") else logging.DEBUG
+                logger.log(level, "fcb: %s at step %d", name, step)
+        if self.log is not None and actions.log:
+            self.log(step, {k: float(v) for k, v in actions.log.items()})
+        if self.history is not None:
+            self.history.append(
+                check_record(
+                    step,
+                    metrics,
+                    lr=self.engine.learning_rates_after(actions, context),
+                    events=[name for name, fired in actions.events.items() if bool(fired)],
+                    stop=actions.stop_message() if bool(actions.stop) else None,
+                )
+            )
+
+    def _stop(self, message: str) -> None:
+        self.should_stop = True
+        self.stop_message = message
+        self.engine.stopped()
+
+    # -- end ---------------------------------------------------------------------------------
+
+    def finalize(self) -> dict[str, float]:
+        """The callbacks' end-of-run scalars: logged, recorded in the history, returned."""
+        actions = self.runner.finalize()
+        self.summary = {k: float(v) for k, v in actions.log.items()}
+        if self.history is not None:
+            self.history.append({"summary": json_metrics(self.summary)})
+        if self.log is not None and self.summary:
+            self.log(self.last_step + 1, self.summary)
+        return self.summary
+
+    def close(self) -> None:
+        self.started = False
+        if self.store is not None:
+            store, self.store = self.store, None
+            store.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callbacks' state dict (JSON-safe), as recorded in every checkpoint."""
+        return fcb_state_dict(self.runner.state, self.callbacks)
