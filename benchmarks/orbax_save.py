@@ -47,7 +47,7 @@ class FcbSaver:
     def __init__(self, state, async_save):
         callbacks = fcb.ModelCheckpoint("val_loss", save_top_k=1, save_last=True)
         self.state = state
-        self.adapter = fcb.orbax.OrbaxAdapter(callbacks, tempfile.mkdtemp(), async_save=async_save)
+        self.adapter = fcb.orbax.OrbaxAdapter(callbacks, tempfile.mkdtemp(), background=async_save)
         self.adapter.on_fit_start()
 
     def save(self, step):

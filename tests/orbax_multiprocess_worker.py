@@ -75,7 +75,7 @@ def main(directory: str, scenario: str, out: str, port: int, process_id: int) ->
     adapter = fcb.orbax.OrbaxAdapter(
         chain,
         directory,
-        resume=scenario == "resume",
+        resume_from=directory if scenario == "resume" else None,
         timeout=10 if scenario.startswith("fail") else 120,  # orbax's barrier timeout
     )
     adapter.on_fit_start(like={"params": template})

@@ -104,7 +104,10 @@ def train(
     (x, y), (x_val, y_val) = data()
     model, opt_state = model_and_opt_state(hidden)
     adapter = fcb.orbax.OrbaxAdapter(
-        chain or callbacks(), dirpath, resume=resume, async_save=async_save
+        chain or callbacks(),
+        dirpath,
+        resume_from=dirpath if resume else None,
+        background=async_save,
     )
     template = {"model": eqx.filter(model, eqx.is_array), "opt_state": opt_state}
     adapter.on_fit_start(like=template)
