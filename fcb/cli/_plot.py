@@ -101,7 +101,7 @@ def _plot(args: argparse.Namespace) -> int:
     if history_path is None:
         raise UsageError(
             f"{args.run_dir} has no {HISTORY_NAME}: record one with "
-            f"fcb.torch.TorchAdapter(..., history=True) (fcb demo does)."
+            f"history=True on the adapter (fcb demo does)."
         )
     try:
         records = read_records(history_path)
