@@ -25,9 +25,10 @@ import pytorch_lightning as pl
 import torch
 
 from ._core import Actions, Callback
-from ._errors import ConfigError
+from ._errors import CheckpointWriteError, ConfigError
 from ._host.engine import Check
 from .torch._adapter import EvaluateFn, TorchAdapter
+from .torch._loadable import check_loadable
 from .torch._store import CheckpointStore
 
 
@@ -35,6 +36,7 @@ class _LightningAdapter(TorchAdapter):
     """A TorchAdapter whose full checkpoints are written by the Trainer's own checkpointing."""
 
     suffix = ".ckpt"
+    owner = "FcbCallback"
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return list(getattr(self.trainer, "optimizers", []) or [])
@@ -54,16 +56,38 @@ class _LightningAdapter(TorchAdapter):
     ) -> Callable[[], None]:
         if models:  # a subset of submodules: the Trainer cannot save that, torch.save does
             return super()._step_writer(store, check, models)
-        trainer, step = self.trainer, check.step
+        step = check.step
 
         def write() -> None:
             self.saving_step = step  # FcbCallback.state_dict records it in the checkpoint
             try:
-                store.write_with(store.step_file(step, None), step, None, trainer.save_checkpoint)
+                store.write_with(
+                    store.step_file(step, None), step, None, lambda path: self._save(path, step)
+                )
             finally:
                 self.saving_step = None
 
         return write
+
+    def _save(self, path: str, step: int) -> None:
+        """`Trainer.save_checkpoint(path)`, refusing a checkpoint that no weights-only load
+        (Lightning's own `Trainer.fit(ckpt_path=...)` included) could read back."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_checkpoint_connector", None)
+        if connector is None or trainer.model is None:
+            trainer.save_checkpoint(path)  # another Trainer: nothing to check before writing
+            return
+        checkpoint = connector.dump_checkpoint(False)  # what save_checkpoint writes
+        try:
+            check_loadable(self.owner, step, checkpoint, _describe)
+        except CheckpointWriteError as error:
+            refused: CheckpointWriteError | None = error
+        else:
+            refused = None
+            trainer.strategy.save_checkpoint(checkpoint, path)
+        trainer.strategy.barrier("Trainer.save_checkpoint")  # every rank passes it, as before
+        if refused is not None:
+            raise refused
 
     saving_step: int | None = None
     loaded: dict[str, Any] | None = None
@@ -84,6 +108,22 @@ class _LightningAdapter(TorchAdapter):
                 f"ckpt_path={os.path.join(source, 'last' + self.suffix)!r}."
             )
         return self.loaded["callbacks"], lambda: None
+
+
+_ENTRIES = {
+    "hyper_parameters": "the LightningModule's save_hyperparameters()",
+    "datamodule_hyper_parameters": "the LightningDataModule's save_hyperparameters()",
+    "state_dict": "the LightningModule's state_dict()",
+    "callbacks": "a callback's state_dict()",
+    "optimizer_states": "an optimizer's state_dict()",
+    "lr_schedulers": "a scheduler's state_dict()",
+}
+
+
+def _describe(entry: str, path: str) -> str:
+    """Where a value of a Lightning checkpoint comes from, for messages."""
+    where = _ENTRIES.get(entry, "added by an on_save_checkpoint hook")
+    return f"checkpoint[{entry!r}]{path} ({where})"
 
 
 class FcbCallback(pl.Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -124,3 +125,46 @@ def check_flag(owner: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{owner}: `{name}` must be True or False, got {name} = {value!r}.")
     return value
+
+
+def check_path(owner: str, name: str, value: Any, *, optional: bool = True) -> str | None:
+    """A directory option: a non-empty `str` or `os.PathLike` (or `None` when optional)."""
+    if value is None and optional:
+        return None
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            f"{owner}: `{name}` must be a non-empty path (str or os.PathLike)"
+            + (" or None" if optional else "")
+            + f", got {name} = {value!r}."
+        )
+    return path
+
+
+def check_evaluate(owner: str, evaluate: Any, of: str) -> None:
+    """`evaluate`: `None`, a function of the `of` (model, state), or a mapping from request
+    name to such functions."""
+    functions = evaluate.items() if isinstance(evaluate, Mapping) else [(None, evaluate)]
+    for request, fn in functions:
+        if evaluate is None or callable(fn):
+            continue
+        where = "" if request is None else f"[{request!r}]"
+        raise ConfigError(
+            f"{owner}: `evaluate{where}` must be a function of the {of}"
+            + (" or a mapping from request name to one" if request is None else "")
+            + f", got {type(fn).__name__}: {fn!r}."
+        )
+
+
+def check_state_dict_owner(owner: str, name: str, value: Any) -> None:
+    """An object whose state a checkpoint holds (`scheduler`, `trainer`): it must have
+    `state_dict()` and `load_state_dict()`."""
+    if value is None:
+        return
+    missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(value, m, 0))]
+    if missing:
+        raise ConfigError(
+            f"{owner}: `{name}` must have state_dict() and load_state_dict() (its state is "
+            f"saved and restored with the model), got {type(value).__name__} without "
+            f"{' and '.join(missing)}()."
+        )

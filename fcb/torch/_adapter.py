@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -19,8 +19,7 @@ from .._errors import (
     ConfigError,
     MetricTypeError,
 )
-from .._files import link_atomic
-from .._host.engine import FREE_DEVICE_MEMORY, Check, check_flag
+from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
 from .._host.facade import SessionFacade
 from .._host.processes import ProcessGroup
 from .._host.session import Session
@@ -29,7 +28,16 @@ from .._model_checkpoint import ModelCheckpoint
 from .._validate import check_metrics_mapping
 from ._distributed import ranks
 from ._load import load_checkpoint as load_checkpoint
-from ._payload import number, read_resume_point, restore_payload, step_payload
+from ._payload import (
+    adopt_files,
+    check_parts,
+    close_all,
+    number,
+    open_resume_point,
+    read_resume_point,
+    restore_payload,
+    step_payload,
+)
 from ._store import CheckpointStore
 from ._writer import BackgroundWriter, host_copy
 
@@ -118,20 +126,10 @@ class TorchAdapter(SessionFacade):
                 f"{owner}: `check_on` must be 'validation_end' or 'train_epoch_end', got "
                 f"check_on = {check_on!r}."
             )
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise ConfigError(
-                f"{owner}: `model` must be a torch.nn.Module, got {type(model).__name__}."
-            )
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(
-                f"{owner}: `optimizer` must be a torch.optim.Optimizer, got "
-                f"{type(optimizer).__name__}."
-            )
-        if evaluate is not None and not callable(evaluate) and not isinstance(evaluate, Mapping):
-            raise ConfigError(
-                f"{owner}: `evaluate` must be a function of the model or a mapping from "
-                f"request name to one, got {type(evaluate).__name__}."
-            )
+        check_parts(owner, model, optimizer, scheduler, trainer)
+        check_evaluate(owner, evaluate, "model")
+        resume_from = check_path(owner, "resume_from", resume_from)
+        dirpath = check_path(owner, "dirpath", dirpath)
         self.session = Session(
             owner, callbacks, self, storage="torch", reduce=reduce, log=log, history=history
         )
@@ -141,10 +139,12 @@ class TorchAdapter(SessionFacade):
         self.evaluate = evaluate
         self.check_on = check_on
         self.background = check_flag(owner, "background", background)
-        self.resume_from = None if resume_from is None else os.fspath(resume_from)
-        self._dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.resume_from = resume_from
+        self._dirpath = dirpath
         self._writer: BackgroundWriter | None = None
         self._stashed: dict[str, Any] = {}
+        self._snapshot: dict[str, IO[bytes]] = {}
+        """The files of the resume point being read (open: the old run may delete them)."""
 
     # -- what the session holds --------------------------------------------------------------
 
@@ -201,7 +201,11 @@ class TorchAdapter(SessionFacade):
             self.trainer = trainer
         self._check_model_names()
         resuming = getattr(self.trainer, "ckpt_path", None)  # the trainer resumes itself
-        self.session.start(self.dirpath, resume_from=self.resume_from, keep=bool(resuming))
+        try:
+            self.session.start(self.dirpath, resume_from=self.resume_from, keep=bool(resuming))
+        finally:
+            close_all(self._snapshot)
+            self._snapshot = {}
         if self.store is not None and self.background and self._writer is None:
             self._writer = BackgroundWriter()
 
@@ -340,22 +344,18 @@ class TorchAdapter(SessionFacade):
     def read_resume(
         self, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
     ) -> tuple[Any, Callable[[], None]]:
-        payload, callbacks_state = read_resume_point(source, record, manifest)
+        """Read the resume point from a snapshot of its files: the run in `source` may be
+        being written (`record` and `manifest` follow the snapshot, see
+        `open_resume_point`)."""
+        self._snapshot = open_resume_point(source, record, manifest)  # type: ignore[arg-type]
+        payload, callbacks_state = read_resume_point(source, record, manifest, self._snapshot)
         return callbacks_state, lambda: restore_payload(self, payload)
 
     def adopt(
         self, store: ManifestStore, source: str, record: Mapping[str, Any],
         manifest: Mapping[str, Any],
     ) -> dict[str, Any]:
-        """Resuming into another directory: whatever run it held is replaced, not mixed in;
-        the resume point's files are linked (never moved: the old run keeps its files)."""
-        store.start_over()
-        files = {}
-        for slot in record["slots"].values():
-            relative = slot["file"]
-            link_atomic(os.path.join(source, relative), store.path(relative))
-            files[relative] = manifest["files"][relative]
-        return files
+        return adopt_files(store, source, record, manifest, self._snapshot)
 
     def stopped(self) -> None:
         if self.trainer is not None:

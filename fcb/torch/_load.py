@@ -3,29 +3,74 @@
 from __future__ import annotations
 
 import os
-import pickle
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from .._errors import CheckpointCorruptError
-from .._files import verify
+from .._errors import CheckpointCorruptError, ConfigError, DirectoryInUseError
+from .._host.live import being_written, open_listed, read_live, verify_open, writer_pid
 from .._host.manifest import MANIFEST_NAME
+from .._host.rundir import find_run
+from ._loadable import weights_only_reason
 from ._store import read_manifest
 
 CHECKPOINT_FORMAT = "fcb.checkpoint"
 
 
-def torch_load(path: str) -> Any:
-    """`torch.load` of an fcb checkpoint (tensors on the CPU, weights only); a file that
-    cannot be read that way is a `CheckpointCorruptError`."""
+def torch_load(source: str | IO[bytes], path: str | None = None) -> Any:
+    """`torch.load` of an fcb checkpoint (a path, or an open file at `path`; tensors on the
+    CPU, weights only: no code from the file runs); a file that cannot be read that way is
+    a `CheckpointCorruptError`."""
+    name = path or source
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        reason = " ".join(str(error).split())[:300]
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:
+        reason = weights_only_reason(error)
+        if "does not allow" in reason:  # a whole file whose bytes are fine, of other objects
+            raise CheckpointCorruptError(
+                f"{name} cannot be loaded as an fcb checkpoint: {reason}. fcb loads weights "
+                f"only (no code from the file runs while loading) and never writes such a "
+                f"checkpoint: it comes from an earlier fcb, or was replaced. If you trust the "
+                f"file and that type, allow it while loading: with "
+                f"torch.serialization.safe_globals([...]): ..."
+            ) from None
         raise CheckpointCorruptError(
-            f"{path} cannot be loaded as an fcb checkpoint ({reason})."
+            f"{name} cannot be loaded as an fcb checkpoint ({reason})."
         ) from error
+
+
+def _manifest_dir(path: str) -> str:
+    """The run directory of a checkpoint file: beside it (a slot name), or one up (a step)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    for candidate in (directory, os.path.dirname(directory)):
+        if os.path.exists(os.path.join(candidate, MANIFEST_NAME)):
+            return candidate
+    if writer_pid(directory) is not None:
+        raise DirectoryInUseError(
+            being_written(directory, f"it has committed no checkpoint yet, so {path} is none.")
+        )
+    raise CheckpointCorruptError(
+        f"{path}: there is no {MANIFEST_NAME} beside it (in {directory}) nor one directory up, "
+        f"so it is not a checkpoint of an fcb run (or no checkpoint was written there yet)."
+    )
+
+
+def _not_a_file(path: str) -> ConfigError:
+    run = find_run(path)
+    names = []
+    if run is not None:
+        try:
+            slots = read_manifest(run)["slots"]
+            names = [os.path.join(run, s.get("link", s["file"])) for s in slots.values()]
+        except CheckpointCorruptError:
+            pass
+    listed = f": {', '.join(sorted(names))}" if names else " (e.g. best_model.pt, last.pt)"
+    return ConfigError(
+        f"load_checkpoint: {path} is a directory; pass the path of one of its checkpoints"
+        f"{listed}."
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -33,25 +78,31 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     `path` is a slot's name (`best_model.pt`, `last.pt`...) or a step file; the run's
     manifest (beside it, or one directory up for a step file) must list it, and its size and
-    CRC-32 must match the record.
+    CRC-32 must match the record. A run being written is read as one snapshot: the manifest
+    first, then the file it lists, read again when a commit raced the read.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    manifest_dir = (
-        directory
-        if os.path.exists(os.path.join(directory, MANIFEST_NAME))
-        else os.path.dirname(directory)
-    )
-    manifest = read_manifest(os.path.join(manifest_dir, MANIFEST_NAME))
+    if os.path.isdir(path):
+        raise _not_a_file(path)
+    manifest_dir = _manifest_dir(path)
     relative = os.path.relpath(os.path.abspath(path), manifest_dir)
-    slot = manifest["slots"].get(os.path.splitext(os.path.basename(path))[0])
-    record_key = slot["file"] if slot else relative
-    if record_key not in manifest["files"]:
-        raise CheckpointCorruptError(f"{path} is not listed in {manifest_dir}/{MANIFEST_NAME}.")
+
+    def read(manifest: dict[str, Any]) -> tuple[str, dict[str, Any], IO[bytes]]:
+        slot = manifest["slots"].get(os.path.splitext(os.path.basename(path))[0])
+        record_key = slot["file"] if slot else relative
+        if record_key not in manifest["files"]:
+            raise CheckpointCorruptError(
+                f"{path} is not listed in {manifest_dir}/{MANIFEST_NAME}."
+            )
+        return record_key, manifest["files"][record_key], open_listed(
+            manifest_dir, manifest, record_key
+        )
+
+    record_key, record, f = read_live(manifest_dir, "torch", read, discard=lambda r: r[2].close())
     target = os.path.join(manifest_dir, record_key)
-    record = manifest["files"][record_key]
-    verify(target, record)
-    payload = torch_load(target)
+    with f:  # the file as the manifest listed it, even if the writer has deleted it since
+        verify_open(f, target, record)
+        payload = torch_load(f, target)
     found = payload.get("fcb", {}).get("step") if isinstance(payload, dict) else None
     if found is not None and record.get("step") is not None and found != record["step"]:
         raise CheckpointCorruptError(

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import torch
 
-from .._errors import CheckpointCorruptError, MetricShapeError
-from .._files import verify
-from .._host.engine import Check
+from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError, MetricShapeError
+from .._files import atomic_write, link_atomic
+from .._host.engine import Check, check_state_dict_owner
+from .._host.live import open_listed, read_live, verify_open
+from .._host.manifest import MANIFEST_NAME
 from ._load import CHECKPOINT_FORMAT, torch_load
+from ._loadable import check_loadable
+
+_PARTS = {
+    "model": "model.state_dict()",
+    "optimizer": "optimizer.state_dict()",
+    "scheduler": "scheduler.state_dict()",
+    "trainer": "trainer.state_dict()",
+}
 
 
 def number(owner: str, key: str, value: Any) -> Any:
@@ -25,6 +38,28 @@ def number(owner: str, key: str, value: Any) -> Any:
             )
         return value.detach().item()
     return value
+
+
+def check_parts(owner: str, model: Any, optimizer: Any, scheduler: Any, trainer: Any) -> None:
+    """The parts of a Torch loop whose state a checkpoint holds, checked when given."""
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"{owner}: `model` must be a torch.nn.Module, got {type(model).__name__}."
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"{owner}: `optimizer` must be a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}."
+        )
+    check_state_dict_owner(owner, "scheduler", scheduler)
+    if trainer is not None:
+        if not hasattr(trainer, "should_stop"):
+            raise ConfigError(
+                f"{owner}: `trainer` must have a `should_stop` attribute (fcb sets it when a "
+                f"callback stops the run), got {type(trainer).__name__}: {trainer!r}."
+            )
+        if callable(getattr(trainer, "state_dict", None)):
+            check_state_dict_owner(owner, "trainer", trainer)
 
 
 def step_payload(
@@ -55,26 +90,119 @@ def step_payload(
         payload["scheduler"] = copy(parts.scheduler.state_dict())
     if parts.trainer is not None and hasattr(parts.trainer, "state_dict"):
         payload["trainer"] = copy(parts.trainer.state_dict())
-    payload["rng"] = {"torch": torch.random.get_rng_state()}
+    payload["rng"] = rng_state()
+    check_loadable(parts.owner, check.step, payload, describe_entry)
     return payload
 
 
+def describe_entry(entry: str, path: str) -> str:
+    """Where a value of a Torch payload comes from, for messages."""
+    return f"{_PARTS.get(entry, f'the checkpoint[{entry!r}]')}{path}"
+
+
+def rng_state() -> dict[str, Any]:
+    """The random generators a training step may draw from, in a form every weights-only
+    load reads: torch's CPU generator, CUDA's (once CUDA is in use: a process that never
+    initialised it has drawn nothing there), NumPy's global generator, Python's `random`."""
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # legacy=True: ('MT19937', keys, pos, has_gauss, g)
+    keys, pos, has_gauss, cached = numpy_state[1:]
+    state: dict[str, Any] = {
+        "torch": torch.random.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back what `rng_state` saved (a checkpoint of an earlier fcb holds torch's only)."""
+    if "torch" in state:
+        torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
+    if "numpy" in state:
+        saved = state["numpy"]
+        np.random.set_state((
+            "MT19937",
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        ))
+    if "random" in state:
+        random.setstate(state["random"])
+
+
+def resume_files(record: Mapping[str, Any]) -> list[str]:
+    """Every file a resumed run keeps: the resume point's and its slots'."""
+    return sorted({record["file"]} | {s["file"] for s in record["slots"].values()})
+
+
+def open_resume_point(
+    source: str, record: dict[str, Any], manifest: dict[str, Any]
+) -> dict[str, IO[bytes]]:
+    """Open every file of the run's resume point: one snapshot, even of a run being written
+    (an open file outlives the writer's deletion of it).
+
+    `record` and `manifest` are what the session read; when the run has committed since,
+    they are brought up to date in place, so the session resumes from the snapshot read."""
+
+    def read(current: dict[str, Any]) -> tuple[dict[str, Any], dict[str, IO[bytes]]]:
+        resume = current.get("resume")
+        if not resume:
+            raise CheckpointCorruptError(
+                f"{source} has no resumable checkpoint any more: the run there started over."
+            )
+        files: dict[str, IO[bytes]] = {}
+        try:
+            for relative in resume_files(resume):
+                if relative not in current["files"]:
+                    raise CheckpointCorruptError(
+                        f"{os.path.join(source, MANIFEST_NAME)}: the resume point needs "
+                        f"{relative}, which its file table does not list (edited by hand?)."
+                    )
+                files[relative] = open_listed(source, current, relative)
+        except BaseException:
+            close_all(files)
+            raise
+        return current, files
+
+    current, files = read_live(source, "torch", read, discard=lambda read: close_all(read[1]))
+    if current != manifest:
+        manifest.clear()
+        manifest.update(current)
+        record.clear()
+        record.update(current["resume"])
+    return files
+
+
+def close_all(files: Mapping[str, IO[bytes]]) -> None:
+    for f in files.values():
+        f.close()
+
+
 def read_resume_point(
-    source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
+    source: str, record: Mapping[str, Any], manifest: Mapping[str, Any],
+    files: Mapping[str, IO[bytes]],
 ) -> tuple[dict[str, Any], Any]:
-    """The payload of a run's resume point and the callbacks' state dict it records.
+    """The payload of a run's resume point and the callbacks' state dict it records, read
+    from the snapshot `files` (`open_resume_point`).
 
     Every file the resumed run keeps is checked first: a damaged best checkpoint is refused
     now, not found when it is loaded after training."""
-    for relative in sorted({record["file"]} | {s["file"] for s in record["slots"].values()}):
-        if relative not in manifest["files"]:
-            raise CheckpointCorruptError(
-                f"{os.path.join(source, 'manifest.json')}: the resume point needs "
-                f"{relative}, which its file table does not list (edited by hand?)."
-            )
-        verify(os.path.join(source, relative), manifest["files"][relative])
+    for relative in resume_files(record):
+        verify_open(files[relative], os.path.join(source, relative), manifest["files"][relative])
     path = os.path.join(source, record["file"])
-    payload = torch_load(path)
+    payload = torch_load(files[record["file"]], path)
     meta = payload.get("fcb", {}) if isinstance(payload, dict) else {}
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("step") != record["step"]:
         raise CheckpointCorruptError(
@@ -82,6 +210,35 @@ def read_resume_point(
             f"records (found {meta.get('format')!r} at step {meta.get('step')!r})."
         )
     return payload, json.loads(meta["callbacks"])
+
+
+def adopt_files(
+    store: Any, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any],
+    files: Mapping[str, IO[bytes]],
+) -> dict[str, Any]:
+    """Resuming into another directory: whatever run it held is replaced, not mixed in; the
+    resume point's files are linked (never moved: the old run keeps its files), or copied
+    from the snapshot when the old run has deleted them meanwhile."""
+    store.start_over()
+    adopted = {}
+    for slot in record["slots"].values():
+        relative = slot["file"]
+        _bring(files[relative], os.path.join(source, relative), store.path(relative))
+        adopted[relative] = manifest["files"][relative]
+    return adopted
+
+
+def _bring(snapshot: IO[bytes], source: str, destination: str) -> None:
+    held = os.fstat(snapshot.fileno())
+    try:
+        if os.path.samestat(os.stat(source), held):
+            link_atomic(source, destination)
+            if os.path.samestat(os.stat(destination), held):
+                return
+    except (OSError, CheckpointWriteError):
+        pass  # deleted (or replaced) by the old run since the snapshot: copy what was read
+    snapshot.seek(0)
+    atomic_write(destination, lambda out: shutil.copyfileobj(snapshot, out, 1 << 22))
 
 
 def restore_payload(parts: Any, payload: Mapping[str, Any]) -> None:
@@ -95,4 +252,4 @@ def restore_payload(parts: Any, payload: Mapping[str, Any]) -> None:
     if parts.trainer is not None and "trainer" in payload:
         parts.trainer.load_state_dict(payload["trainer"])
     if "rng" in payload:
-        torch.random.set_rng_state(payload["rng"]["torch"])
+        set_rng_state(payload["rng"])
