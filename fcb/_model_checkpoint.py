@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -13,7 +14,7 @@ from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
 from ._monitor import Mode
-from ._slots import check_filename, count_check, holds, insert_ranked
+from ._slots import check_filename, count_check, eviction_index, holds, insert_ranked
 from ._validate import check_flag, check_key, check_mode, int_param, read_metric
 
 LAST_SLOT = "last"
@@ -52,12 +53,17 @@ class ModelCheckpoint(Callback):
     (`actions.archive`) and `{filename}` points at the best one; with `save_top_k=0` only
     `last` is kept.
 
-    Rules: a value enters the top-k when it is finite and the table is not full, or it is
-    strictly better than the worst kept value (Lightning's rule). Ties keep the older
-    checkpoint ahead, and a tie with the worst kept value does not replace it. NaN and ±inf
-    never enter the top-k (Lightning would keep a NaN checkpoint while the table is not
-    full). Only every `every_n`-th check is considered (the 2nd, 4th... for `every_n=2`);
-    `last` follows the schedule too. A missing metric raises with `strict=True`; with
+    Rules (Lightning's `ModelCheckpoint`, check for check on finite values): a value enters
+    the top-k when it is finite and the table is not full, or it is strictly better than the
+    worst kept value; a tie with the worst kept value does not enter. An entering value
+    evicts the oldest of the kept checkpoints tied at the worst value (Lightning's
+    `kth_best_model_path`; [`next_to_evict`][fcb.ModelCheckpoint.next_to_evict] tells which).
+    Kept checkpoints of equal value rank in the order they entered, oldest first, so the
+    best (`{filename}`) is the oldest of the tied best, as Lightning's `best_model_path`.
+    NaN and ±inf never enter the top-k (Lightning keeps such a checkpoint, ranked as the
+    worst value, while its table is not full). Only every `every_n`-th check is considered
+    (the 2nd, 4th... for `every_n=2`); `last` follows the schedule too (Lightning moves `last`
+    only when a top-k checkpoint is saved). A missing metric raises with `strict=True`; with
     `strict=False` the check still updates `last`.
 
     >>> ckpt = fcb.ModelCheckpoint(monitor="val_loss", save_top_k=2)
@@ -125,6 +131,32 @@ class ModelCheckpoint(Callback):
             self.filename if rank == 1 else f"{self.filename}-top{rank}"
             for rank in range(1, self.table_size + 1)
         )
+
+    def next_to_evict(self, state: ModelCheckpointState) -> Int[Array, ""]:
+        """The step the next entering value would evict, -1 when it would evict none.
+
+        The oldest of the kept checkpoints tied at the worst kept value once the table is
+        full (Lightning's `kth_best_model_path`); -1 while the table has room, and for
+        `save_top_k=0` and `save_top_k=-1` (which never evict).
+
+        >>> ckpt = fcb.ModelCheckpoint("val_loss", save_top_k=2)
+        >>> state = ckpt.init()
+        >>> for step, loss in enumerate([1.0, 1.0]):
+        ...     state, _ = ckpt(state, {"val_loss": loss}, step=step)
+        >>> int(ckpt.next_to_evict(state))
+        0
+        """
+        if self.save_top_k <= 0:
+            return jnp.full(jnp.shape(state.steps)[:-1], NO_STEP, jnp.int32)
+
+        def one(values: Array, steps: Array) -> Array:
+            evicted = steps[eviction_index(values, steps)]
+            return jnp.where(steps[-1] >= 0, evicted, NO_STEP).astype(jnp.int32)
+
+        flat_values = jnp.reshape(state.values, (-1, self.table_size))
+        flat_steps = jnp.reshape(state.steps, (-1, self.table_size))
+        out = jax.vmap(one)(flat_values, flat_steps)
+        return jnp.reshape(out, jnp.shape(state.steps)[:-1])
 
     def action_names(self) -> ActionNames:
         ranks = self.rank_slots()

@@ -58,17 +58,39 @@ def insert_ranked(
 ) -> tuple[Float[Array, " k"], Int[Array, " k"], Int[Array, ""]]:
     """Insert `(value, step)` into a best-first table of `k` entries (empty: step -1).
 
-    Returns the new table and the rank the value took (`k` when it did not enter). A value
-    enters when it is finite and the table is not full or it is strictly better than the
-    worst entry. Ties keep the older entry ahead (and, when full, out of the table).
+    Returns the new table and the rank the value took (`k` when it did not enter). Lightning's
+    `ModelCheckpoint` rule: a value enters when it is finite and the table is not full, or it
+    is strictly better than the worst entry; it then takes the place of the entry at
+    `eviction_index` (the oldest of the entries tied at the worst value, Lightning's
+    `kth_best_model_path`). Entries of equal value stay in the order they
+    entered, oldest first, so the best is the oldest of the tied best. O(k), no loop.
     """
     k = values.shape[-1]
     occupied = steps >= 0
     at_least_as_good = occupied & ~_monitor.improves(value, values, 0.0, mode)
     rank = jnp.where(jnp.isfinite(value), jnp.sum(at_least_as_good), k).astype(jnp.int32)
+    # The entered value goes to `rank`; the entries from there down to the freed place move
+    # one rank down. The freed place is `evicted` (rank <= evicted: every entry at least as
+    # good as the value is strictly better than the worst one, so it sits above `evicted`).
+    evicted = eviction_index(values, steps)
     index = jnp.arange(k)
     previous_values = jnp.concatenate([values[:1], values[:-1]])
     previous_steps = jnp.concatenate([steps[:1], steps[:-1]])
-    new_values = jnp.where(index < rank, values, jnp.where(index == rank, value, previous_values))
-    new_steps = jnp.where(index < rank, steps, jnp.where(index == rank, step, previous_steps))
+    shifted = (index > rank) & (index <= evicted)
+    new_values = jnp.where(
+        index == rank, value, jnp.where(shifted, previous_values, values)
+    ).astype(values.dtype)
+    new_steps = jnp.where(index == rank, step, jnp.where(shifted, previous_steps, steps)).astype(
+        steps.dtype
+    )
     return new_values, new_steps, rank
+
+
+def eviction_index(values: Float[Array, " k"], steps: Int[Array, " k"]) -> Int[Array, ""]:
+    """Where the next entry goes in a best-first table: the first empty place, or, when the
+    table is full, the first (oldest) of the entries tied with the worst value."""
+    if values.shape[-1] == 0:
+        return jnp.asarray(0, jnp.int32)
+    occupied = steps >= 0
+    tied_worst = occupied & (values == values[-1])
+    return jnp.where(occupied[-1], jnp.argmax(tied_worst), jnp.sum(occupied)).astype(jnp.int32)

@@ -20,21 +20,25 @@ POOL = [-1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0, math.nan, math.inf, -math.inf]
 
 
 def reference_top_k(values, k, mode, every_n):
-    """Lightning's rule as documented by fcb, in plain Python, after every check.
+    """Lightning's `ModelCheckpoint` rule, in plain Python, after every check.
 
     A finite value enters when the table is not full or it is strictly better than the worst
-    entry; ties keep the older entry ahead; non-finite values never enter.
+    entry, and then evicts the oldest entry tied at the worst value (Lightning's
+    `kth_best_model_path`: `max` over a dict in insertion order). Ranks list the entries best
+    first, equal values in the order they entered. Non-finite values never enter (fcb).
     """
     sign = 1.0 if mode == "min" else -1.0
-    table = []  # (value, step), best first
+    table = []  # (value, step) in the order they entered
     out = []
     for step, value in enumerate(values):
         if (step + 1) % every_n == 0 and math.isfinite(value):
-            if len(table) < k or sign * value < sign * table[-1][0]:
+            worst = max((sign * v for v, _ in table), default=math.inf)
+            if len(table) < k or sign * value < worst:
+                if len(table) == k:
+                    del table[[sign * v for v, _ in table].index(worst)]
                 table.append((value, step))
-                table.sort(key=lambda e: (sign * e[0], e[1]))
-                del table[k:]
-        out.append([s for _, s in table] + [-1] * (k - len(table)))
+        ranked = sorted(table, key=lambda e: sign * e[0])  # stable: ties by entry order
+        out.append([s for _, s in ranked] + [-1] * (k - len(table)))
     return out
 
 
