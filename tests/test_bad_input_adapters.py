@@ -28,6 +28,7 @@ import fcb
 import fcb.orbax
 import fcb.torch
 from fcb import _files
+from fcb._host.manifest import write_manifest
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "reliability.md")
 START, END = "<!-- catalogue:start -->", "<!-- catalogue:end -->"
@@ -142,8 +143,7 @@ def resumed(chain=None, edit_state=None, edit_manifest=None, saved_chain=None, s
             with open(dirpath / "manifest.json") as f:
                 manifest = json.load(f)
             edit_manifest(manifest)
-            with open(dirpath / "manifest.json", "w") as f:
-                json.dump(manifest, f)
+            write_manifest(dirpath, manifest)  # sealed again, as fcb writes it
         made = adapter(
             tmp, chain or base_chain(), dirpath=str(tmp / "resumed"),
             model=torch.nn.Linear(2, 1), resume_from=str(dirpath),
@@ -168,8 +168,7 @@ def rewrite_resume_state(dirpath, edit):
     payload["fcb"]["callbacks"] = json.dumps(state)
     torch.save(payload, path)
     manifest["files"][manifest["resume"]["file"]] = _files.file_checksum(str(path))
-    with open(dirpath / "manifest.json", "w") as f:
-        json.dump(manifest, f)
+    write_manifest(dirpath, manifest)  # sealed again, as fcb writes it
 
 
 def set_version(state):
