@@ -1,30 +1,50 @@
-"""Read the checkpoints of an fcb orbax run: a slot's pytree, or an equinox model."""
+"""Read the checkpoints of an fcb orbax run: a slot's pytree, or an equinox model; a run
+being written is read as one snapshot (`fcb._host.live`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import equinox as eqx
 
 from .._errors import CheckpointError
+from .._host.live import read_live
 from ._payload import model_subset, submodule
-from ._store import read_manifest, read_step, stored_tree
+from ._store import STORAGE, read_manifest, read_step, stored_tree
 
 Model = TypeVar("Model")
+T = TypeVar("T")
 
 
-def _slot(directory: str | os.PathLike[str], slot: str) -> tuple[str, dict[str, Any]]:
+def _read_slot(
+    directory: str | os.PathLike[str], slot: str, read: Callable[[str, dict[str, Any]], T]
+) -> T:
+    """`read(step_path, slot_record)` of the step a slot holds, as one snapshot of a run that
+    may be being written: read again when a commit deleted the step while it was read."""
     directory = os.path.abspath(os.fspath(directory))
-    manifest = read_manifest(directory)
-    record = manifest["slots"].get(slot)
-    if record is None:
-        raise CheckpointError(
-            f"{directory} has no checkpoint in slot {slot!r}; its slots are "
-            f"{sorted(manifest['slots'])} (a slot that never held a step is not listed)."
-        )
-    return os.path.join(directory, record["file"]), record
+
+    def attempt(manifest: dict[str, Any]) -> tuple[dict[str, Any], T]:
+        record = manifest["slots"].get(slot)
+        if record is None:
+            raise CheckpointError(
+                f"{directory} has no checkpoint in slot {slot!r}; its slots are "
+                f"{sorted(manifest['slots'])} (a slot that never held a step is not listed)."
+            )
+        return record, read(os.path.join(directory, record["file"]), record)
+
+    def still_listed(result: tuple[dict[str, Any], T]) -> bool:
+        # the writer deletes a step only after a manifest without it is committed: still
+        # listed after the read, the step was whole while it was read
+        record = result[0]
+        try:
+            listed = read_manifest(directory)["files"].get(record["file"])
+        except CheckpointError:
+            return False
+        return listed is not None and listed.get("step") == record["step"]
+
+    return read_live(directory, STORAGE, attempt, changed_ok=still_listed)[1]
 
 
 def restore(
@@ -57,12 +77,15 @@ def restore(
     >>> {name: slot["step"] for name, slot in fcb.orbax.read_manifest(directory)["slots"].items()}
     {'best_model': 0, 'last': 1}
     """
-    path, record = _slot(directory, slot)
-    models = record.get("models")
-    if like is not None and models:
-        like = model_subset(like, tuple(models))
-    state, _ = read_step(path, like, partial=like is not None, with_meta=False)
-    return state
+
+    def read(path: str, record: dict[str, Any]) -> Any:
+        template = like
+        if template is not None and record.get("models"):
+            template = model_subset(template, tuple(record["models"]))
+        state, _ = read_step(path, template, partial=template is not None, with_meta=False)
+        return state
+
+    return _read_slot(directory, slot, read)
 
 
 def restore_model(
@@ -90,16 +113,21 @@ def restore_model(
     Array([1.], dtype=float32)
     """
     params, static = eqx.partition(model, eqx.is_array)
-    path, record = _slot(directory, slot)
-    models = record.get("models")
-    if models:
-        restored = restore(directory, slot, like={"model": params})["model"]
-        names = tuple(models)
-        replacements = [eqx.combine(restored[n], submodule(static, n)) for n in names]
-        return eqx.tree_at(lambda m: [submodule(m, n) for n in names], model, replacements)
-    stored = stored_tree(path)
-    if isinstance(stored, Mapping) and "model" in stored:
-        arrays = restore(directory, slot, like={"model": params})["model"]
-    else:
-        arrays = restore(directory, slot, like=params)
-    return eqx.combine(arrays, static)
+
+    def read(path: str, record: dict[str, Any]) -> Model:
+        models = record.get("models")
+        if models:
+            like = model_subset({"model": params}, tuple(models))
+            restored = read_step(path, like, partial=True, with_meta=False)[0]["model"]
+            names = tuple(models)
+            replacements = [eqx.combine(restored[n], submodule(static, n)) for n in names]
+            return eqx.tree_at(lambda m: [submodule(m, n) for n in names], model, replacements)
+        stored = stored_tree(path)
+        if isinstance(stored, Mapping) and "model" in stored:
+            arrays = read_step(path, {"model": params}, partial=True, with_meta=False)[0]
+            arrays = arrays["model"]
+        else:
+            arrays = read_step(path, params, partial=True, with_meta=False)[0]
+        return eqx.combine(arrays, static)
+
+    return _read_slot(directory, slot, read)
