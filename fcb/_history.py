@@ -10,13 +10,14 @@ Never used by the pure core: `fcb.replay` calls `read_rows` only when it is hand
 
 Non-finite numbers are spelled `"nan"`, `"inf"` and `"-inf"` (strict JSON). Lines are
 appended and flushed one at a time, so a killed run leaves at most a torn last line, which
-readers ignore.
+readers ignore. A line damaged otherwise (a disk error, an edit) is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,9 @@ from typing import Any
 from ._files import atomic_write
 from ._host.manifest import json_metrics, json_value
 from ._host.rundir import HISTORY_NAME as HISTORY_NAME, find_history as find_history
-from ._state_dict import decode_number as decode_number
+from ._state_dict import NON_FINITE, decode_number as decode_number
+
+logger = logging.getLogger("fcb")
 
 
 def _line(record: Mapping[str, Any]) -> bytes:
@@ -76,12 +79,17 @@ def check_record(
 
 def read_records(path: str, *, decode: bool = True) -> list[dict[str, Any]]:
     """Every complete line of a history file (non-finite numbers decoded unless
-    `decode=False`); a torn last line is ignored."""
+    `decode=False`). A torn last line (a killed run's) is ignored; a damaged line elsewhere
+    (not JSON, not an object, a check without an integer step or numeric metrics) is skipped
+    with one warning (logger `fcb`) naming the lines: the history is not the authority, the
+    manifest is, so the rest of it is still worth reading (a resumed run rewrites it without
+    the damaged lines)."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     records = []
+    damaged: list[tuple[int, str]] = []
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -90,11 +98,49 @@ def read_records(path: str, *, decode: bool = True) -> list[dict[str, Any]]:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             if number == len(lines):  # no newline after it: the line a kill tore
                 break
-            raise ValueError(f"{path}, line {number}: not a JSON object ({error}).") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: not a JSON object: {raw[:60]!r}.")
+            damaged.append((number, f"not JSON ({error})"))
+            continue
+        problem = _damage(record)
+        if problem:
+            damaged.append((number, problem))
+            continue
         records.append(_decode(record) if decode else record)
+    if damaged:
+        shown = "; ".join(f"line {n}: {why}" for n, why in damaged[:3])
+        logger.warning(
+            "fcb: %s has %d damaged line%s, skipped (%s%s); the other %d records are read. The "
+            "history is a record of the checks, not the authority (manifest.json is): a "
+            "resumed run rewrites it without them.",
+            path,
+            len(damaged),
+            "" if len(damaged) == 1 else "s",
+            shown,
+            "; ..." if len(damaged) > 3 else "",
+            len(records),
+        )
     return records
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, str):
+        return value in NON_FINITE
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _damage(record: Any) -> str:
+    """What is wrong with one parsed history line ("" when nothing)."""
+    if not isinstance(record, dict):
+        return f"not a JSON object: {json.dumps(record)[:60]}"
+    for key in ("metrics", "summary"):
+        if key in record:
+            values = record[key]
+            if not isinstance(values, dict) or not all(_is_number(v) for v in values.values()):
+                return f"`{key}` is not a mapping of numbers: {json.dumps(values)[:60]}"
+    if "metrics" in record:
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            return f"`step` is not an integer >= 0: {json.dumps(step)[:60]}"
+    return ""
 
 
 def _decode(record: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -65,13 +67,77 @@ def test_non_finite_values_round_trip_as_strict_json(tmp_path):
     assert second["metrics"]["val_loss"] == math.inf
 
 
-def test_torn_last_line_is_ignored_but_a_torn_middle_line_is_an_error(tmp_path):
+def test_a_torn_last_line_is_ignored_and_a_damaged_middle_line_is_skipped(tmp_path, caplog):
     path = tmp_path / "history.jsonl"
     path.write_text('{"step": 0, "metrics": {"val_loss": 1}}\n{"step": 1, "metr')
-    assert [r["step"] for r in read_records(str(path))] == [0]
-    path.write_text('{"step": 0, "metr\n{"step": 1, "metrics": {"val_loss": 1}}\n')
-    with pytest.raises(ValueError, match="line 1: not a JSON object"):
-        read_records(str(path))
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        assert [r["step"] for r in read_records(str(path))] == [0]
+    assert not caplog.records  # what a kill leaves is expected
+    path.write_text(
+        '{"step": 0, "metr\n'
+        '{"step": 1, "metrics": {"val_loss": 1}}\n'
+        "[1, 2]\n"
+        '{"step": "two", "metrics": {"val_loss": 1}}\n'
+        '{"step": 4, "metrics": {"val_loss": "low"}}\n'
+        '{"step": 5, "metrics": {"val_loss": "nan"}}\n'
+    )
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        records = read_records(str(path))
+    assert [r["step"] for r in records] == [1, 5] and math.isnan(records[1]["metrics"]["val_loss"])
+    [warning] = caplog.records
+    assert re.search(
+        r"has 4 damaged lines, skipped \(line 1: not JSON .*; line 3: not a JSON object: "
+        r"\[1, 2\]; line 4: `step` is not an integer >= 0: \"two\"; \.\.\.\); the other 2 "
+        r"records are read",
+        warning.getMessage(),
+    )
+
+
+DAMAGE = [
+    b"\x00\x00\x00\x00\x00\x00",  # a block of zeros, as a crash of the disk leaves
+    b'{"step": 1, "metrics": {"val_loss": 0.7, "train_loss": 1.0}, "lr": [0.1], "ev',
+    b'{"step": 1, "metrics": [0.7]}',
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=["zeros", "torn", "wrong-shape"])
+def test_a_damaged_history_line_does_not_block_a_resume(tmp_path, caplog, damage):
+    _fit(tmp_path, LOSSES, crash_after=4)
+    path = tmp_path / "history.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = damage  # the check of step 1
+    path.write_bytes(b"\n".join(lines))
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        adapter = _fit(tmp_path, LOSSES, resume=True)
+    assert adapter.resumed_step == 4
+    assert "history.jsonl has 1 damaged line, skipped (line 2:" in caplog.text
+    # The resumed run rewrote the history without it: every line reads again.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        steps = [r.get("step") for r in read_records(str(path))]
+    assert steps == [0, 2, 3, 4, 5, 6, None] and not caplog.records
+
+
+def test_plot_and_replay_read_the_rest_of_a_damaged_history(tmp_path, caplog, capsys):
+    _fit(tmp_path, LOSSES)
+    path = tmp_path / "history.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[5] = b"\xff\xfe garbage"  # the check of step 5
+    path.write_bytes(b"\n".join(lines))
+    with caplog.at_level(logging.WARNING, logger="fcb"):
+        rows = read_rows(tmp_path)
+        result = fcb.replay(fcb.grid(fcb.EarlyStopping, patience=[1, 3]), tmp_path)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4, 6]
+    # patience 3 no longer stops: only two checks after the best at step 3 are left
+    assert result.stop_step.tolist() == [2, -1]
+    assert "line 6: not JSON" in caplog.text
+    pytest.importorskip("matplotlib")
+    from fcb import cli
+
+    png = tmp_path / "run.png"
+    assert cli.main(["plot", str(tmp_path), "-o", str(png)]) == 0
+    assert capsys.readouterr().out.strip() == f"plot: {png}"
+    assert png.stat().st_size > 10_000
 
 
 def test_a_new_run_starts_a_new_history_and_a_resume_keeps_its_prefix(tmp_path):
