@@ -17,7 +17,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from ._errors import CheckpointCorruptError, CheckpointWriteError, DirectoryInUseError
+from ._errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointWriteError,
+    DirectoryInUseError,
+)
 
 try:  # ISA-L computes the same CRC-32 as zlib several times faster (`fcb[torch]` installs it)
     from isal.isal_zlib import crc32
@@ -183,33 +188,109 @@ def remove_temporaries(directory: str) -> list[str]:
 
 
 class DirectoryLock:
-    """An exclusive advisory lock on a checkpoint directory, released when the process dies."""
+    """An exclusive advisory lock on a checkpoint directory, released when the process dies.
+
+    An advisory lock guards a *file*: deleting `.fcb.lock`, or the whole directory, lets a
+    second writer lock a new file and write beside (or over) the first. So the holder checks,
+    before it writes, that the name still leads to the file it locked and the directory is
+    still the one it opened (`check`): a writer whose lock was bypassed stops, it never
+    mixes its checkpoints with another run's.
+    """
+
+    ATTEMPTS = 3
+    """Opens of the lock file before a name re-pointed under us counts as taken."""
 
     def __init__(self, directory: str):
+        self.directory = directory
         self.path = os.path.join(directory, LOCK_NAME)
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+        """(device, inode) of the locked file and of the directory at `acquire`."""
+        self._directory_identity: tuple[int, int] | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        for _ in range(self.ATTEMPTS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise self._in_use(holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The name may have been re-pointed between the open and the lock (the file we
+            # opened deleted, another writer's created): then we locked an orphan.
+            if _identity(os.fstat(fd)) == _path_identity(self.path):
+                break
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            raise DirectoryInUseError(
-                f"{os.path.dirname(self.path)} is being written by another fcb adapter "
-                f"(process {holder}). Give this run its own directory (dirpath=...), or close "
-                f"the other adapter first."
-            ) from None
+        else:
+            raise self._in_use(_read_holder(self.path))
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+        self._identity = _identity(os.fstat(fd))
+        self._directory_identity = _path_identity(self.directory)
+
+    def _in_use(self, holder: str) -> DirectoryInUseError:
+        return DirectoryInUseError(
+            f"{self.directory} is being written by another fcb adapter (process {holder}). "
+            f"Give this run its own directory (dirpath=...), or close the other adapter first."
+        )
+
+    def intact(self) -> bool:
+        """Whether the lock still guards the directory (`check` without the error)."""
+        try:
+            self.check()
+        except CheckpointError:
+            return False
+        return True
+
+    def check(self) -> None:
+        """Raise unless `.fcb.lock` is still the file this lock holds, in the directory it
+        opened: [`fcb.CheckpointWriteError`][] when the directory was deleted (or deleted and
+        created again), [`fcb.DirectoryInUseError`][] when the lock file was deleted or
+        replaced or another adapter now holds the directory. Does nothing when not held."""
+        if self._fd is None:
+            return
+        directory = _path_identity(self.directory)
+        lock = _path_identity(self.path)
+        if directory == self._directory_identity and lock == self._identity:
+            return
+        holder = _read_holder(self.path) if lock is not None else None
+        other = f" Another fcb adapter (process {holder}) has opened it since." if holder else ""
+        stop = " This adapter writes nothing more there, so the two runs never mix."
+        if directory is None or directory != self._directory_identity:
+            gone = "deleted" if directory is None else "deleted and created again"
+            message = (
+                f"the run directory {self.directory} was {gone} while this adapter was "
+                f"writing to it (No such file or directory): the checkpoints this run "
+                f"committed are gone.{other}{stop} Start the run again, in a directory no "
+                f"clean-up job and no other run deletes while it writes (dirpath=...)."
+            )
+            raise (DirectoryInUseError if holder else CheckpointWriteError)(message)
+        what = "deleted" if lock is None else "replaced"
+        kept = (
+            "the other run may have replaced the checkpoints this one committed"
+            if holder
+            else "the checkpoints this run committed are intact: resume from them with "
+            f"resume_from={self.directory!r}"
+        )
+        raise DirectoryInUseError(
+            f"{self.path} was {what} while this adapter held it, so another adapter could open "
+            f"the directory and two writers would overwrite each other's checkpoints and slot "
+            f"table.{other}{stop} Give every run its own directory (dirpath=...) and leave "
+            f".fcb.lock alone while a run writes there; {kept}."
+        )
 
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            self._identity = self._directory_identity = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -218,3 +299,30 @@ class DirectoryLock:
             yield
         finally:
             self.release()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _path_identity(path: str) -> tuple[int, int] | None:
+    try:
+        return _identity(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def _holder(fd: int) -> str:
+    """The process id a lock file records (its holder writes it)."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _read_holder(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "unknown"
+    try:
+        return _holder(fd)
+    finally:
+        os.close(fd)

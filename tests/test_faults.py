@@ -402,11 +402,15 @@ def test_directory_deleted_between_checks(tmp_path):
     adapter.on_fit_start()
     check(adapter, 0)
     shutil.rmtree(dirpath)
+    # Checked before anything is written: a directory created again (by another run, or by
+    # the write itself) must never receive this run's steps.
     with pytest.raises(
         fcb.CheckpointWriteError,
-        match=r"could not write .*step-00000001\.pt: No such file or directory .*ENOENT",
+        match=r"the run directory .*/run was deleted while this adapter was writing to it \(No "
+        r"such file or directory\)",
     ):
         check(adapter, 1)
+    assert not os.path.exists(dirpath)
     adapter.on_exception()
 
 

@@ -14,6 +14,13 @@ A kill at any point leaves a manifest whose every location is complete; `open` d
 what the manifest does not list and re-points the names. A failure before step 2 raises
 [`fcb.CheckpointWriteError`][] and leaves the previous checkpoints as they were.
 
+Before a backend writes a location and before every manifest, the store checks that the
+directory is still its own (`check_owned`): the lock file it holds is still `.fcb.lock` and
+the directory was not deleted or created again. An advisory lock is easily bypassed (delete
+the lock file, or the directory, and a second writer locks a new one); a writer whose lock
+was bypassed raises [`fcb.DirectoryInUseError`][] (or [`fcb.CheckpointWriteError`][] when the
+directory is gone) and never writes or deletes anything there again.
+
 A backend subclasses `ManifestStore` and implements how one location is checked at open
 (`_check_listed`), found on disk (`_on_disk`), deleted (`_delete`), and optionally the names
 it keeps beside the manifest (`_installed`) and writes in flight (`_wait_written`).
@@ -26,7 +33,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from .._errors import CheckpointWriteError
+from .._errors import CheckpointError, CheckpointWriteError
 from .._files import DirectoryLock, atomic_write_json, remove_temporaries
 from .manifest import (
     MANIFEST_NAME,
@@ -138,6 +145,20 @@ class ManifestStore:
     def _close_backend(self) -> None:
         """Backend clean-up (always followed by releasing the lock)."""
 
+    def check_owned(self) -> None:
+        """Raise unless the directory is still this store's: the lock it holds is still the
+        directory's `.fcb.lock`, and the directory is the one it opened (on every process
+        when any fails). Called before any location or manifest is written."""
+        self.processes.on_primary(self._lock.check)
+
+    def _owned(self) -> bool:
+        """`check_owned` as a yes/no, the same on every process (before a deletion)."""
+        try:
+            self.check_owned()
+        except CheckpointError:
+            return False
+        return True
+
     # -- backend operations ------------------------------------------------------------------
 
     def _check_listed(self, relative: str, record: Mapping[str, Any]) -> None:
@@ -244,7 +265,8 @@ class ManifestStore:
 
     def abandon(self) -> None:
         """Forget what a check that failed had written but not committed, and delete it: a
-        retry of that step must write it again, never find the failed attempt's weights."""
+        retry of that step must write it again, never find the failed attempt's weights.
+        Nothing is deleted in a directory that is no longer this store's."""
         if self._in_flight():
             try:
                 self._wait_written()
@@ -252,6 +274,8 @@ class ManifestStore:
                 pass  # the write failed anyway; what it left is deleted below
         self._pending = None
         written, self._written = set(self._written), {}
+        if not written or not self._owned():
+            return
         try:  # a failure after the manifest's rename may have committed them after all
             on_disk = set(read_manifest(self.manifest_path, self.storage)["files"])
         except Exception:
@@ -261,6 +285,7 @@ class ManifestStore:
     def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
         manifest, unlisted = with_files(manifest, files)
         old = self.manifest
+        self.check_owned()
         self.processes.on_primary(lambda: atomic_write_json(self.manifest_path, manifest))
         # Committed: the check has happened. Raising from here on would make the caller undo
         # a check the manifest records, so what follows only warns.

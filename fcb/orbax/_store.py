@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
+from .._errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, ConfigError
 from .._host.manifest import Models, SlotRequest, read_manifest as _read_manifest
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR, ManifestStore
@@ -308,6 +308,7 @@ class OrbaxStore(ManifestStore):
     def save(self, step: int, state: Any, meta: dict[str, Any], models: Models) -> None:
         """Start saving `state` (host arrays) and `meta` (JSON) as orbax step `step`."""
         assert self.manager is not None and self._saving is None
+        self.check_owned()
         try:
             self.manager.save(
                 step,
@@ -348,18 +349,23 @@ class OrbaxStore(ManifestStore):
         except Exception as caught:  # orbax raises various types from its writer threads
             committed, error = False, caught
         if not committed:
+            try:  # a directory deleted mid-save: say so, and never write there again
+                self.check_owned()
+            except CheckpointError as lost:
+                self._written.pop(location(step), None)
+                raise lost from error
             failure = CheckpointWriteError(
                 f"orbax could not commit step {step} to {path}"
                 + (f": {_reason(error)}" if error is not None else "")
                 + "; the manifest still holds the previous checkpoints."
             )
             self._written.pop(location(step), None)
-            if not self.processes.active:  # a delete is collective: not on a failure path
+            if not self.processes.active and self._lock.intact():  # a delete is collective
                 with contextlib.suppress(Exception):
                     if step in self.manager.all_steps():
                         self.manager.delete(step)
             # orbax leaves the failed step's temporary directory until the next open
-            if self.processes.is_primary:
+            if self.processes.is_primary and self._lock.intact():
                 for leftover in glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"):
                     shutil.rmtree(leftover, ignore_errors=True)
             failure.__cause__ = error

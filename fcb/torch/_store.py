@@ -75,6 +75,7 @@ class CheckpointStore(ManifestStore):
 
     def write(self, relative: str, step: int, models: Models, payload: Any) -> None:
         """Write one step file atomically; it joins the manifest at the next commit."""
+        self.check_owned()
         record = atomic_write(
             self.path(relative), lambda f: torch.save(payload, cast(IO[bytes], f))
         )
@@ -84,6 +85,7 @@ class CheckpointStore(ManifestStore):
         self, relative: str, step: int, models: Models, save: Callable[[str], object]
     ) -> None:
         """Write one step file with `save(path)` (e.g. a Lightning Trainer's save_checkpoint)."""
+        self.check_owned()
         self._record(relative, step, models, atomic_write_path(self.path(relative), save))
 
     def _record(self, relative: str, step: int, models: Models, record: dict[str, int]) -> None:
