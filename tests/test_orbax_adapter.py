@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -392,7 +393,12 @@ def test_failed_background_commit_surfaces_at_the_next_check(tmp_path, monkeypat
     }
     assert orbax_steps(tmp_path) == [0]
     assert os.listdir(tmp_path / "steps") == ["0"]
-    adapter.on_fit_end()
+    adapter.on_fit_end()  # the disk is back: step 1 is written again, and committed
+    assert {n: s["step"] for n, s in manifest(tmp_path)["slots"].items()} == {
+        "best_model": 1,
+        "last": 1,
+    }
+    assert orbax_steps(tmp_path) == [1]
 
 
 def test_failed_synchronous_save_keeps_the_previous_checkpoint_and_state(tmp_path, monkeypatch):
@@ -413,6 +419,183 @@ def test_failed_synchronous_save_keeps_the_previous_checkpoint_and_state(tmp_pat
     assert int(actions.slots["best_model"]) == 1
     adapter.on_fit_end()
     assert orbax_steps(tmp_path) == [1]
+
+
+DISK_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to write 176 bytes to '
+    "file 4: No space left on device [os_error_code='28']"
+)
+
+
+def full_disk(monkeypatch):
+    """Make orbax's array writes fail as tensorstore does on a full disk."""
+    from orbax.checkpoint._src.serialization import type_handlers
+
+    async def no_space(*args, **kwargs):
+        raise ValueError(DISK_FULL)
+
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_open_and_write", no_space)
+
+
+def leftovers(dirpath):
+    return [n for n in os.listdir(os.path.join(dirpath, "steps")) if "tmp" in n]
+
+
+def test_a_synchronous_save_on_a_full_disk_is_a_write_error_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    adapter = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path, background=False)
+    adapter.on_validation_end({"val_loss": 1.0}, step=0, state={"w": jnp.zeros(2)})
+    before, state_before = manifest(tmp_path), adapter.state_dict()
+    full_disk(monkeypatch)
+    for _ in range(2):
+        with pytest.raises(
+            fcb.CheckpointWriteError,
+            match=r"could not write step 1 .*RESOURCE_EXHAUSTED.*the disk is full: free space",
+        ):
+            adapter.on_validation_end({"val_loss": 0.5}, step=1, state={"w": jnp.ones(2)})
+        assert manifest(tmp_path) == before and adapter.state_dict() == state_before
+        assert leftovers(tmp_path) == [] and orbax_steps(tmp_path) == [0]
+    monkeypatch.undo()  # space is freed: the same check goes through
+    adapter.on_validation_end({"val_loss": 0.5}, step=1, state={"w": jnp.ones(2)})
+    adapter.on_fit_end()
+    assert manifest(tmp_path)["slots"]["best_model"]["step"] == 1 and orbax_steps(tmp_path) == [1]
+
+
+LOSSES_7 = [1.0, 0.5, 0.7, 0.9]
+
+
+def tagged(step):
+    """200 kB that do not compress (a real disk fills up), starting with the step."""
+    w = np.random.default_rng(step).standard_normal(50_000).astype(np.float32)
+    w[0] = step
+    return jnp.asarray(w)
+
+
+def _full_disk_run(dirpath, fill=None, free=None):
+    """Checks of LOSSES_7 with background saves; `fill()` makes the disk full after step 0,
+    `free()` frees it after the checks that fail. Returns the errors of each check."""
+    adapter = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(save_last=True), dirpath)
+    errors = {}
+    step = 0
+    while step < len(LOSSES_7):
+        state = {"w": tagged(step)}
+        try:
+            adapter.on_validation_end({"val_loss": LOSSES_7[step]}, step=step, state=state)
+        except fcb.CheckpointWriteError as error:
+            errors.setdefault(step, []).append(str(error))
+            assert manifest(dirpath)["slots"]["last"]["step"] == 0  # still the last commit
+            if len(errors[step]) == 2 and free is not None:
+                free()
+            continue  # the loop retries the check that failed
+        if step == 0:
+            adapter.wait()
+            if fill is not None:
+                fill()
+        step += 1
+    adapter.on_fit_end()
+    return adapter, errors
+
+
+def test_a_background_save_that_failed_is_written_again_once_the_disk_is_back(
+    tmp_path, monkeypatch
+):
+    """The failure of step 1's background save is found at the next check, once step 1's
+    check has happened (its decisions returned to the loop): step 1 is written again until
+    it commits, and the run ends exactly as one that never failed."""
+    reference, _ = _full_disk_run(str(tmp_path / "reference"))
+    adapter, errors = _full_disk_run(
+        str(tmp_path / "run"), fill=lambda: full_disk(monkeypatch), free=monkeypatch.undo
+    )
+    assert sorted(errors) == [2] and len(errors[2]) == 2
+    assert re.search(r"could not commit step 1 .*RESOURCE_EXHAUSTED", errors[2][0])
+    assert "its step is written again at the next check that saves" in errors[2][0]
+    assert "step 1" in errors[2][1]
+    assert adapter.state_dict() == reference.state_dict()
+    ran = manifest(tmp_path / "run")
+    assert ran["slots"] == manifest(tmp_path / "reference")["slots"]
+    assert {n: s["step"] for n, s in ran["slots"].items()} == {"best_model": 1, "last": 3}
+    best = fcb.orbax.restore(tmp_path / "run", "best_model", like={"w": jnp.zeros(50_000)})
+    assert float(best["w"][0]) == 1.0  # step 1's own state, written again
+    assert orbax_steps(tmp_path / "run") == [1, 3] and leftovers(tmp_path / "run") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_real_full_disk_sync_and_background(tmp_path):
+    """The same on a real full disk: a 4 MB tmpfs filled up by another file."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    filler = mount / "filler"
+    try:
+
+        def fill():
+            stat = os.statvfs(mount)
+            with open(filler, "wb") as f:  # leave less than a step needs (200 kB)
+                f.write(b"\1" * max(0, stat.f_bavail * stat.f_frsize - 120_000))
+
+        def free():
+            filler.unlink()
+
+        reference, _ = _full_disk_run(str(tmp_path / "reference"))
+        adapter, errors = _full_disk_run(str(mount / "run"), fill=fill, free=free)
+        assert sorted(errors) == [2]
+        assert "No space left on device" in errors[2][0]
+        assert "the disk is full: free space" in errors[2][0]
+        assert manifest(mount / "run")["slots"] == manifest(tmp_path / "reference")["slots"]
+        assert adapter.state_dict() == reference.state_dict()
+        assert orbax_steps(mount / "run") == [1, 3] and leftovers(mount / "run") == []
+
+        sync = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), mount / "sync", background=False)
+        sync.on_validation_end({"val_loss": 1.0}, step=0, state={"w": jnp.zeros(2)})
+        fill()
+        with pytest.raises(fcb.CheckpointWriteError, match=r"could not write step 1 .*space"):
+            sync.on_validation_end({"val_loss": 0.5}, step=1, state={"w": tagged(1)})
+        assert leftovers(mount / "sync") == []
+        free()
+        sync.on_validation_end({"val_loss": 0.5}, step=1, state={"w": tagged(1)})
+        sync.on_fit_end()
+        assert orbax_steps(mount / "sync") == [1]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_background_save_lost_after_orbax_let_go_of_it_names_the_fix(
+    tmp_path, monkeypatch
+):
+    """A failure after orbax has finalized the step's data and let go of its state (in the
+    final rename of the step) cannot be written again: a slot still asking for that step is
+    refused with the way out."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    adapter = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(save_last=True), tmp_path)
+    adapter.on_validation_end({"val_loss": 1.0}, step=0, state={"w": jnp.zeros(2)})
+    adapter.wait()
+
+    def rename_fails(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(async_checkpointer, "_on_commit_callback", rename_fails)
+    adapter.on_validation_end({"val_loss": 0.5}, step=1, state={"w": jnp.ones(2)})
+    with pytest.raises(fcb.CheckpointWriteError, match=r"could not commit step 1"):
+        adapter.on_validation_end({"val_loss": 0.7}, step=2, state={"w": jnp.ones(2)})
+    monkeypatch.undo()
+    with pytest.raises(
+        fcb.CheckpointWriteError,
+        match=r"slot 'best_model' holds step 1, whose background save failed .*Resume from the "
+        r"last committed checkpoint \(resume_from=dirpath, step 0\)",
+    ):
+        adapter.on_validation_end({"val_loss": 0.7}, step=2, state={"w": jnp.ones(2)})
+    adapter.on_fit_end()
+    resumed = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(save_last=True), tmp_path,
+                                     resume_from=tmp_path)
+    resumed.on_fit_start()
+    assert resumed.resumed_step == 0
+    resumed.on_fit_end()
 
 
 def test_second_writer_is_refused_and_a_new_run_replaces_an_old_one(tmp_path, caplog):

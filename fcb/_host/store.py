@@ -23,7 +23,8 @@ directory is gone) and never writes or deletes anything there again.
 
 A backend subclasses `ManifestStore` and implements how one location is checked at open
 (`_check_listed`), found on disk (`_on_disk`), deleted (`_delete`), and optionally the names
-it keeps beside the manifest (`_installed`) and writes in flight (`_wait_written`).
+it keeps beside the manifest (`_installed`) and writes in flight (`_wait_written`; a backend
+that keeps a failed write to retry at the next `finish` says so with `_retrying`).
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ class ManifestStore:
     def _in_flight(self) -> bool:
         return False
 
+    def _retrying(self) -> bool:
+        """Whether a write whose commit failed is kept, with its check's manifest, to be
+        written again at the next `finish` (the check it belongs to has happened)."""
+        return False
+
     # -- checks ------------------------------------------------------------------------------
 
     def has(self, relative: str) -> bool:
@@ -258,15 +264,25 @@ class ManifestStore:
         """Wait for the writes in flight; once durable, install the pending manifest."""
         if not self._in_flight():
             return
+        try:
+            self._wait_written()
+        except BaseException:
+            if not self._retrying():
+                self._pending = None
+            raise
         pending, self._pending = self._pending, None
-        self._wait_written()
         if pending is not None:
             self._install(*pending)
 
     def abandon(self) -> None:
         """Forget what a check that failed had written but not committed, and delete it: a
         retry of that step must write it again, never find the failed attempt's weights.
-        Nothing is deleted in a directory that is no longer this store's."""
+
+        A write kept to be retried belongs to an earlier check, which happened: it stays (no
+        write of the failed check can have started, since `finish` comes first). Nothing is
+        deleted in a directory that is no longer this store's."""
+        if self._retrying():
+            return
         if self._in_flight():
             try:
                 self._wait_written()

@@ -9,6 +9,15 @@ background; the manifest is written only once the step it references is committe
 is deleted only once a committed manifest no longer references it. A kill at any point leaves
 a manifest whose every step is complete; `open` deletes steps the manifest does not list.
 
+A write that fails (a full disk, an I/O error: orbax reports them as `OSError` or as
+tensorstore's `ValueError("RESOURCE_EXHAUSTED: ...")`) is a [`fcb.CheckpointWriteError`][],
+and what it left is deleted. A synchronous failure fails its own check (the session undoes
+it). A background failure is found later, when the check it belongs to has already happened
+(its actions applied by the loop): so the step is kept, with its check's manifest, and written
+again at the next check that saves (and at `on_fit_end`), until it commits; every later check
+that would save raises meanwhile. Once the disk is back, the run goes on as if nothing had
+failed. The host copy of a save in flight is kept only until orbax has finalized it.
+
 In a multi-process JAX run every process opens the store and makes the same calls; orbax
 saves and deletes with its own multi-host protocol, and only the primary process holds the
 lock and writes the manifest (see `_processes.py`).
@@ -18,14 +27,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import glob
 import logging
 import os
+import re
 import shutil
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -181,10 +192,44 @@ def _reason(error: BaseException) -> str:
     first = error
     while first.__cause__ or first.__context__:
         first = first.__cause__ or first.__context__  # type: ignore[assignment]
-    reason = " ".join(str(error).split())[:300]
+    reason = _brief(error)
     if first is error:
         return reason
-    return f"{type(first).__name__}: {first} (then: {type(error).__name__}: {reason})"
+    return f"{type(first).__name__}: {_brief(first)} (then: {type(error).__name__}: {reason})"
+
+
+def _brief(error: BaseException) -> str:
+    """An error's message on one line, without the tensorstore spec a write error carries
+    (a kilobyte of JSON): the cause ("No space left on device") is before it."""
+    text = _TENSORSTORE_SPEC.sub("", " ".join(str(error).split()))
+    return text if len(text) <= 600 else text[:600] + "..."
+
+
+_TENSORSTORE_SPEC = re.compile(r" ?\[tensorstore_spec='.*?'\]")
+
+
+_DISK_FULL = ("No space left on device", "RESOURCE_EXHAUSTED", "Disk quota exceeded")
+
+
+def _disk_full_hint(error: BaseException) -> str:
+    """What to do about a full disk, when that is what `error` (or its cause) says."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            word in str(seen) for word in _DISK_FULL
+        ):
+            return " (the disk is full: free space)"
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
+class _Save(NamedTuple):
+    """One orbax save: the step, the host copy of the state, the metadata, the submodules."""
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    models: Models
 
 
 def _register_exit_hook(method: weakref.WeakMethod[Callable[[], None]]) -> None:
@@ -229,18 +274,37 @@ class OrbaxStore(ManifestStore):
         self.manager: ocp.CheckpointManager | None = None
         self._saving: int | None = None
         self._closed = False
+        self._unsaved: _Save | None = None
+        """The background save in flight, until orbax has finalized it (to write it again)."""
+        self._retry: _Save | None = None
+        """A background save that failed, written again at the next `finish`."""
+        self._lost: dict[int, str] = {}
+        """Steps whose background save failed after orbax had let go of their state: a
+        slot that still asks for one cannot be recorded (why, for the message)."""
 
     def location(self, step: int, models: Models = None) -> str:
         return location(step, models)
 
     def _open_backend(self) -> None:
+        finalized = None
+        if self.async_save:  # orbax accepts the callback only with its async checkpointer
+            store = weakref.ref(self)
+
+            def finalized() -> None:  # orbax's writer thread: the step's data is complete
+                alive = store()
+                if alive is not None:
+                    alive._unsaved = None
+
         self.manager = ocp.CheckpointManager(
             os.path.join(self.directory, STEPS_DIR),
             options=ocp.CheckpointManagerOptions(
                 # fcb decides what to keep: no max_to_keep, no best_fn (see the docs)
                 cleanup_tmp_directories=True,
                 enable_async_checkpointing=self.async_save,
-                async_options=ocp.AsyncOptions(timeout_secs=max(1, round(self.timeout))),
+                async_options=ocp.AsyncOptions(
+                    timeout_secs=max(1, round(self.timeout)),
+                    post_finalization_callback=finalized,
+                ),
                 create=True,
             ),
         )
@@ -299,6 +363,27 @@ class OrbaxStore(ManifestStore):
                     f"was saved with only {stored}."
                 )
 
+    def commit(self, *, event_step: int, slots: Mapping[str, SlotRequest], **plan: Any) -> None:
+        lost = sorted(
+            (step, name) for name, (step, _, _) in slots.items() if step in self._lost
+        )
+        if lost:
+            step = lost[0][0]
+            committed = self.manifest["resume"]
+            fix = (
+                f"Resume from the last committed checkpoint (resume_from=dirpath, step "
+                f"{committed['step']}): it decides from there as this run would have."
+                if committed
+                else "Start the run again (keep a `last` slot, ModelCheckpoint(save_last=True), "
+                "to resume after such a failure instead)."
+            )
+            raise CheckpointWriteError(
+                f"slot {lost[0][1]!r} holds step {step}, whose background save failed "
+                f"({self._lost[step]}) after orbax had let go of its state: this run cannot "
+                f"record that slot any more. {fix}"
+            )
+        super().commit(event_step=event_step, slots=slots, **plan)
+
     # -- saves -------------------------------------------------------------------------------
 
     def stored_models(self, step: int) -> Models:
@@ -307,36 +392,59 @@ class OrbaxStore(ManifestStore):
 
     def save(self, step: int, state: Any, meta: dict[str, Any], models: Models) -> None:
         """Start saving `state` (host arrays) and `meta` (JSON) as orbax step `step`."""
-        assert self.manager is not None and self._saving is None
+        assert self.manager is not None and self._saving is None and self._retry is None
         self.check_owned()
+        self._start(_Save(step, state, meta, models))
+        self.record_write(
+            location(step), {"step": step, "models": None if models is None else list(models)}
+        )
+        if not self.async_save:
+            self._wait_written()
+
+    def _start(self, save: _Save, *, again: bool = False) -> None:
+        assert self.manager is not None
+        step = save.step
+        if self.async_save:
+            self._unsaved = save
         try:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
                     **{
-                        STATE_ITEM: ocp.args.StandardSave(state),
-                        META_ITEM: ocp.args.JsonSave(meta),
+                        STATE_ITEM: ocp.args.StandardSave(save.state),
+                        META_ITEM: ocp.args.JsonSave(save.meta),
                     }
                 ),
                 force=True,  # every step fcb asks for, whatever orbax's save interval says
             )
-        except OSError as error:
+        except Exception as error:  # OSError, or tensorstore's ValueError("RESOURCE_...")
+            self._unsaved = None
+            self._clean_up(step)
             raise CheckpointWriteError(
                 f"could not write step {step} to {self.path(location(step))}: "
-                f"{error.strerror or error}; the previous checkpoints are intact."
+                f"{_reason(error)}{_disk_full_hint(error)}; the previous checkpoints are "
+                f"intact"
+                + (
+                    f", and step {step} (its check has happened) is written again at the next "
+                    f"check that saves."
+                    if again
+                    else "."
+                )
             ) from error
-        self.record_write(
-            location(step), {"step": step, "models": None if models is None else list(models)}
-        )
         self._saving = step
-        if not self.async_save:
-            self._wait_written()
 
     def _in_flight(self) -> bool:
-        return self._saving is not None
+        return self._saving is not None or self._retry is not None
+
+    def _retrying(self) -> bool:
+        return self._retry is not None
 
     def _wait_written(self) -> None:
         assert self.manager is not None
+        if self._saving is None and self._retry is not None:
+            self.check_owned()
+            self._start(self._retry, again=True)  # raises, keeping it, while the disk refuses
+            self._retry = None
         step, self._saving = self._saving, None
         if step is None:
             return
@@ -348,31 +456,54 @@ class OrbaxStore(ManifestStore):
             error: BaseException | None = None
         except Exception as caught:  # orbax raises various types from its writer threads
             committed, error = False, caught
-        if not committed:
-            try:  # a directory deleted mid-save: say so, and never write there again
-                self.check_owned()
-            except CheckpointError as lost:
-                self._written.pop(location(step), None)
-                raise lost from error
-            failure = CheckpointWriteError(
-                f"orbax could not commit step {step} to {path}"
-                + (f": {_reason(error)}" if error is not None else "")
-                + "; the manifest still holds the previous checkpoints."
-            )
+        save, self._unsaved = self._unsaved, None
+        if committed:
+            return
+        try:  # a directory deleted mid-save: say so, and never write there again
+            self.check_owned()
+        except CheckpointError as lost:
             self._written.pop(location(step), None)
-            if not self.processes.active and self._lock.intact():  # a delete is collective
-                with contextlib.suppress(Exception):
-                    if step in self.manager.all_steps():
-                        self.manager.delete(step)
-            # orbax leaves the failed step's temporary directory until the next open
-            if self.processes.is_primary and self._lock.intact():
-                for leftover in glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"):
-                    shutil.rmtree(leftover, ignore_errors=True)
-            failure.__cause__ = error
-            self.processes.agree_on_error(failure)
+            raise lost from error
+        # Written again later only if every process still holds its part of the state.
+        if self.processes.any(save is None or save.step != step):
+            save = None
+        self._retry = save
+        if save is None:
+            self._written.pop(location(step), None)
+            self._lost[step] = _reason(error) if error is not None else "not committed"
+        self._clean_up(step)
+        failure = CheckpointWriteError(
+            f"orbax could not commit step {step} to {path}"
+            + (f": {_reason(error)}{_disk_full_hint(error)}" if error is not None else "")
+            + "; the manifest still holds the previous checkpoints"
+            + (
+                f". The check of step {step} has happened: its step is written again at the "
+                f"next check that saves (and at on_fit_end), and the run goes on once it commits."
+                if save is not None
+                else "."
+            )
+        )
+        failure.__cause__ = error
+        self.processes.agree_on_error(failure)
+
+    def _clean_up(self, step: int) -> None:
+        """Delete what a failed save of `step` left, in a directory that is still ours."""
+        assert self.manager is not None
+        if not self._lock.intact():
+            return
+        path = self.path(location(step))
+        if not self.processes.active:  # a delete is collective: not on a failure path
+            with contextlib.suppress(Exception):
+                if step in self.manager.all_steps():
+                    self.manager.delete(step)
+        # orbax leaves the failed step's temporary directory until the next open
+        if self.processes.is_primary:
+            for leftover in glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def _close_backend(self) -> None:
         self._closed = True
+        self._unsaved = self._retry = None
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
