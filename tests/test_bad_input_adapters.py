@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import fcb
+import fcb.lightning
 import fcb.orbax
 import fcb.torch
 from fcb import _files
@@ -249,6 +250,33 @@ def orbax_under_a_file(tmp):
     made.on_fit_start()
 
 
+def orbax_built(callbacks=ES, **kwargs):
+    def call(tmp):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the former option names
+            return fcb.orbax.OrbaxAdapter(callbacks, str(tmp / "orbax"), **kwargs)
+
+    return call
+
+
+def lightning_built(callbacks=ES, **kwargs):
+    return lambda tmp: fcb.lightning.FcbCallback(callbacks, **kwargs)
+
+
+class NumpyTrainer:
+    should_stop = False
+
+    def state_dict(self):
+        return {"epoch": 3, "rng": np.random.get_state()}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def load_run_directory(tmp):
+    fcb.torch.load_checkpoint(saved_run(tmp))
+
+
 NESTED = fcb.BestCheckpoint("val_loss", callbacks=[fcb.EarlyStopping("test_loss")])
 SUBSET = fcb.BestCheckpoint("val_loss", model_names=["decoder"])
 
@@ -383,6 +411,46 @@ CASES = [
     ("torch: unknown reduce", "reduce='median'", built(reduce="median"), fcb.ConfigError,
      r"^TorchAdapter: `reduce` must be one of .* or None \(metrics already reduced\), got "
      r"reduce = 'median'\.$"),
+    ("torch: background a string", "background='False'", built(background="False"),
+     fcb.ConfigError,
+     r"^TorchAdapter: `background` must be True or False, got background = 'False'\.$"),
+    ("torch: history a string", "history='no'", built(history="no"), fcb.ConfigError,
+     r"^TorchAdapter: `history` must be True or False, got history = 'no'\.$"),
+    ("torch: optimizer a Module", "optimizer=torch.nn.Linear(1, 1)",
+     built(optimizer=torch.nn.Linear(1, 1)), fcb.ConfigError,
+     r"^TorchAdapter: `optimizer` must be a torch\.optim\.Optimizer, got Linear\.$"),
+    ("torch: evaluate not a function", "evaluate=3", built(evaluate=3), fcb.ConfigError,
+     r"^TorchAdapter: `evaluate` must be a function of the model or a mapping from request "
+     r"name to one, got int: 3\.$"),
+    ("torch: evaluate mapping to a number", "evaluate={'best.val_loss': 3}",
+     built(evaluate={"best.val_loss": 3}), fcb.ConfigError,
+     r"^TorchAdapter: `evaluate\['best\.val_loss'\]` must be a function of the model, got "
+     r"int: 3\.$"),
+    ("torch: log not a function", "log=3", built(log=3), fcb.ConfigError,
+     r"^TorchAdapter: `log` must be a function \(step, scalars\) -> None, got int: 3\.$"),
+    ("torch: scheduler without a state dict", "scheduler=3", built(scheduler=3),
+     fcb.ConfigError,
+     r"^TorchAdapter: `scheduler` must have state_dict\(\) and load_state_dict\(\) \(its state "
+     r"is saved and restored with the model\), got int without state_dict\(\) and "
+     r"load_state_dict\(\)\.$"),
+    ("torch: trainer without should_stop", "trainer=3", built(trainer=3), fcb.ConfigError,
+     r"^TorchAdapter: `trainer` must have a `should_stop` attribute \(fcb sets it when a "
+     r"callback stops the run\), got int: 3\.$"),
+    ("torch: dirpath not a path", "dirpath=3", built(dirpath=3), fcb.ConfigError,
+     r"^TorchAdapter: `dirpath` must be a non-empty path or None, got dirpath = 3\.$"),
+    ("torch: resume_from not a path", "resume_from=3", built(resume_from=3), fcb.ConfigError,
+     r"^TorchAdapter: `resume_from` must be a non-empty path or None, got resume_from = 3\.$"),
+    ("torch: state dict holding a NumPy array",
+     "trainer.state_dict() = {'rng': np.random.get_state()}",
+     checked({"val_loss": 1.0}, fcb.ModelCheckpoint("val_loss"), trainer=NumpyTrainer()),
+     fcb.CheckpointWriteError,
+     r"^TorchAdapter: the checkpoint of step 0 is not written: trainer\.state_dict\(\)\['rng'\]"
+     r"\[1\] holds a numpy\.ndarray, which torch\.load\(weights_only=True\) refuses"),
+    ("torch: load_checkpoint of a run directory", "load_checkpoint(run_dir)",
+     load_run_directory, fcb.ConfigError,
+     r"^load_checkpoint: .*saved is a directory; pass the path of one of its checkpoints in "
+     r".*saved: best\.val_loss\.pt, best\.val_loss\.tolerance=1\.pt, "
+     r"best\.val_loss\.tolerance=3\.pt, best_model\.pt, last\.pt\.$"),
     ("torch: no checkpoint directory", "no dirpath, trainer or ModelCheckpoint(dirpath=...)",
      started(dirpath=None), fcb.ConfigError,
      r"^TorchAdapter: no checkpoint directory: pass dirpath=\.\.\., set a ModelCheckpoint's "
@@ -476,7 +544,45 @@ CASES = [
     ("orbax: evaluate not a function", "evaluate=3",
      lambda tmp: fcb.orbax.OrbaxAdapter(ES, str(tmp), evaluate=3), fcb.ConfigError,
      r"^OrbaxAdapter: `evaluate` must be a function of the state or a mapping from request "
-     r"name to one, got int\.$"),
+     r"name to one, got int: 3\.$"),
+    ("orbax: evaluate mapping to a number", "evaluate={'best.val_loss': 3}",
+     orbax_built(evaluate={"best.val_loss": 3}), fcb.ConfigError,
+     r"^OrbaxAdapter: `evaluate\['best\.val_loss'\]` must be a function of the state, got "
+     r"int: 3\.$"),
+    ("orbax: callbacks None", "OrbaxAdapter(None)", lambda tmp: fcb.orbax.OrbaxAdapter(None),
+     fcb.ConfigError,
+     r"^OrbaxAdapter: `callbacks` must be an fcb\.Callback \(or fcb\.chain\(\.\.\.\)\), got "
+     r"NoneType: None\.$"),
+    ("orbax: log not a function", "log=3", orbax_built(log=3), fcb.ConfigError,
+     r"^OrbaxAdapter: `log` must be a function \(step, scalars\) -> None, got int: 3\.$"),
+    ("orbax: resume_from not a path", "resume_from=3", orbax_built(resume_from=3),
+     fcb.ConfigError,
+     r"^OrbaxAdapter: `resume_from` must be a non-empty path or None, got resume_from = 3\.$"),
+    ("orbax: background a string", "background='False'", orbax_built(background="False"),
+     fcb.ConfigError,
+     r"^OrbaxAdapter: `background` must be True or False, got background = 'False'\.$"),
+    ("orbax: async_save a string", "async_save='False'", orbax_built(async_save="False"),
+     fcb.ConfigError,
+     r"^OrbaxAdapter: `async_save` must be True or False, got async_save = 'False'\.$"),
+    ("orbax: resume a string", "resume='False'", orbax_built(resume="False"), fcb.ConfigError,
+     r"^OrbaxAdapter: `resume` must be True or False, got resume = 'False'\.$"),
+    ("orbax: history a string", "history='no'", orbax_built(history="no"), fcb.ConfigError,
+     r"^OrbaxAdapter: `history` must be True or False, got history = 'no'\.$"),
+    # --- fcb.lightning.FcbCallback ---
+    ("lightning: callbacks None", "FcbCallback(None)", lightning_built(None), fcb.ConfigError,
+     r"^FcbCallback: `callbacks` must be an fcb\.Callback \(or fcb\.chain\(\.\.\.\)\), got "
+     r"NoneType: None\.$"),
+    ("lightning: history a string", "history='no'", lightning_built(history="no"),
+     fcb.ConfigError,
+     r"^FcbCallback: `history` must be True or False, got history = 'no'\.$"),
+    ("lightning: evaluate not a function", "evaluate=3", lightning_built(evaluate=3),
+     fcb.ConfigError,
+     r"^FcbCallback: `evaluate` must be a function of the model or a mapping from request "
+     r"name to one, got int: 3\.$"),
+    ("lightning: log not a function", "log=3", lightning_built(log=3), fcb.ConfigError,
+     r"^FcbCallback: `log` must be a function \(step, scalars\) -> None, got int: 3\.$"),
+    ("lightning: dirpath not a path", "dirpath=3", lightning_built(dirpath=3), fcb.ConfigError,
+     r"^FcbCallback: `dirpath` must be a non-empty path or None, got dirpath = 3\.$"),
     ("orbax: unknown reduce", "reduce='median'",
      lambda tmp: fcb.orbax.OrbaxAdapter(ES, str(tmp), reduce="median"), fcb.ConfigError,
      r"^OrbaxAdapter: `reduce` must be one of \('mean', 'sum', 'max', 'min'\) or None "
@@ -511,6 +617,43 @@ def test_bad_input(tmp_path, build, error, match):
         warnings.simplefilter("ignore", fcb.ConfigChangedWarning)
         with pytest.raises(error, match=match):
             build(tmp_path)
+
+
+# --- a refused check uses up no step ---------------------------------------------------------
+
+
+def failing_write(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("kind", ["torch", "orbax"])
+def test_a_check_that_raises_uses_up_no_step(tmp_path, monkeypatch, kind):
+    """An unnumbered check is the previous step + 1: a check that raised did not happen, so
+    the next one takes its step (a bad metric, or a write that failed)."""
+    chain = fcb.ModelCheckpoint("val_loss", save_last=True)
+    if kind == "torch":
+        made = adapter(tmp_path, chain, model=torch.nn.Linear(1, 1))
+        check = made.on_validation_end
+        store = fcb.torch.CheckpointStore
+    else:
+        made = orbax_adapter(tmp_path, chain)
+
+        def check(metrics):
+            return made.on_validation_end(metrics, state={"w": jnp.zeros(2)})
+
+        store = fcb.orbax._store.OrbaxStore
+    check({"val_loss": 1.0})  # step 0
+    with pytest.raises(fcb.MissingMetricError):
+        check({"loss": 1.0})
+    with pytest.raises(fcb.MetricTypeError):
+        check({"val_loss": "low"})
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "write" if kind == "torch" else "save", failing_write)
+        with pytest.raises((fcb.CheckpointWriteError, OSError)):
+            check({"val_loss": 0.5})
+    check({"val_loss": 0.5})
+    assert made.slots == {"best_model": 1, "last": 1}
+    made.on_fit_end()
 
 
 # --- inputs that are accepted, with a documented outcome -------------------------------------

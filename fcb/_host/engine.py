@@ -134,8 +134,7 @@ def check_path(owner: str, name: str, value: Any, *, optional: bool = True) -> s
     path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(path, str) or not path:
         raise ConfigError(
-            f"{owner}: `{name}` must be a non-empty path (str or os.PathLike)"
-            + (" or None" if optional else "")
+            f"{owner}: `{name}` must be a non-empty path" + (" or None" if optional else "")
             + f", got {name} = {value!r}."
         )
     return path
@@ -166,5 +165,5 @@ def check_state_dict_owner(owner: str, name: str, value: Any) -> None:
         raise ConfigError(
             f"{owner}: `{name}` must have state_dict() and load_state_dict() (its state is "
             f"saved and restored with the model), got {type(value).__name__} without "
-            f"{' and '.join(missing)}()."
+            f"{' and '.join(m + '()' for m in missing)}."
         )

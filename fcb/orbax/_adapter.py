@@ -16,7 +16,7 @@ import jax
 
 from .._core import Actions, Callback
 from .._errors import CheckpointCorruptError, ConfigError
-from .._host.engine import FREE_DEVICE_MEMORY, Check, check_flag
+from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
 from .._host.facade import SessionFacade
 from .._host.manifest import json_metrics
 from .._host.processes import ProcessGroup
@@ -149,37 +149,29 @@ class OrbaxAdapter(SessionFacade):
         if directory is not _UNSET:
             renamed("directory", "dirpath")
             dirpath = directory
-        if dirpath is _UNSET or not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(
-            dirpath
-        ):
-            raise ConfigError(
-                f"{owner}: `dirpath` must be a non-empty path, got "
-                f"dirpath = {None if dirpath is _UNSET else dirpath!r}."
-            )
-        self.dirpath = os.path.abspath(os.fspath(dirpath))
         if resume is not _UNSET:
             renamed("resume", "resume_from=dirpath")
-            if check_flag(owner, "resume", resume):
-                resume_from = self.dirpath
+            check_flag(owner, "resume", resume)
         if async_save is not _UNSET:
             renamed("async_save", "background")
-            background = async_save
-        if evaluate is not None and not callable(evaluate) and not isinstance(evaluate, Mapping):
-            raise ConfigError(
-                f"{owner}: `evaluate` must be a function of the state or a mapping from "
-                f"request name to one, got {type(evaluate).__name__}."
-            )
-        check_timeout(owner, timeout)
-        if resume_from is not None and os.path.abspath(os.fspath(resume_from)) != self.dirpath:
-            raise ConfigError(
-                f"{owner}: resume_from = {os.fspath(resume_from)!r} is another directory than "
-                f"dirpath = {self.dirpath!r}; an orbax run resumes in its own directory. Copy "
-                f"the run there first (cp -r), or pass resume_from=dirpath."
-            )
-        self.session = Session(
+            background = check_flag(owner, "async_save", async_save)
+        self.session = Session(  # the callbacks first: they are the first argument
             owner, callbacks, self, storage="orbax", reduce=reduce, log=log, history=history,
             step_names="orbax step",
         )
+        path = check_path(owner, "dirpath", None if dirpath is _UNSET else dirpath, optional=False)
+        self.dirpath = os.path.abspath(str(path))
+        resume_from = self.dirpath if resume is True else check_path(
+            owner, "resume_from", resume_from
+        )
+        check_evaluate(owner, evaluate, "state")
+        check_timeout(owner, timeout)
+        if resume_from is not None and os.path.abspath(resume_from) != self.dirpath:
+            raise ConfigError(
+                f"{owner}: resume_from = {resume_from!r} is another directory than "
+                f"dirpath = {self.dirpath!r}; an orbax run resumes in its own directory. Copy "
+                f"the run there first (cp -r), or pass resume_from=dirpath."
+            )
         self.callbacks = callbacks
         self.evaluate = evaluate
         self.resume_from = None if resume_from is None else self.dirpath

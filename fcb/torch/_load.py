@@ -59,14 +59,14 @@ def _manifest_dir(path: str) -> str:
 
 def _not_a_file(path: str) -> ConfigError:
     run = find_run(path)
-    names = []
+    names: list[str] = []
     if run is not None:
         try:
             slots = read_manifest(run)["slots"]
-            names = [os.path.join(run, s.get("link", s["file"])) for s in slots.values()]
+            names = sorted(s.get("link", s["file"]) for s in slots.values())
         except CheckpointCorruptError:
             pass
-    listed = f": {', '.join(sorted(names))}" if names else " (e.g. best_model.pt, last.pt)"
+    listed = f" in {run}: {', '.join(names)}" if names else " (e.g. best_model.pt, last.pt)"
     return ConfigError(
         f"load_checkpoint: {path} is a directory; pass the path of one of its checkpoints"
         f"{listed}."
