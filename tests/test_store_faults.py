@@ -1,7 +1,8 @@
 """Who owns a run directory, for every store: the lock and the directory are checked before
 every write and every commit, so a writer whose lock was bypassed (`.fcb.lock` deleted, the
 directory deleted or created again) stops with a typed error and never mixes its steps or
-its slot table into another run."""
+its slot table into another run; and a failed `on_fit_start` leaves nothing behind (not
+the lock, not the callbacks' state, not the directory)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from fcb._files import LOCK_NAME
 
 CHAIN = fcb.chain(
     fcb.EarlyStopping("val_loss", patience=100),
+    fcb.ModelCheckpoint("val_loss", save_top_k=1, save_last=True),
+)
+STOPPING = fcb.chain(
+    fcb.EarlyStopping("val_loss", patience=0),
     fcb.ModelCheckpoint("val_loss", save_top_k=1, save_last=True),
 )
 
@@ -225,3 +230,88 @@ def test_orbax_directory_deleted_while_a_background_save_is_in_flight(tmp_path):
     again.adapter.on_fit_end()
     assert OrbaxRun.weight(dirpath, "best_model") == 4.0
     listed_only(dirpath)
+
+
+# -- item 8: a failed on_fit_start leaves everything as it was --------------------------------
+
+
+def assert_free(Run, dirpath, callbacks=CHAIN):
+    """Another adapter can open the directory: the failed one holds no lock."""
+    other = Run(dirpath, callbacks, resume_from=dirpath)
+    other.adapter.on_fit_start()
+    assert other.adapter.resumed_step == 1
+    other.adapter.on_exception()
+
+
+def fitted(Run, dirpath, callbacks=CHAIN):
+    run = Run(dirpath, callbacks)
+    run.adapter.on_fit_start()
+    run.check(0, 1.0, tag=1.0)
+    run.check(1, 2.0, tag=1.0)
+    run.adapter.on_fit_end()
+
+
+@RUNS
+def test_resuming_into_a_model_of_the_wrong_shape_leaves_everything_as_it_was(Run, tmp_path):
+    dirpath = str(tmp_path / "run")
+    fitted(Run, dirpath)
+    before = snapshot(dirpath)
+    wrong = Run(dirpath, width=3, resume_from=dirpath)
+    fresh = wrong.adapter.state_dict()
+    with pytest.raises((RuntimeError, fcb.ConfigError), match=r"size|shape|does not match"):
+        if Run is OrbaxRun:
+            wrong.adapter.on_fit_start(like={"w": jnp.zeros(3)})
+        else:
+            wrong.adapter.on_fit_start()
+    assert wrong.adapter.store is None and not wrong.adapter.session.started
+    assert wrong.adapter.state_dict() == fresh
+    assert wrong.adapter.resumed_step is None and not wrong.adapter.should_stop
+    assert snapshot(dirpath) == before
+    assert_free(Run, dirpath)
+
+
+@RUNS
+def test_a_history_that_cannot_be_written_fails_the_start_and_changes_nothing(
+    Run, tmp_path, monkeypatch
+):
+    from fcb import _history
+
+    dirpath = str(tmp_path / "run")
+    fitted(Run, dirpath, STOPPING)  # step 1 is worse: patience 0 stops the run there
+    before = snapshot(dirpath)
+
+    def full_disk(path, write):
+        raise fcb.CheckpointWriteError(f"could not write {path}: No space left on device")
+
+    monkeypatch.setattr(_history, "atomic_write", full_disk)
+    resumed = Run(dirpath, STOPPING, resume_from=dirpath, history=True)
+    fresh = resumed.adapter.state_dict()
+    with pytest.raises(fcb.CheckpointWriteError, match=r"history\.jsonl: No space"):
+        resumed.adapter.on_fit_start()
+    assert resumed.adapter.state_dict() == fresh  # the resume point's state is not kept
+    assert resumed.adapter.resumed_step is None
+    assert not resumed.adapter.should_stop and resumed.adapter.stop_message == ""
+    assert snapshot(dirpath) == before
+    assert_free(Run, dirpath, STOPPING)
+    monkeypatch.undo()
+    resumed.adapter.on_fit_start()  # the same adapter starts once the disk is back
+    assert resumed.adapter.resumed_step == 1 and resumed.adapter.should_stop
+    resumed.adapter.on_fit_end()
+
+
+def test_a_failed_torch_resume_releases_the_lock_for_a_second_start_of_the_same_adapter(
+    tmp_path,
+):
+    dirpath = str(tmp_path / "run")
+    fitted(TorchRun, dirpath)
+    run = TorchRun(dirpath, width=3, resume_from=dirpath)
+    with pytest.raises(RuntimeError, match=r"size mismatch"):
+        run.adapter.on_fit_start()
+    run.model = torch.nn.Linear(1, 1, bias=False)
+    run.adapter.model = run.model
+    run.adapter.on_fit_start()
+    assert run.adapter.resumed_step == 1
+    assert float(run.model.weight.detach()[0, 0]) == 1.0
+    run.check(2, 0.5, tag=7.0)
+    run.adapter.on_fit_end()
+    assert slots(dirpath) == {"best_model": 2, "last": 2}

@@ -116,24 +116,38 @@ class Session:
                     store.start_over()  # a new run reuses nothing of an old one
         except BaseException as failure:
             error = failure
+        before = self.runner.snapshot()
         try:
             self.processes.agree_on_error(error)
             self.store = store
-            if resume_from is not None:
-                self.resumed_step = self._resume(resume_from)
+            resumed, stop_message, adopt = (
+                (None, "", lambda: None) if resume_from is None else self._resume(resume_from)
+            )
+            # What may fail for a reason of its own comes first (reading the resume point,
+            # loading it, the history); the directory changes only once they have worked.
             if self.record_history and self.processes.is_primary:
                 self.history = HistoryLog(dirpath)
                 source = None if resume_from is None else find_history(resume_from)
-                self.history.start(self.resumed_step, source)
+                self.history.start(resumed, source)
+            adopt()
         except BaseException:  # nothing is kept of a failed start: not the lock either
-            self.store = None
+            self.runner.restore(before)
+            self.store = self.history = None
             if store is not None:
                 store.close()
             raise
+        if resumed is not None:
+            self.last_step = self.resumed_step = resumed
+        if stop_message:  # the run had already stopped: do not train on
+            self._stop(stop_message)
         self.started = True
         self.processes.barrier("started")
 
-    def _resume(self, run_dir: str) -> int:
+    def _resume(self, run_dir: str) -> tuple[int, str, Callable[[], None]]:
+        """Load the resume point of `run_dir` (the callbacks' state, then the engine's
+        restore); return its step, its stop message and what makes the directory hold
+        exactly that point (`start` runs it last, and restores the callbacks' state if
+        anything fails)."""
         source = os.path.abspath(find_run(run_dir) or run_dir)
         store = self.store
         same = store is not None and source == store.directory
@@ -150,20 +164,15 @@ class Session:
                 f"was written there yet)."
             )
         callbacks_state, restore = self.engine.read_resume(source, record, manifest)
-        before = self.runner.snapshot()
         self.runner.load_state_dict(callbacks_state)
-        try:
-            restore()
+        restore()
+
+        def adopt() -> None:
             if store is not None:  # the directory now holds exactly this point
                 files = {} if same else self.engine.adopt(store, source, record, manifest)
                 store.reset_to(record, files)
-        except BaseException:
-            self.runner.restore(before)
-            raise
-        self.last_step = int(record["step"])
-        if record.get("stop_message"):  # the run had already stopped: do not train on
-            self._stop(record["stop_message"])
-        return self.last_step
+
+        return int(record["step"]), str(record.get("stop_message") or ""), adopt
 
     # -- checks ------------------------------------------------------------------------------
 
