@@ -127,11 +127,12 @@ class CountedSleep:
 
 @pytest.fixture
 def retries(monkeypatch):
-    from fcb._host import live
-
     counted = CountedSleep()
-    if hasattr(live, "time"):
-        monkeypatch.setattr(live, "time", counted)
+    try:
+        from fcb._host import live
+    except ImportError:  # an fcb that reads no snapshot: nothing to count
+        return counted
+    monkeypatch.setattr(live, "time", counted)
     return counted
 
 
@@ -240,6 +241,118 @@ def test_reading_an_orbax_run_being_written(tmp_path, retries):
     assert epochs >= 10, text
     assert all(attempted >= 5 for attempted, _, _ in counts.values()), text
     assert not any(failures for _, failures, _ in counts.values()), text
+
+
+# -- a commit at the worst moment of each read (deterministic) ----------------------------------
+
+
+class Writer:
+    """A Torch run in this process whose every commit deletes the previous `last` step."""
+
+    def __init__(self, dirpath):
+        import torch
+
+        import fcb
+        import fcb.torch
+
+        self.adapter = fcb.torch.TorchAdapter(
+            fcb.ModelCheckpoint("val_loss", save_last=True), model=torch.nn.Linear(2, 1),
+            dirpath=str(dirpath),
+        )
+        self.commits = 0
+        for _ in range(3):
+            self.commit()
+
+    def commit(self):
+        self.commits += 1  # a worse value each time: `best_model` stays, `last` moves
+        self.adapter.on_validation_end({"val_loss": float(self.commits)})
+
+    def before(self, function, times=1):
+        """`function`, with a commit before each of its first `times` calls."""
+
+        def raced(*args, **kwargs):
+            if raced.left:
+                raced.left -= 1
+                self.commit()
+            return function(*args, **kwargs)
+
+        raced.left = times
+        return raced
+
+
+def test_each_torch_reader_reads_again_when_a_commit_deletes_what_it_reads(
+    tmp_path, monkeypatch, retries
+):
+    import torch
+
+    import fcb
+    import fcb.torch
+    from fcb.cli import _inspect
+    from fcb.torch import _load, _payload
+
+    writer = Writer(tmp_path / "live")
+    live = tmp_path / "live"
+    try:
+        # load_checkpoint: the manifest read, then `last` deleted before the file is opened
+        monkeypatch.setattr(_load, "open_listed", writer.before(_load.open_listed))
+        assert fcb.torch.load_checkpoint(live / "last.pt")["fcb"]["step"] == 3
+        # resume into another directory: the resume point deleted before it is opened
+        monkeypatch.setattr(_payload, "open_listed", writer.before(_payload.open_listed))
+        resumed = fcb.torch.TorchAdapter(
+            fcb.ModelCheckpoint("val_loss", save_last=True), model=torch.nn.Linear(2, 1),
+            dirpath=str(tmp_path / "resumed"), resume_from=str(live),
+        )
+        resumed.on_fit_start()
+        resumed.on_exception()
+        assert resumed.resumed_step == 4  # the snapshot read, not the stale manifest's step
+        assert fcb.torch.load_checkpoint(tmp_path / "resumed" / "last.pt")["fcb"]["step"] == 4
+        # fcb inspect: a listed file deleted while the files are checked
+        monkeypatch.setattr(
+            _inspect, "_check_torch_file", writer.before(_inspect._check_torch_file)
+        )
+        inspect(live)
+    finally:
+        writer.adapter.on_exception()
+    assert writer.commits == 6 and retries.count >= 3
+
+
+def test_orbax_restore_reads_again_when_a_commit_deletes_the_step_it_reads(
+    tmp_path, monkeypatch, retries
+):
+    import jax.numpy as jnp
+
+    import fcb
+    import fcb.orbax
+    from fcb.orbax import _restore
+
+    adapter = fcb.orbax.OrbaxAdapter(
+        fcb.ModelCheckpoint("val_loss", save_last=True), str(tmp_path), background=False
+    )
+    steps = iter(range(100))
+
+    def commit():
+        step = next(steps)
+        adapter.on_validation_end({"val_loss": float(step)}, step=step, state={
+            "w": jnp.full((3,), float(step))
+        })
+
+    for _ in range(3):
+        commit()
+    read_step = _restore.read_step
+
+    def raced(*args, **kwargs):
+        if raced.left:
+            raced.left -= 1
+            commit()  # step 2, the one being read, is deleted
+        return read_step(*args, **kwargs)
+
+    raced.left = 1
+    monkeypatch.setattr(_restore, "read_step", raced)
+    try:
+        assert fcb.orbax.restore(tmp_path, "last")["w"].tolist() == [3.0, 3.0, 3.0]
+    finally:
+        adapter.on_fit_end()
+    assert retries.count == 1
 
 
 # -- "being written", not "corrupt" ------------------------------------------------------------
