@@ -54,14 +54,22 @@ def check_flag(owner: str, field: str, value: Any) -> bool:
     return bool(value)
 
 
-def _reject_non_numeric(owner: str, field: str, value: Any) -> None:
+def _reject_non_numeric(owner: str, field: str, value: Any, kind: str) -> None:
     if value is None or isinstance(value, (str, bytes)):
         raise ConfigError(f"{owner}: `{field}` must be a number, got {field} = {value!r}.")
+    if isinstance(value, (list, tuple)):
+        # NumPy would read it as a batch of configurations: a callback whose every decision
+        # is an array, which no adapter can apply. Batches are built on purpose, from arrays.
+        raise ConfigError(
+            f"{owner}: `{field}` must be {kind}, got {field} = {value!r}. To try several "
+            f"values, build a batch of configurations with fcb.grid(fcb.{owner}, "
+            f"{field}={list(value)!r}) and run it with fcb.replay."
+        )
 
 
 def int_param(owner: str, field: str, value: Any, *, minimum: int) -> Array:
     """An integer hyperparameter as an int32 array leaf (scalar, or batched for sweeps)."""
-    _reject_non_numeric(owner, field, value)
+    _reject_non_numeric(owner, field, value, "an integer")
     if isinstance(value, bool):
         raise ConfigError(f"{owner}: `{field}` must be an integer, got {field} = {value!r}.")
     array = concrete(value)
@@ -90,7 +98,7 @@ def float_param(
 ) -> Array:
     """A real hyperparameter as a float32 array leaf, checked against its allowed range:
     `minimum <= value` (or `above < value`) and `value < below`."""
-    _reject_non_numeric(owner, field, value)
+    _reject_non_numeric(owner, field, value, "a real number")
     array = concrete(value)
     if array is not None:
         if array.dtype.kind not in "iuf" or array.dtype == np.bool_:

@@ -112,6 +112,14 @@ CASES = [
      r"`patience` must be an integer, got patience = nan"),
     ("negative patience in a sweep", _es(patience=np.asarray([1, -2])), fcb.ConfigError,
      r"`patience` must be an integer >= 0, got patience = array\(\[ 1, -2\]\)"),
+    ("list patience", _es(patience=[1, 2]), fcb.ConfigError,
+     r"^EarlyStopping: `patience` must be an integer, got patience = \[1, 2\]\. To try several "
+     r"values, build a batch of configurations with fcb\.grid\(fcb\.EarlyStopping, "
+     r"patience=\[1, 2\]\) and run it with fcb\.replay\.$"),
+    ("tuple min_delta", _es(min_delta=(0.1, 0.2)), fcb.ConfigError,
+     r"`min_delta` must be a real number, got min_delta = \(0\.1, 0\.2\)\. To try several"),
+    ("list threshold", _es(stopping_threshold=[0.5]), fcb.ConfigError,
+     r"`stopping_threshold` must be a real number, got stopping_threshold = \[0\.5\]"),
     ("negative min_delta", _es(min_delta=-0.1), fcb.ConfigError,
      r"`min_delta` must be a finite number >= 0\.0, got min_delta = -0\.1\. The sign is set by "
      r"`mode`; pass the absolute margin\."),
@@ -209,6 +217,30 @@ CASES = [
 def test_bad_input(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: fcb.ReduceLROnPlateau(KEY, patience=[1, 2]), "patience"),
+        (lambda: fcb.ReduceLROnPlateau(KEY, factor=[0.1, 0.5]), "factor"),
+        (lambda: fcb.ModelCheckpoint(KEY, every_n=[1, 2]), "every_n"),
+        (lambda: fcb.BestCheckpoint(KEY, every_n=(1, 2)), "every_n"),
+        (lambda: fcb.BestCheckpoint(KEY, min_delta=[0.0, 0.1]), "min_delta"),
+        (lambda: fcb.VRAMDrift(max_drift_bytes=[1, 2]), "max_drift_bytes"),
+    ],
+)
+def test_a_list_option_fails_when_the_callback_is_built(build, field):
+    """A list used to build a batched callback whose first check failed in the adapter
+    (`bool(actions.stop)` of two values: a raw ValueError)."""
+    with pytest.raises(fcb.ConfigError, match=rf"`{field}` must be .*, got {field} = [\[(]"):
+        build()
+
+
+def test_arrays_still_build_a_batch():
+    es = fcb.EarlyStopping(KEY, patience=np.asarray([1, 2]))
+    assert es.patience.shape == (2,)
+    assert len(fcb.grid(fcb.EarlyStopping, patience=[1, 2])) == 2
 
 
 def test_config_errors_name_the_owner():

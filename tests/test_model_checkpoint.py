@@ -143,6 +143,11 @@ def test_vmap_over_every_n():
         ({"save_top_k": -2}, r"`save_top_k` must be an integer >= -1 .* got save_top_k = -2"),
         ({"save_top_k": 1.5}, r"save_top_k = 1.5"),
         ({"save_top_k": True}, r"save_top_k = True"),
+        (
+            {"save_top_k": 10_000},
+            r"`save_top_k` must be at most 100, got save_top_k = 10000\. .*pass save_top_k=-1",
+        ),
+        ({"every_n": [1, 2]}, r"`every_n` must be an integer, got every_n = \[1, 2\]"),
         ({"every_n": 0}, r"`every_n` must be an integer >= 1, got every_n = 0"),
         ({"filename": "a/b"}, r"`filename` must be a file name stem .* got filename = 'a/b'"),
         ({"filename": ""}, r"filename = ''"),
@@ -160,3 +165,20 @@ def test_bad_config(kwargs, match):
 def test_two_checkpoints_with_one_filename_clash_in_a_chain():
     with pytest.raises(fcb.ConfigError, match=r"slot name 'best_model' is emitted by both"):
         fcb.chain(fcb.ModelCheckpoint("val_loss"), fcb.ModelCheckpoint("acc", mode="max"))
+
+
+def test_largest_save_top_k_is_traced_in_whole_table_operations():
+    """Rank slots cost a split into scalars, not an operation per rank and rule (the old
+    code unrolled about 6.5 operations per rank, and a large save_top_k took minutes and
+    GBs to compile)."""
+    from fcb._model_checkpoint import MAX_SAVE_TOP_K
+
+    def equations(k):
+        ckpt = fcb.ModelCheckpoint("val_loss", save_top_k=k)
+        check = lambda s, v, step: ckpt(s, {"val_loss": v}, step=step)  # noqa: E731
+        jaxpr = jax.make_jaxpr(check)(ckpt.init(), jnp.float32(1.0), jnp.int32(0))
+        return len(jaxpr.jaxpr.eqns)
+
+    per_rank = (equations(MAX_SAVE_TOP_K) - equations(1)) / (MAX_SAVE_TOP_K - 1)
+    assert per_rank <= 2.5, per_rank
+    fcb.ModelCheckpoint("val_loss", save_top_k=MAX_SAVE_TOP_K)  # the maximum is accepted
