@@ -20,7 +20,16 @@ from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._errors import ConfigError
 from ._monitor import Mode
 from ._slots import check_filename, count_check, holds, key_as_name
-from ._validate import check_flag, check_key, check_mode, float_param, int_param, read_metric
+from ._validate import (
+    INT32_MAX,
+    as_step,
+    check_flag,
+    check_key,
+    check_mode,
+    float_param,
+    int_param,
+    read_metric,
+)
 
 
 class BestCheckpointState(eqx.Module):
@@ -163,7 +172,7 @@ class BestCheckpoint(Callback):
     ) -> tuple[BestCheckpointState, Actions]:
         actions = self.no_actions()
         value = read_metric("BestCheckpoint", metrics, self.metric_key, strict=self.strict)
-        step = jnp.asarray(step, jnp.int32)
+        step = as_step("BestCheckpoint", step)
         if value is None:
             new_state = state
             improved = exceeded = jnp.asarray(False)
@@ -262,6 +271,11 @@ def _check_tolerances(owner: str, tolerances: Any) -> tuple[int, ...]:
             raise ConfigError(
                 f"{owner}: every tolerance must be an integer >= 0, got {t!r} in "
                 f"tolerances = {values!r}."
+            )
+        if t > INT32_MAX:
+            raise ConfigError(
+                f"{owner}: every tolerance must be at most {INT32_MAX} (2**31 - 1: fcb keeps "
+                f"it as int32), got {t!r} in tolerances = {values!r}."
             )
     if any(b <= a for a, b in itertools.pairwise(values)):
         raise ConfigError(

@@ -13,6 +13,7 @@ from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, StopReason
 from ._monitor import Mode
 from ._validate import (
+    as_step,
     check_flag,
     check_key,
     check_mode,
@@ -152,7 +153,7 @@ class EarlyStopping(Callback):
             new_state, event = state, "early_stopping/metric_missing"
             fired = jnp.asarray(True)
         else:
-            new_state, fired = self.update(state, value, jnp.asarray(step, jnp.int32))
+            new_state, fired = self.update(state, value, as_step("EarlyStopping", step))
             event = "early_stopping/improved"
         return new_state, dataclasses.replace(
             actions,

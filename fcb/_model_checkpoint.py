@@ -15,7 +15,7 @@ from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
 from ._monitor import Mode
 from ._slots import check_filename, count_check, eviction_index, insert_ranked
-from ._validate import check_flag, check_key, check_mode, int_param, read_metric
+from ._validate import as_step, check_flag, check_key, check_mode, int_param, read_metric
 
 LAST_SLOT = "last"
 
@@ -198,7 +198,7 @@ class ModelCheckpoint(Callback):
         value = read_metric("ModelCheckpoint", metrics, self.monitor, strict=self.strict)
         missing = value is None
         value = jnp.asarray(jnp.nan, jnp.float32) if value is None else value
-        step = jnp.asarray(step, jnp.int32)
+        step = as_step("ModelCheckpoint", step)
         check_count, scheduled = count_check(state.check_count, self.every_n)
         if missing:
             values, steps, rank = state.values, state.steps, jnp.asarray(self.table_size)

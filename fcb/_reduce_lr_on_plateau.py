@@ -13,6 +13,7 @@ from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._monitor import Mode, ThresholdMode
 from ._validate import (
+    as_step,
     check_flag,
     check_key,
     check_mode,
@@ -211,7 +212,7 @@ class ReduceLROnPlateau(Callback):
                 actions,
                 events={**actions.events, "reduce_lr_on_plateau/metric_missing": jnp.asarray(True)},
             )
-        new_state, reduce = self.update(state, value, jnp.asarray(step, jnp.int32))
+        new_state, reduce = self.update(state, value, as_step(_OWNER, step))
         return new_state, dataclasses.replace(
             actions,
             lr_scale=jnp.where(reduce, self.factor, actions.lr_scale),

@@ -53,6 +53,44 @@ def _decode_values(values: Any) -> Any:
     return values
 
 
+def _flat(values: Any) -> list[Any]:
+    if isinstance(values, list):
+        return [x for v in values for x in _flat(v)]
+    return [values]
+
+
+def _value_problem(values: Any, dtype: np.dtype) -> str | None:
+    """Why the decoded JSON `values` cannot be stored exactly as `dtype` (None when they can).
+
+    NumPy would convert silently: None to NaN, 1.7 to 1, 1e39 to inf, True to 1.
+    """
+    for x in _flat(values):
+        if dtype == np.bool_:
+            if not isinstance(x, bool):
+                return f"{x!r} is not a bool"
+        elif jnp.issubdtype(dtype, jnp.integer):
+            if isinstance(x, float) and math.isfinite(x) and x == int(x):
+                x = int(x)
+            if isinstance(x, bool) or not isinstance(x, int):
+                return f"{x!r} is not an integer"
+            info = jnp.iinfo(dtype)
+            if not info.min <= x <= info.max:
+                return f"{x!r} is out of the range of {dtype} [{info.min}, {info.max}]"
+        elif jnp.issubdtype(dtype, jnp.floating):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                return f"{x!r} is not a number"
+            largest = float(jnp.finfo(dtype).max)
+            if math.isfinite(x) and abs(x) > largest and not _rounds_into(x, dtype):
+                return f"{x!r} is beyond the range of {dtype} (largest finite value {largest:.8g})"
+    return None
+
+
+def _rounds_into(x: float, dtype: np.dtype) -> bool:
+    """Whether finite `x` stays finite as `dtype` (values just above the largest round down)."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.asarray(x, dtype)))
+
+
 def describe(tree: Any) -> str:
     """A readable structural type of a state pytree, e.g. `(EarlyStoppingState, ())`."""
     if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
@@ -244,7 +282,12 @@ def load_state_dict(callback: Callback, state_dict: Mapping[str, Any]) -> Any:
         if list(saved["shape"]) != list(expected.shape):
             problems.append(f"{path}: shape {tuple(saved['shape'])}, expected {expected.shape}")
         try:
-            value = np.asarray(_decode_values(saved["value"]), dtype=expected.dtype)
+            decoded = _decode_values(saved["value"])
+            problem = _value_problem(decoded, expected.dtype)
+            if problem is not None:
+                problems.append(f"{path}: value {problem} ({expected.dtype} expected)")
+                continue
+            value = np.asarray(decoded, dtype=expected.dtype)
         except (TypeError, ValueError, OverflowError) as error:
             problems.append(f"{path}: value {saved['value']!r} is not {expected.dtype} ({error})")
             continue

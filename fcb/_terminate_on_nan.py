@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Int
 
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, StopReason
 from ._errors import ConfigError
-from ._validate import check_flag, check_key, check_metrics_mapping, read_metric
+from ._validate import as_step, check_flag, check_key, check_metrics_mapping, read_metric
 
 _OWNER = "TerminateOnNaN"
 
@@ -113,7 +113,7 @@ class TerminateOnNaN(Callback):
             found, first = jnp.asarray(False), jnp.asarray(NO_STEP, jnp.int32)
         stopping = ~state.stopped & found
         new_state = TerminateOnNaNState(
-            stopped_step=jnp.where(stopping, jnp.asarray(step, jnp.int32), state.stopped_step),
+            stopped_step=jnp.where(stopping, as_step(_OWNER, step), state.stopped_step),
             non_finite_key=jnp.where(stopping, first, state.non_finite_key),
         )
         actions = self.no_actions()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -12,6 +13,23 @@ from jaxtyping import Array
 
 from ._errors import ConfigError, MetricShapeError, MetricTypeError, MissingMetricError
 from ._monitor import MODES, THRESHOLD_MODES, Mode, ThresholdMode
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest finite float32 (about 3.4e38): metrics and real options are kept as float32."""
+
+INT32_MAX = int(np.iinfo(np.int32).max)
+"""2**31 - 1, the largest integer option or step: callbacks keep them as int32."""
+
+
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+"""The smallest magnitude that rounds to infinity in float32 (FLOAT32_MAX + half an ulp)."""
+
+
+def _overflows_float32(array: np.ndarray) -> np.ndarray:
+    """Elementwise: finite, but infinite once converted to float32."""
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4:
+        return np.zeros(array.shape, bool)
+    return np.isfinite(array) & (np.abs(array) >= _FLOAT32_OVERFLOW)
 
 
 def concrete(value: Any) -> np.ndarray | None:
@@ -72,17 +90,44 @@ def int_param(owner: str, field: str, value: Any, *, minimum: int) -> Array:
     _reject_non_numeric(owner, field, value, "an integer")
     if isinstance(value, bool):
         raise ConfigError(f"{owner}: `{field}` must be an integer, got {field} = {value!r}.")
-    array = concrete(value)
+    # A Python int is compared exactly (NumPy would make an object array beyond int64).
+    array = np.asarray(0) if isinstance(value, int) else concrete(value)
     if array is not None:
         if array.dtype.kind not in "iuf" or (
             array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array)))
         ):
             raise ConfigError(f"{owner}: `{field}` must be an integer, got {field} = {value!r}.")
-        if np.any(array < minimum):
+        exact = value if isinstance(value, int) else array
+        if np.any(exact < minimum):
             raise ConfigError(
                 f"{owner}: `{field}` must be an integer >= {minimum}, got {field} = {value!r}."
             )
+        if np.any(exact > INT32_MAX):
+            raise ConfigError(
+                f"{owner}: `{field}` must be at most {INT32_MAX} (2**31 - 1: fcb keeps it as "
+                f"int32), got {field} = {value!r}."
+            )
     return jnp.asarray(value, jnp.int32)
+
+
+def as_step(owner: str, step: Any) -> Array:
+    """A check's step as an int32 scalar array; a concrete step must be an integer int32
+    holds (a traced one is the caller's to keep in range)."""
+    if isinstance(step, jax.Array) and step.dtype in (jnp.int32, jnp.int16, jnp.int8):
+        return jnp.asarray(step, jnp.int32)  # in range by its type (no transfer to check it)
+    array = np.asarray(0) if isinstance(step, int) else concrete(step)
+    if array is not None:
+        exact = step if isinstance(step, int) else array
+        if array.dtype.kind not in "biuf" or (
+            array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array)))
+        ):
+            raise ConfigError(f"{owner}: `step` must be an integer, got step = {step!r}.")
+        if np.any(exact > INT32_MAX) or np.any(exact < -INT32_MAX - 1):
+            raise ConfigError(
+                f"{owner}: `step` must be below 2**31 (callbacks keep steps as int32), got "
+                f"step = {step!r}."
+            )
+    return jnp.asarray(step, jnp.int32)
 
 
 def float_param(
@@ -125,6 +170,13 @@ def float_param(
                 allowed = kind if below is None else f"{kind} < {below}"
             raise ConfigError(
                 f"{owner}: `{field}` must be {allowed}, got {field} = {value!r}.{hint}"
+            )
+        if np.any(_overflows_float32(array)):
+            instead = " Pass inf for an infinite value." if allow_inf else ""
+            raise ConfigError(
+                f"{owner}: `{field}` must be within float32's range (magnitude at most "
+                f"{FLOAT32_MAX:.8g}: fcb keeps it as float32, where it would become infinite), "
+                f"got {field} = {value!r}.{instead}"
             )
     return jnp.asarray(value, jnp.float32)
 
@@ -179,6 +231,15 @@ def checked_metric(owner: str, key: str, value: Any) -> Any:
             f"{owner}: metric {key!r} must be a real scalar, got {type(value).__name__}: "
             f"{value!r}. Log a number, e.g. float(loss)."
         )
+    if type(value) is float:  # the common case, checked without NumPy
+        if _FLOAT32_OVERFLOW <= abs(value) < math.inf:
+            raise _beyond_float32(owner, key, value)
+        return np.asarray(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        # Beyond int64 NumPy would make an object array; compare the exact integer.
+        if abs(value) >= _FLOAT32_OVERFLOW:
+            raise _beyond_float32(owner, key, value)
+        value = float(value)
     if not isinstance(value, jax.Array):
         try:
             value = np.asarray(value)
@@ -196,4 +257,18 @@ def checked_metric(owner: str, key: str, value: Any) -> Any:
             f"{owner}: metric {key!r} must be a scalar, got shape {tuple(value.shape)}. "
             f"Reduce it first, e.g. x.mean()."
         )
+    wide = value.dtype.kind == "f" and value.dtype.itemsize > 4  # narrower floats always fit
+    if wide and not isinstance(value, jax.core.Tracer):
+        host = np.asarray(value)
+        if np.any(_overflows_float32(host)):
+            raise _beyond_float32(owner, key, host.item())
     return value
+
+
+def _beyond_float32(owner: str, key: str, value: Any) -> MetricTypeError:
+    return MetricTypeError(
+        f"{owner}: metric {key!r} must be a real scalar within float32's range (magnitude at "
+        f"most {FLOAT32_MAX:.8g}), got {value!r}: fcb reads metrics as float32, where it "
+        f"would become infinite and count as a NaN or infinite check. Log it in other units "
+        f"or its logarithm."
+    )

@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
-from ._validate import check_flag, check_key, float_param, read_metric
+from ._validate import as_step, check_flag, check_key, float_param, read_metric
 
 FREE_DEVICE_MEMORY = "free_device_memory"
 """The host input VRAMDrift declares: free accelerator memory in bytes (see `ActionNames`)."""
@@ -161,7 +161,7 @@ class VRAMDrift(Callback):
             return state, dataclasses.replace(
                 actions, events={**actions.events, _MISSING: jnp.asarray(True)}
             )
-        new_state, drift_mib, fired = self.update(state, value / MIB, jnp.asarray(step, jnp.int32))
+        new_state, drift_mib, fired = self.update(state, value / MIB, as_step(_OWNER, step))
         return new_state, dataclasses.replace(
             actions,
             log={
