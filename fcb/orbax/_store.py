@@ -25,34 +25,35 @@ lock and writes the manifest (see `_processes.py`).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import errno
 import glob
 import logging
 import os
-import re
 import shutil
-import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import jax
 import orbax.checkpoint as ocp
 
 from .._errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, ConfigError
 from .._host.manifest import Models, SlotRequest, read_manifest as _read_manifest
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR, ManifestStore
+from ._failures import disk_full_hint, reason, register_exit_hook
+from ._read import (
+    CHECKPOINT_FORMAT as CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION as CHECKPOINT_VERSION,
+    META_ITEM,
+    STATE_ITEM,
+    read_meta as read_meta,
+    read_step as read_step,
+    stored_tree as stored_tree,
+)
 
 logger = logging.getLogger("fcb")
 
 STORAGE = "orbax"
-STATE_ITEM = "state"
-META_ITEM = "fcb"
-CHECKPOINT_FORMAT = "fcb.checkpoint"
-CHECKPOINT_VERSION = 1
 DEFAULT_TIMEOUT = 600.0
 """Seconds a process waits for the others inside an orbax save (orbax's own default)."""
 
@@ -93,136 +94,6 @@ def models_cover(stored: Models, wanted: Models) -> bool:
     return wanted is not None and set(wanted) <= set(stored)
 
 
-def reader() -> ocp.Checkpointer:
-    """A checkpointer that reads fcb orbax steps: the state with `PyTreeRestore` (strict or
-    partial), the metadata as JSON, and the state's metadata tree."""
-    return ocp.Checkpointer(
-        ocp.CompositeCheckpointHandler(
-            **{STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
-        )
-    )
-
-
-def _key_name(entry: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(entry, attribute):
-            return str(getattr(entry, attribute))
-    return str(entry)
-
-
-def leaf_paths(tree: Any) -> set[tuple[str, ...]]:
-    """Leaf paths by name, the same for a dict, a dataclass (an equinox Module) or a tuple."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {tuple(_key_name(entry) for entry in path) for path, _ in flat}
-
-
-def stored_tree(step_path: str) -> Any:
-    """The metadata tree of a step's state (nested dicts; leaves describe the arrays)."""
-    checkpointer = reader()
-    try:
-        stored = checkpointer.metadata(step_path).item_metadata[STATE_ITEM]
-    finally:
-        checkpointer.close()
-    return getattr(stored, "tree", stored)
-
-
-def read_step(
-    step_path: str, like: Any = None, *, partial: bool = False, with_meta: bool = True
-) -> tuple[Any, dict[str, Any] | None]:
-    """Restore the `state` item of one step (like the template `like`) and its metadata.
-
-    With `partial`, `like` may hold a part of the stored tree (e.g. `{"model": ...}`); each
-    of its leaves must be stored (orbax would otherwise hand back the template's value).
-    Without `like` the state comes back as orbax stores it (nested dicts of arrays).
-    """
-    if like is None:
-        state_args = ocp.args.PyTreeRestore()
-    else:
-        if partial:
-            missing = sorted(leaf_paths(like) - leaf_paths(stored_tree(step_path)))
-            if missing:
-                shown = ", ".join("/".join(p) for p in missing[:5])
-                raise ConfigError(
-                    f"the template `like` has {len(missing)} leaves the checkpoint {step_path} "
-                    f"does not store (first: {shown}). Pass a template of the saved state, or "
-                    f"of a part of it (e.g. {{'model': eqx.filter(model, eqx.is_array)}})."
-                )
-        restore_args = ocp.checkpoint_utils.construct_restore_args(like)
-        state_args = ocp.args.PyTreeRestore(
-            item=like, restore_args=restore_args, partial_restore=partial
-        )
-    items: dict[str, Any] = {STATE_ITEM: state_args}
-    if with_meta:
-        items[META_ITEM] = ocp.args.JsonRestore()
-    checkpointer = reader()
-    try:
-        restored = checkpointer.restore(step_path, args=ocp.args.Composite(**items))
-    except ValueError as error:
-        if like is None:
-            raise
-        reason = " ".join(str(error).split())[:400]
-        raise ConfigError(
-            f"the template `like` does not match the state saved in {step_path} ({reason}). "
-            f"Pass a template with the structure, shapes and dtypes of the `state` given to "
-            f"on_validation_end, e.g. {{'model': eqx.filter(model, eqx.is_array), "
-            f"'opt_state': optimizer.init(...)}}."
-        ) from None
-    finally:
-        checkpointer.close()
-    return restored[STATE_ITEM], (restored[META_ITEM] if with_meta else None)
-
-
-def read_meta(step_path: str) -> dict[str, Any]:
-    checkpointer = reader()
-    try:
-        restored = checkpointer.restore(
-            step_path, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
-        )
-    finally:
-        checkpointer.close()
-    meta = restored[META_ITEM]
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointCorruptError(f"{step_path} is not an fcb orbax checkpoint.")
-    return meta
-
-
-def _reason(error: BaseException) -> str:
-    """What went wrong first: orbax may raise a barrier timeout while handling the write
-    error that caused it (the write error is then the timeout's context)."""
-    first = error
-    while first.__cause__ or first.__context__:
-        first = first.__cause__ or first.__context__  # type: ignore[assignment]
-    reason = _brief(error)
-    if first is error:
-        return reason
-    return f"{type(first).__name__}: {_brief(first)} (then: {type(error).__name__}: {reason})"
-
-
-def _brief(error: BaseException) -> str:
-    """An error's message on one line, without the tensorstore spec a write error carries
-    (a kilobyte of JSON): the cause ("No space left on device") is before it."""
-    text = _TENSORSTORE_SPEC.sub("", " ".join(str(error).split()))
-    return text if len(text) <= 600 else text[:600] + "..."
-
-
-_TENSORSTORE_SPEC = re.compile(r" ?\[tensorstore_spec='.*?'\]")
-
-
-_DISK_FULL = ("No space left on device", "RESOURCE_EXHAUSTED", "Disk quota exceeded")
-
-
-def _disk_full_hint(error: BaseException) -> str:
-    """What to do about a full disk, when that is what `error` (or its cause) says."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-            word in str(seen) for word in _DISK_FULL
-        ):
-            return " (the disk is full: free space)"
-        seen = seen.__cause__ or seen.__context__
-    return ""
-
-
 class _Save(NamedTuple):
     """One orbax save: the step, the host copy of the state, the metadata, the submodules."""
 
@@ -230,23 +101,6 @@ class _Save(NamedTuple):
     state: Any
     meta: dict[str, Any]
     models: Models
-
-
-def _register_exit_hook(method: weakref.WeakMethod[Callable[[], None]]) -> None:
-    """Call `method` at exit unless its object is gone (a hook must not keep it alive)."""
-
-    def hook() -> None:
-        bound = method()
-        if bound is not None:
-            bound()
-
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is None:
-            raise RuntimeError("no threading exit hooks")
-        register(hook)
-    except RuntimeError:  # already shutting down, or another Python
-        atexit.register(hook)
 
 
 class OrbaxStore(ManifestStore):
@@ -312,7 +166,7 @@ class OrbaxStore(ManifestStore):
         # `threading` runs its hooks before `atexit` ones, and one of them stops the
         # executors orbax's background save needs: so wait in a `threading` hook, which
         # runs before that one (hooks run in reverse order of registration).
-        _register_exit_hook(weakref.WeakMethod(self._at_exit))
+        register_exit_hook(weakref.WeakMethod(self._at_exit))
 
     def _at_exit(self) -> None:
         if self._closed:
@@ -422,7 +276,7 @@ class OrbaxStore(ManifestStore):
             self._clean_up(step)
             raise CheckpointWriteError(
                 f"could not write step {step} to {self.path(location(step))}: "
-                f"{_reason(error)}{_disk_full_hint(error)}; the previous checkpoints are "
+                f"{reason(error)}{disk_full_hint(error)}; the previous checkpoints are "
                 f"intact"
                 + (
                     f", and step {step} (its check has happened) is written again at the next "
@@ -470,11 +324,11 @@ class OrbaxStore(ManifestStore):
         self._retry = save
         if save is None:
             self._written.pop(location(step), None)
-            self._lost[step] = _reason(error) if error is not None else "not committed"
+            self._lost[step] = reason(error) if error is not None else "not committed"
         self._clean_up(step)
         failure = CheckpointWriteError(
             f"orbax could not commit step {step} to {path}"
-            + (f": {_reason(error)}{_disk_full_hint(error)}" if error is not None else "")
+            + (f": {reason(error)}{disk_full_hint(error)}" if error is not None else "")
             + "; the manifest still holds the previous checkpoints"
             + (
                 f". The check of step {step} has happened: its step is written again at the "
