@@ -305,7 +305,7 @@ def test_a_failed_torch_resume_releases_the_lock_for_a_second_start_of_the_same_
     dirpath = str(tmp_path / "run")
     fitted(TorchRun, dirpath)
     run = TorchRun(dirpath, width=3, resume_from=dirpath)
-    with pytest.raises(RuntimeError, match=r"size mismatch"):
+    with pytest.raises(fcb.ConfigError, match=r"does not fit the model given.*other shapes"):
         run.adapter.on_fit_start()
     run.model = torch.nn.Linear(1, 1, bias=False)
     run.adapter.model = run.model
@@ -315,3 +315,41 @@ def test_a_failed_torch_resume_releases_the_lock_for_a_second_start_of_the_same_
     run.check(2, 0.5, tag=7.0)
     run.adapter.on_fit_end()
     assert slots(dirpath) == {"best_model": 2, "last": 2}
+
+
+def test_a_resume_that_fails_part_way_loads_nothing(tmp_path):
+    """A model whose first layer fits and second does not, or an optimizer that does not fit:
+    nothing is loaded (torch's load_state_dict copies every matching tensor before it raises)."""
+    dirpath = str(tmp_path / "run")
+    saved = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.fill_(3.0)
+    adapter = fcb.torch.TorchAdapter(
+        fcb.ModelCheckpoint("val_loss", save_last=True), model=saved,
+        optimizer=torch.optim.SGD(saved.parameters(), lr=0.1), dirpath=dirpath,
+    )
+    adapter.on_fit_start()
+    adapter.on_validation_end({"val_loss": 1.0}, step=0)
+    adapter.on_fit_end()
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = fcb.torch.TorchAdapter(
+        fcb.ModelCheckpoint("val_loss", save_last=True), model=model, dirpath=dirpath,
+        resume_from=dirpath,
+    )
+    with pytest.raises(fcb.ConfigError, match=r"other shapes \['1.bias"):
+        resumed.on_fit_start()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # another parameter layout
+    resumed = fcb.torch.TorchAdapter(
+        fcb.ModelCheckpoint("val_loss", save_last=True), model=model, optimizer=adam,
+        dirpath=dirpath, resume_from=dirpath,
+    )
+    with pytest.raises(ValueError):
+        resumed.on_fit_start()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import random
@@ -241,15 +243,53 @@ def _bring(snapshot: IO[bytes], source: str, destination: str) -> None:
     atomic_write(destination, lambda out: shutil.copyfileobj(snapshot, out, 1 << 22))
 
 
+def _check_shapes(model: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+    """The model must hold exactly the saved tensors' names and shapes: `load_state_dict`
+    copies every matching tensor before it raises on a mismatch, leaving a half-loaded model."""
+    current = model.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = sorted(
+        f"{key}: saved {tuple(saved[key].shape)}, model {tuple(current[key].shape)}"
+        for key in set(current) & set(saved)
+        if isinstance(saved[key], torch.Tensor)
+        and isinstance(current[key], torch.Tensor)
+        and saved[key].shape != current[key].shape
+    )
+    if missing or unexpected or shapes:
+        parts = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            f"other shapes {shapes[:5]}" if shapes else "",
+        ]
+        raise ConfigError(
+            f"the resume point's model does not fit the model given ({type(model).__name__}): "
+            f"{'; '.join(p for p in parts if p)}. Build the model the run was saved with."
+        )
+
+
 def restore_payload(parts: Any, payload: Mapping[str, Any]) -> None:
-    """Load a resume point's state dicts into the adapter's `parts`."""
+    """Load a resume point's state dicts into the adapter's `parts`: all of them or, when one
+    fails, none (what was loaded is put back)."""
     if parts.model is not None:
-        parts.model.load_state_dict(payload["model"])
-    if parts.optimizer is not None and "optimizer" in payload:
-        parts.optimizer.load_state_dict(payload["optimizer"])
-    if parts.scheduler is not None and "scheduler" in payload:
-        parts.scheduler.load_state_dict(payload["scheduler"])
-    if parts.trainer is not None and "trainer" in payload:
-        parts.trainer.load_state_dict(payload["trainer"])
-    if "rng" in payload:
-        set_rng_state(payload["rng"])
+        _check_shapes(parts.model, payload["model"])
+    targets = [
+        (parts.model, payload.get("model")),
+        (parts.optimizer, payload.get("optimizer")),
+        (parts.scheduler, payload.get("scheduler")),
+        (parts.trainer, payload.get("trainer")),
+    ]
+    targets = [(target, saved) for target, saved in targets if target is not None and saved]
+    before = [copy.deepcopy(target.state_dict()) for target, _ in targets]
+    loaded = 0
+    try:
+        for target, saved in targets:
+            target.load_state_dict(saved)
+            loaded += 1
+        if "rng" in payload:
+            set_rng_state(payload["rng"])
+    except BaseException:
+        for (target, _), state in list(zip(targets, before, strict=True))[: loaded + 1]:
+            with contextlib.suppress(Exception):
+                target.load_state_dict(state)
+        raise
