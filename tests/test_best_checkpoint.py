@@ -237,3 +237,52 @@ def test_vmap_over_min_delta():
 def test_bad_config(kwargs, match):
     with pytest.raises(fcb.ConfigError, match=match):
         fcb.BestCheckpoint("val_loss", **kwargs)
+
+
+def noether_tolerance_step(values, tolerance, mode):
+    """The tolerance checkpoint of noether's counter rule, in plain Python: a counter of
+    consecutive non-improving checks, reset by a new best; the tolerance is exceeded once
+    `tolerance_counter > tolerance`, and until then every new best is saved for it."""
+    sign = 1.0 if mode == "min" else -1.0
+    best, counter, exceeded, saved = math.inf, 0, False, -1
+    for step, value in enumerate(values):
+        if sign * value < best:  # NaN never improves, as in noether's `<` / `>`
+            best, counter = sign * value, 0
+            if not exceeded:
+                saved = step
+        else:
+            counter += 1
+            exceeded = exceeded or counter > tolerance
+    return saved
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    # noether can make an infinity the best (-inf in min mode, +inf in max mode); fcb never
+    # does, so infinities are left out. NaN is a non-improving check in both.
+    values=st.lists(
+        st.sampled_from([v for v in POOL if not math.isinf(v)]), min_size=1, max_size=25
+    ),
+    tolerance=st.integers(0, 5),
+    mode=st.sampled_from(["min", "max"]),
+)
+def test_noethers_tolerance_t_is_fcbs_tolerance_t_plus_one(values, tolerance, mode):
+    """Documented in docs/callbacks/best_checkpoint.md: noether's counter freezes a tolerance
+    at the (t+1)-th non-improving check, fcb's (EarlyStopping's patience) at the t-th."""
+    cb = fcb.BestCheckpoint("m", mode, tolerances=(tolerance + 1,), check_finite=False)
+    _, actions = run(cb, {"m": np.asarray(values, np.float32)})
+    slot = cb.tolerance_slots()[0]
+    assert int(actions.slots[slot][-1]) == noether_tolerance_step(values, tolerance, mode)
+
+
+def test_best_follows_the_min_delta_margin_and_replay_reports_the_margin_free_best():
+    """Documented: `best.<key>` moves only on an improvement by more than min_delta (as
+    EarlyStopping's best); fcb.replay's best_step is the margin-free best of the checks run
+    (ModelCheckpoint's), and the slot itself is in `result.slots`."""
+    history = {"val_loss": np.asarray([1.0, 0.99, 0.985, 0.97], np.float32)}
+    cb = fcb.BestCheckpoint("val_loss", min_delta=0.02)
+    _, actions = run(cb, history)
+    assert np.asarray(actions.slots["best.val_loss"]).tolist() == [0, 0, 0, 3]
+    result = fcb.replay(fcb.BestCheckpoint("val_loss", min_delta=0.02), {"val_loss": [1.0, 0.99]})
+    assert result.best_step.tolist() == [1] and result.best_value.tolist() == [np.float32(0.99)]
+    assert result.slots["best.val_loss"].tolist() == [0]

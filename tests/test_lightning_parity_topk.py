@@ -7,6 +7,7 @@ After every check the kept set, the best and the next checkpoint to evict must a
 """
 
 import math
+import os
 import re
 import types
 import warnings
@@ -30,7 +31,11 @@ _EPOCH = re.compile(r"epoch=(\d+)")
 
 
 def _epoch(path):
-    return int(_EPOCH.search(path).group(1)) if path else -1
+    return int(_EPOCH.search(os.path.basename(path)).group(1)) if path else -1
+
+
+def _is_last(path):
+    return os.path.basename(path).startswith("last")
 
 
 class _Strategy:
@@ -98,7 +103,7 @@ def lightning_checks(tmp_dir, values, k, mode, every_n):
             }
         )
         # The stub's files are exactly the kept checkpoints plus `last`.
-        assert {_epoch(p) for p in trainer.files if "last" not in p} == kept
+        assert {_epoch(p) for p in trainer.files if not _is_last(p)} == kept
     return records
 
 
@@ -233,7 +238,7 @@ def test_stub_matches_a_real_trainer(tmp_path, values, k, mode):
         trainer.fit(_Scripted(values), data, data)
     stub = lightning_checks(tmp_path / "stub", values, k, mode, 1)
     assert recorder.records == stub
-    on_disk = {_epoch(p.name) for p in (tmp_path / "pl").iterdir() if "last" not in p.name}
+    on_disk = {_epoch(p.name) for p in (tmp_path / "pl").iterdir() if not _is_last(p.name)}
     assert on_disk == stub[-1]["kept"]
     assert_same_decisions(values, k, mode, 1, stub)
 
@@ -248,3 +253,42 @@ def test_non_finite_values_are_where_fcb_and_lightning_differ(tmp_path):
     for step, value in enumerate(values):
         state, _ = ckpt(state, {"val_loss": value}, step=step)
     assert [int(s) for s in state.steps] == [1, -1]
+
+
+def test_lightning_last_moves_only_on_a_top_k_save(tmp_path):
+    """Lightning 2.6 writes `last` at a validation only when that validation saved a top-k
+    checkpoint; fcb's `last` is the last scheduled check (documented difference)."""
+    worse = [0.5, 0.6, 0.7]
+    assert [r["last"] for r in lightning_checks(tmp_path / "a", worse, 1, "min", 1)] == [0, 0, 0]
+    assert [r["last"] for r in fcb_checks(worse, 1, "min", 1)] == [0, 1, 2]
+    # every_n: an unscheduled check saves nothing, `last` included (both)
+    falling = [0.5, 0.4, 0.3, 0.2]
+    assert [r["last"] for r in lightning_checks(tmp_path / "b", falling, 1, "min", 2)] == [
+        -1,
+        1,
+        1,
+        3,
+    ]
+    assert [r["last"] for r in fcb_checks(falling, 1, "min", 2)] == [-1, 1, 1, 3]
+
+
+def test_lightning_save_top_k_zero_writes_last_only_when_training_ends(tmp_path):
+    callback = LightningCheckpoint(
+        dirpath=str(tmp_path),
+        filename="{epoch}",
+        monitor="val_loss",
+        save_top_k=0,
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
+    callback.CHECKPOINT_NAME_LAST = "last-{epoch}"
+    trainer = StubTrainer()
+    for epoch, value in enumerate([0.5, 0.4, 0.3]):
+        trainer.current_epoch, trainer.global_step = epoch, epoch + 1
+        trainer.callback_metrics = {"val_loss": torch.tensor(value)}
+        callback.on_validation_end(trainer, None)
+        assert callback.last_model_path == "" and not trainer.files
+    callback.on_train_end(trainer, None)
+    assert _epoch(callback.last_model_path) == 2
+    # fcb's `last` follows every check
+    assert [r["last"] for r in fcb_checks([0.5, 0.4, 0.3], 0, "min", 1)] == [0, 1, 2]
