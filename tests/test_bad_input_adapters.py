@@ -754,7 +754,9 @@ def catalogue_rows():
 def catalogue_table():
     lines = ["| case | input | error | message (excerpt) |", "|---|---|---|---|"]
     for name, given, error, message in catalogue_rows():
-        lines.append(f"| {cell(name)} | {given} | `{error}` | {cell(message)} |")
+        # brackets escaped: `x['a'][1]` would read as a Markdown reference link
+        shown = cell(message).replace("[", r"\[").replace("]", r"\]")
+        lines.append(f"| {cell(name)} | {given} | `{error}` | {shown} |")
     return "\n".join(lines)
 
 
