@@ -19,7 +19,7 @@ from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, m
 from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._errors import ConfigError
 from ._monitor import Mode
-from ._slots import check_filename, count_check, holds, key_as_name
+from ._slots import MAX_FILENAME, check_filename, count_check, holds, key_as_name
 from ._validate import (
     INT32_MAX,
     as_step,
@@ -114,9 +114,16 @@ class BestCheckpoint(Callback):
         self.mode = _resolve_mode(owner, mode, higher_is_better)
         self.tolerances = _check_tolerances(owner, tolerances)
         self.model_names = _check_model_names(owner, model_names)
-        self.filename = check_filename(
-            owner, "filename", f"best.{key_as_name(metric_key)}" if filename is None else filename
-        )
+        if filename is None:  # the default names the metric: a bad name is the metric's
+            try:
+                filename = check_filename(owner, "filename", f"best.{key_as_name(metric_key)}")
+            except ConfigError:
+                raise ConfigError(
+                    f"{owner}: `metric_key` = {metric_key!r} cannot name the default slot "
+                    f"'best.<metric_key>' (letters, digits and '._=+-/' only, at most "
+                    f"{MAX_FILENAME - 5} characters); pass filename=... to name the slot."
+                ) from None
+        self.filename = check_filename(owner, "filename", filename)
         self.check_finite = check_flag(owner, "check_finite", check_finite)
         self.strict = check_flag(owner, "strict", strict)
         self.every_n = int_param(owner, "every_n", every_n, minimum=1)

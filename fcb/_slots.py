@@ -13,15 +13,23 @@ from . import _monitor
 from ._errors import ConfigError
 from ._monitor import Mode
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+MAX_FILENAME = 120
+"""The longest slot stem: with `-top100`, `.tolerance=<t>` and a suffix, a slot's file name
+stays far below the 255 bytes every file system allows."""
 
 
 def check_filename(owner: str, field: str, value: Any) -> str:
     """A slot / file stem: letters, digits and `._=+-`, so it is safe on every file system."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value):
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
         raise ConfigError(
             f"{owner}: `{field}` must be a file name stem of letters, digits and '._=+-' "
             f"(no '/' and no leading '.'), got {field} = {value!r}."
+        )
+    if len(value) > MAX_FILENAME:
+        raise ConfigError(
+            f"{owner}: `{field}` must be at most {MAX_FILENAME} characters, got {len(value)} "
+            f"({field} = {value[:40]!r}...)."
         )
     return value
 
