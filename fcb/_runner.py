@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._core import ActionNames, Actions, Callback, StepLike, merge_actions
-from ._errors import MetricTypeError
+from ._errors import ConfigError, MetricTypeError
 from ._packing import Packing, pack as _pack, unpack as _unpack
 from ._state_dict import (
     FORMAT,
@@ -157,7 +157,15 @@ class Runner:
         as it was before the event).
         """
         host = self.host_metrics(metrics)
-        step_array = np.asarray(step, np.int32)
+        try:
+            step_array = np.asarray(step, np.int32)
+        except (OverflowError, TypeError, ValueError):
+            step_array = None
+        if step_array is None or (type(step) is not int and step_array != np.asarray(step)):
+            raise ConfigError(
+                f"Runner: `step` must be an integer below 2**31 (callbacks keep steps as "
+                f"int32), got step = {step!r}."
+            )
         packed = self._packed_state() if self._packed else None
         if packed is not None:
             buffer, packing = packed

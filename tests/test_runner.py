@@ -207,3 +207,11 @@ def test_an_evaluation_request_keeps_the_checks_slot_decisions():
         }
         assert bool(got.save) == bool(want.save)
         assert bool(got.events["best.val_loss/improved"]) == (step in (0, 1, 3))
+
+
+@pytest.mark.parametrize("step", [2**31, -(2**31) - 1, 1.5, "3"])
+def test_a_step_int32_cannot_hold_is_a_config_error(step):
+    runner = fcb.Runner(fcb.EarlyStopping("val_loss"))
+    with pytest.raises(fcb.ConfigError, match=r"Runner: `step` must be an integer below 2\*\*31"):
+        runner.check({"val_loss": 1.0}, step=step)
+    assert not bool(runner.check({"val_loss": 1.0}, step=0).stop)  # the state is unchanged
