@@ -113,3 +113,37 @@ def test_resume_with_ckpt_path_restores_the_chain(tmp_path):
         got = json.load(f)["slots"]
     assert {k: v["step"] for k, v in got.items()} == {k: v["step"] for k, v in expected.items()}
     assert callback.adapter.state_dict() == full_callback.adapter.state_dict()
+
+
+def test_resuming_a_stopped_run_trains_no_further_and_keeps_its_slots(tmp_path):
+    """A run fcb stopped, resumed with ckpt_path=last.ckpt and more epochs: it stays stopped
+    (no epoch trained, `last` not moved), and the run keeps exactly its slots."""
+    trainer, _, _ = fit(tmp_path, max_epochs=60)
+    assert trainer.should_stop
+    directory = tmp_path / "checkpoints"
+    with open(directory / "manifest.json") as f:
+        before = json.load(f)
+    resumed, callback, _ = fit(tmp_path, max_epochs=80, ckpt_path=str(directory / "last.ckpt"))
+    with open(directory / "manifest.json") as f:
+        after = json.load(f)
+    assert resumed.current_epoch <= trainer.current_epoch + 1  # Lightning's epoch counter
+    assert callback.adapter.should_stop and callback.adapter.resumed_step == before["event_step"]
+    assert {k: v["step"] for k, v in after["slots"].items()} == {
+        k: v["step"] for k, v in before["slots"].items()
+    }
+    assert after["event_step"] == before["event_step"]
+
+
+def test_resuming_from_another_slot_than_last_is_refused_with_the_fix(tmp_path):
+    trainer, _, _ = fit(tmp_path, max_epochs=60)
+    directory = tmp_path / "checkpoints"
+    with open(directory / "manifest.json") as f:
+        manifest = json.load(f)
+    slot = next(
+        name for name, s in manifest["slots"].items() if s["step"] != manifest["resume"]["step"]
+    )
+    link = manifest["slots"][slot]["link"]
+    with pytest.raises(fcb.ConfigError, match=r"Pass ckpt_path=.*last\.ckpt"):
+        fit(tmp_path, max_epochs=80, ckpt_path=str(directory / link))
+    with open(directory / "manifest.json") as f:
+        assert json.load(f)["slots"] == manifest["slots"]  # nothing changed
