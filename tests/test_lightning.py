@@ -135,7 +135,7 @@ def test_resuming_a_stopped_run_trains_no_further_and_keeps_its_slots(tmp_path):
 
 
 def test_resuming_from_another_slot_than_last_is_refused_with_the_fix(tmp_path):
-    trainer, _, _ = fit(tmp_path, max_epochs=60)
+    fit(tmp_path, max_epochs=60)
     directory = tmp_path / "checkpoints"
     with open(directory / "manifest.json") as f:
         manifest = json.load(f)
