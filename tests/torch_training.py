@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 
+import numpy as np
 import torch
 
 import fcb
@@ -34,7 +36,11 @@ def data():
 
 
 def model_and_optimizer(hidden=32):
+    # every generator a checkpoint records is seeded, so runs in different processes write
+    # the same bytes (checkpoints hold torch's, NumPy's and Python's RNG states)
     torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(12, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
     )

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from .._core import Actions, Callback
-from .._errors import CheckpointCorruptError, ConfigError
+from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
 from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
 from .._host.facade import SessionFacade
 from .._host.manifest import json_metrics
@@ -382,9 +382,13 @@ class OrbaxAdapter(SessionFacade):
             self.session.close()
 
     def on_exception(self, exception: BaseException | None = None) -> None:
-        """Let the save in flight finish (it is a complete checkpoint); release the directory."""
+        """Let the save in flight finish (it is a complete checkpoint); release the directory.
+        A save that fails now is logged, not raised over the exception being handled."""
         del exception
         try:
-            self.wait()
+            if self.store is not None:
+                self.store.settle()
+        except CheckpointWriteError as error:
+            logger.warning("fcb: the last save was not committed: %s", error)
         finally:
             self.session.close()

@@ -355,6 +355,16 @@ class OrbaxStore(ManifestStore):
             for leftover in glob.glob(glob.escape(path) + ".orbax-checkpoint-tmp*"):
                 shutil.rmtree(leftover, ignore_errors=True)
 
+    def settle(self) -> None:
+        """Wait for the save in flight, without writing a failed save again (the run is
+        ending on an exception: its step stays out of the manifest, which holds the
+        previous checkpoints)."""
+        if self._saving is None and self._retry is not None:
+            self._retry = self._unsaved = None
+            self._pending = None
+            return
+        self.finish()
+
     def _close_backend(self) -> None:
         self._closed = True
         self._unsaved = self._retry = None
