@@ -209,15 +209,6 @@ CASES = [
      fcb.ConfigError, r"fcb\.named_chain: name 'val/es' must not contain '/'\."),
     ("duplicate event names", lambda: fcb.chain(fcb.EarlyStopping(KEY), fcb.EarlyStopping("b")),
      fcb.ConfigError, r"the event name 'early_stopping/improved' is emitted by both"),
-    # --- file names ---
-    ("filename with a trailing newline", lambda: fcb.ModelCheckpoint(KEY, filename="best\n"),
-     fcb.ConfigError, r"`filename` must be a file name stem .*got filename = 'best\\n'\.$"),
-    ("filename of 300 characters", lambda: fcb.ModelCheckpoint(KEY, filename="b" * 300),
-     fcb.ConfigError, r"`filename` must be at most 120 characters, got 300"),
-    ("metric key that cannot name a file", lambda: fcb.BestCheckpoint("val loss"),
-     fcb.ConfigError,
-     r"^BestCheckpoint: `metric_key` = 'val loss' cannot name the default slot 'best\.<metric_key>'"
-     r" .*pass filename=\.\.\. to name the slot\.$"),
 ]
 
 

@@ -300,6 +300,16 @@ CASES = [
      made(MC, filename="a/b"), fcb.ConfigError,
      r"^ModelCheckpoint: `filename` must be a file name stem of letters, digits and '\._=\+-' "
      r"\(no '/' and no leading '\.'\), got filename = 'a/b'\.$"),
+    ("config: ModelCheckpoint filename with a trailing newline", "filename='best\\n'",
+     made(MC, filename="best\n"), fcb.ConfigError,
+     r"^ModelCheckpoint: `filename` must be a file name stem .*got filename = 'best\\n'\.$"),
+    ("config: ModelCheckpoint filename of 300 characters", "filename='b' * 300",
+     made(MC, filename="b" * 300), fcb.ConfigError,
+     r"^ModelCheckpoint: `filename` must be at most 120 characters, got 300"),
+    ("config: BestCheckpoint metric key that cannot name a file", "metric_key='val loss'",
+     lambda tmp: BC("val loss"), fcb.ConfigError,
+     r"^BestCheckpoint: `metric_key` = 'val loss' cannot name the default slot "
+     r"'best\.<metric_key>' .*pass filename=\.\.\. to name the slot\.$"),
     ("config: ModelCheckpoint unknown mode", "mode='low'", made(MC, mode="low"),
      fcb.ConfigError, r"^ModelCheckpoint: `mode` must be 'min' or 'max', got mode = 'low'\.$"),
     ("config: ModelCheckpoint save_last a string", "save_last='no'",
