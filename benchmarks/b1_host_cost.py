@@ -35,8 +35,7 @@ from _common import Row, cli, interleaved, median, ratios, spread, timed, us
 
 import fcb
 import fcb.torch
-from fcb._host.engine import Check
-from fcb._host.manifest import with_files
+from fcb._host.manifest import plan_checkpoints, with_files
 from fcb.torch._store import CheckpointStore
 
 PATIENCE = 10_000  # no stop: every event runs the whole chain on both sides
@@ -89,18 +88,25 @@ class InMemoryAdapter(fcb.torch.TorchAdapter):
 
 
 class DecisionsOnlyAdapter(InMemoryAdapter):
-    """The Torch adapter with its save replaced by a record of the slot table (no payload)."""
+    """The Torch adapter with its save (payload, callbacks' state dict, commit) replaced by a
+    record of the slot table, as the peer's save calls are stubbed."""
 
-    def write(self, store: Any, check: Check) -> Any:
-        store.manifest["slots"] = {
-            name: {"step": slot_step}
-            for name, (slot_step, _, _) in check.plan.slots.items()
-            if slot_step >= 0
-        }
-        return lambda: None
+    def on_fit_start(self, *args: Any, **kwargs: Any) -> None:
+        super().on_fit_start(*args, **kwargs)
+        session = self.session
 
-    def submit(self, job: Any) -> None:
-        """Nothing to commit: the slot table is recorded by `write`."""
+        def record_slots(actions: Any, step: int, metrics: Any, context: Any) -> None:
+            store = session.store
+            current = {name: s["step"] for name, s in store.manifest["slots"].items()}
+            plan = plan_checkpoints(actions, step, dict(session.runner.names.slot_models), current)
+            if plan is not None:
+                store.manifest["slots"] = {
+                    name: {"step": slot_step}
+                    for name, (slot_step, _, _) in plan.slots.items()
+                    if slot_step >= 0
+                }
+
+        session._write = record_slots  # type: ignore[method-assign]
 
 
 class FcbSide:

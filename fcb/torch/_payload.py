@@ -92,8 +92,10 @@ def step_payload(
         payload["scheduler"] = copy(parts.scheduler.state_dict())
     if parts.trainer is not None and hasattr(parts.trainer, "state_dict"):
         payload["trainer"] = copy(parts.trainer.state_dict())
-    payload["rng"] = rng_state()
+    # what the user's objects returned is checked; fcb's own record and RNG states (built here
+    # of tensors, ints and strings) load by construction, and walking them costs per save
     check_loadable(parts.owner, check.step, payload, describe_entry)
+    payload["rng"] = rng_state()
     return payload
 
 
