@@ -17,12 +17,13 @@ from typing import Any
 
 from .._errors import CheckpointCorruptError
 from .._files import atomic_write_json
+from .._model_checkpoint import LAST_SLOT
 from .._state_dict import FORMAT as STATE_DICT_FORMAT
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fcb.manifest"
 MANIFEST_VERSION = 1
-RESUME_SLOT = "last"
+RESUME_SLOT = LAST_SLOT
 """The slot whose step is the resume point: a run resumes where `last` was written."""
 
 SLOT_KINDS = ("best", "top_k", "last", "tolerance")
