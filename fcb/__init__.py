@@ -13,6 +13,7 @@ from ._chain import (
     chain as chain,
     named_chain as named_chain,
 )
+from ._compile_cache import enable_compile_cache as enable_compile_cache
 from ._core import (
     NO_STEP as NO_STEP,
     ActionNames as ActionNames,
@@ -100,6 +101,7 @@ __all__ = [
     "VRAMDrift",
     "VRAMDriftState",
     "chain",
+    "enable_compile_cache",
     "grid",
     "load_state_dict",
     "merge_actions",
