@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from .._host.manifest import MANIFEST_NAME, read_manifest
-from .._host.rundir import find_run
+# The host layer imports JAX (through the core): the functions that read a run import it,
+# so that `fcb --help` and `fcb --version` stay fast.
 
 USAGE_EXIT = 2
 CORRUPT_EXIT = 1
@@ -26,10 +27,20 @@ class UsageError(Exception):
         self.prog = prog
 
 
+_LIBRARY_PREFIX = re.compile(r"^fcb\.[\w.]+: ")
+"""The library's own prefix on its errors ("fcb.replay: "): the command names itself."""
+
+
 def _fail(args: argparse.Namespace | None, message: str, prog: str | None = None) -> None:
     command = getattr(args, "command", None)
     prog = prog or (f"fcb {command}" if command else "fcb")
-    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    message = _LIBRARY_PREFIX.sub("", " ".join(message.split()))
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def _missing(path: str, what: str) -> UsageError:
+    """The one wording of a path that does not exist, for every subcommand."""
+    return UsageError(f"{path} does not exist; pass {what}.")
 
 
 # -- tables and values -----------------------------------------------------------------------
@@ -79,8 +90,10 @@ def _kind(slot: Mapping[str, Any]) -> str:
 
 def _find_manifest(run_dir: str) -> str:
     """The directory holding a run's manifest: RUN_DIR or RUN_DIR/checkpoints."""
+    from .._host.rundir import MANIFEST_NAME, find_run
+
     if not os.path.exists(run_dir):
-        raise UsageError(f"{run_dir} does not exist.")
+        raise _missing(run_dir, "a run directory")
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is not a directory; pass a run directory.")
     found = find_run(run_dir)
@@ -93,6 +106,8 @@ def _find_manifest(run_dir: str) -> str:
 
 
 def _storage(directory: str) -> str:
+    from .._host.manifest import MANIFEST_NAME
+
     try:
         with open(os.path.join(directory, MANIFEST_NAME), "rb") as f:
             raw = json.loads(f.read())
@@ -102,6 +117,8 @@ def _storage(directory: str) -> str:
 
 
 def _read_manifest(directory: str, storage: str) -> dict[str, Any]:
+    from .._host.manifest import read_manifest
+
     return read_manifest(directory, storage=storage)
 
 

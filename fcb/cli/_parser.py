@@ -4,7 +4,9 @@ error into one line on stderr and an exit code."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -17,10 +19,22 @@ from .._errors import (
     StateDictError,
 )
 from ._common import CORRUPT_EXIT, USAGE_EXIT, UsageError, _fail
-from ._demo import _demo
-from ._inspect import _inspect
-from ._plot import _plot
-from ._replay import _replay
+
+BROKEN_PIPE_EXIT = 141
+"""A reader that closed the pipe (`fcb replay ... | head`): 128 + SIGPIPE, as a shell
+utility ends, without a traceback."""
+
+
+def _subcommand(name: str) -> Callable[[argparse.Namespace], int]:
+    """`fcb.cli._<name>._<name>`, imported when it runs: each one imports what it needs
+    (JAX, torch, orbax, matplotlib), and `fcb --help` none of it."""
+
+    def run(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"{__package__}._{name}")
+        command: Callable[[argparse.Namespace], int] = getattr(module, f"_{name}")
+        return command(args)
+
+    return run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +49,7 @@ def _parser() -> _Parser:
         prog="fcb",
         description="Functional, pure-state training callbacks: demo, inspect, replay, plot.",
     )
+    parser.add_argument("--version", action="version", version=f"fcb {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -49,7 +64,7 @@ def _parser() -> _Parser:
     demo.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: 100)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_subcommand("demo"))
 
     inspect = commands.add_parser(
         "inspect", help="list a run's checkpoints and check them against the manifest",
@@ -57,7 +72,7 @@ def _parser() -> _Parser:
         "CRC-32 for Torch runs). Exits with 1 on any corruption.",
     )
     inspect.add_argument("run_dir", metavar="RUN_DIR")
-    inspect.set_defaults(run=_inspect)
+    inspect.set_defaults(run=_subcommand("inspect"))
 
     rep = commands.add_parser(
         "replay", help="replay EarlyStopping configurations over a recorded history",
@@ -76,7 +91,7 @@ def _parser() -> _Parser:
                      choices=("best_value", "checks", "stop_step", "patience", "min_delta"))
     rep.add_argument("--rows", type=int, default=20, help="rows to show (0: all; default 20)")
     rep.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the sweep")
-    rep.set_defaults(run=_replay)
+    rep.set_defaults(run=_subcommand("replay"))
 
     plot = commands.add_parser(
         "plot", help="plot a run's monitored metric with best, tolerance and stop markers",
@@ -86,8 +101,14 @@ def _parser() -> _Parser:
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", required=True, metavar="PNG")
     plot.add_argument("--metric", default=None, help="default: the metric the callbacks monitor")
-    plot.set_defaults(run=_plot)
+    plot.set_defaults(run=_subcommand("plot"))
     return parser
+
+
+def _version() -> str:
+    import fcb
+
+    return fcb.__version__
 
 
 _USER_ERRORS = (
@@ -103,8 +124,12 @@ _USER_ERRORS = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, before_run: Callable[[], object] | None = None
+) -> int:
     """Run the `fcb` command with `argv` (default: `sys.argv[1:]`); return the exit code.
+    `before_run` is called once the command line is parsed, before the subcommand runs (not
+    for `--help` or `--version`); its errors end the command as the subcommand's do.
 
     Errors print one line on stderr; a usage error returns 2:
 
@@ -132,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         args = _parser().parse_args(argv)
+        if before_run is not None:
+            before_run()
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
     except UsageError as error:
@@ -146,3 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(args, "interrupted")
         return 130
+    except BrokenPipeError:
+        # the reader is gone: send what is still buffered nowhere, so that neither this nor
+        # the interpreter's flush at exit prints a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
