@@ -168,6 +168,54 @@ def _replay_batch(
     return jax.lax.while_loop(running, check, initial)
 
 
+DEFAULT_CHUNK_SIZE = 16_384
+"""Configurations `fcb.replay` runs at once; a larger grid runs in chunks of equal size."""
+
+
+def _chunk_bounds(size: int, chunk_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """The configurations of each chunk (`start`, `stop`), and the chunk size they are padded
+    to: as equal as possible, so that every chunk runs the same compiled program."""
+    count = -(-size // chunk_size)
+    per = -(-size // count)
+    return per, [(start, min(start + per, size)) for start in range(0, size, per)]
+
+
+def _replay_chunks(
+    callback: Callback,
+    monitor: str | None,
+    mode: Mode,
+    columns: Mapping[str, Any],
+    steps: np.ndarray,
+    size: int,
+    chunk_size: int,
+) -> _Carry:
+    """`_replay_batch` over at most `chunk_size` configurations at a time, the results joined
+    on the host: memory is bounded by a chunk (and the history), time grows linearly with the
+    configurations. Each configuration runs alone (`vmap`): chunking changes no result."""
+    if size <= chunk_size:
+        return jax.device_get(_replay_batch(callback, monitor, mode, columns, steps, size))
+    per, bounds = _chunk_bounds(size, chunk_size)
+    host = jax.device_get(callback)  # slicing NumPy leaves compiles no side program
+
+    def chunk(start: int, stop: int) -> Any:
+        def take(leaf: Any) -> Any:
+            if not eqx.is_array(leaf):
+                return leaf
+            part = leaf[start:stop]
+            # the last chunk is padded with copies of its last configuration, then trimmed
+            return np.concatenate([part, np.repeat(part[-1:], per - len(part), axis=0)])
+
+        return jax.tree_util.tree_map(take, host)
+
+    finals = [
+        jax.device_get(_replay_batch(chunk(a, b), monitor, mode, columns, steps, per))
+        for a, b in bounds
+    ]
+    return jax.tree_util.tree_map(
+        lambda *parts: np.concatenate(parts)[:size] if np.ndim(parts[0]) else max(parts), *finals
+    )
+
+
 def replay(
     callback: Callback,
     history: HistoryLike,
@@ -175,6 +223,7 @@ def replay(
     monitor: str | None = None,
     mode: Mode | None = None,
     steps: str | Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> ReplayResult:
     """Run a callback, or every configuration of a [`fcb.grid`][], over a recorded history.
 
@@ -194,7 +243,10 @@ def replay(
     `0, 1, 2, ...`) or gives them as an array.
 
     `best_step` / `best_value` follow the metric the callbacks monitor (or `monitor=` /
-    `mode=` when they monitor several). Nested callbacks of a `BestCheckpoint` evaluate the
+    `mode=` when they monitor several). A grid larger than `chunk_size` configurations
+    runs in chunks of at most that many, one after the other, with the same results: memory
+    stays bounded by a chunk and the time grows linearly with the configurations. Nested
+    callbacks of a `BestCheckpoint` evaluate the
     live model, which a replay does not have: they do not run.
 
     >>> history = {"val_loss": [0.9, 0.7, 0.72, 0.69, 0.71, 0.73, 0.74, 0.6]}
@@ -224,10 +276,17 @@ def replay(
                 f"{type(callback).__name__}: {callback!r}."
             )
         batch = Grid(batch_of_one(callback))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
+        chunk_size < 1
+    ):
+        raise ConfigError(
+            f"fcb.replay: chunk_size = {chunk_size!r} must be a whole number of configurations "
+            f">= 1 (default {DEFAULT_CHUNK_SIZE})."
+        )
     columns, step_numbers = load_history(history, batch.metric_keys, steps)
     key, resolved_mode = _resolve_monitor(batch, list(columns), monitor, mode)
-    final = jax.device_get(
-        _replay_batch(batch.callback, key, resolved_mode, columns, step_numbers, len(batch))
+    final = _replay_chunks(
+        batch.callback, key, resolved_mode, columns, step_numbers, len(batch), int(chunk_size)
     )
     stopped = final.stop_index >= 0
     n = len(step_numbers)

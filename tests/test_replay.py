@@ -376,3 +376,50 @@ def test_replay_compiles_one_program_and_reuses_it(caplog: pytest.LogCaptureFixt
         assert _compiled(caplog) == []
     assert len(compiled) == 1 and "_replay_batch" in compiled[0], compiled
     assert len(first) == len(again) == 7
+
+
+def _assert_same_results(one, other):
+    for field in ("stop_step", "stop_reason", "checks", "best_step", "best_value", "steps"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(other, field), err_msg=field)
+    assert one.configs == other.configs
+    chex.assert_trees_all_equal(one.slots, other.slots)
+    chex.assert_trees_all_equal(one.slot_values, other.slot_values)
+    chex.assert_trees_all_equal(one.state, other.state)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    history=st.lists(values, min_size=16, max_size=16),
+    chunk_size=st.sampled_from([1, 5, 7, 11]),
+)
+def test_replay_in_chunks_equals_the_replay_at_once(history, chunk_size):
+    """A grid larger than `chunk_size` runs in chunks (the last padded); every result, the
+    final states included, equals the replay of the whole grid at once, bit for bit."""
+    g = fcb.grid(_chain, patience=[0, 2, 5], min_delta=[0, 0.05], every_n=[1, 2])
+    data = {"val_loss": np.asarray(history, np.float32)}
+    _assert_same_results(fcb.replay(g, data, chunk_size=chunk_size), fcb.replay(g, data))
+
+
+def test_chunks_of_equal_size_share_one_program(caplog: pytest.LogCaptureFixture) -> None:
+    """11 configurations in chunks of at most 4: three chunks of 4 (the last padded), one
+    compiled program and no side programs for the slicing."""
+    from fcb._replay import _chunk_bounds
+
+    assert _chunk_bounds(11, 4) == (4, [(0, 4), (4, 8), (8, 11)])
+    assert _chunk_bounds(10, 4) == (4, [(0, 4), (4, 8), (8, 10)])
+    assert _chunk_bounds(100, 100) == (100, [(0, 100)])
+    assert _chunk_bounds(101, 50) == (34, [(0, 34), (34, 68), (68, 101)])
+    batch = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=list(range(1, 12)))
+    history = {"val_loss": np.linspace(1.0, 0.5, 19) + np.sin(np.arange(19.0)) / 10}
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        chunked = fcb.replay(batch, history, chunk_size=4)
+    compiled = _compiled(caplog)
+    assert len(compiled) == 1 and "_replay_batch" in compiled[0], compiled
+    _assert_same_results(chunked, fcb.replay(batch, history))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True, "16"])
+def test_bad_chunk_size(chunk_size):
+    batch = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=[1, 2])
+    with pytest.raises(fcb.ConfigError, match=r"chunk_size = .* must be a whole number"):
+        fcb.replay(batch, {"val_loss": [0.5, 0.4]}, chunk_size=chunk_size)
