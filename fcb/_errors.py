@@ -42,6 +42,11 @@ class CheckpointCorruptError(CheckpointError):
     """A checkpoint file or manifest does not match what was recorded (size, checksum, format)."""
 
 
+class RunExistsError(CheckpointError):
+    """The checkpoint directory holds a run that the adapter was not asked to resume or
+    replace (`existing_run`); nothing was changed."""
+
+
 class DirectoryInUseError(CheckpointError):
     """Another adapter (this process or another) is writing to the same checkpoint directory."""
 

@@ -25,8 +25,9 @@ import pytorch_lightning as pl
 import torch
 
 from ._core import Actions, Callback
-from ._errors import CheckpointWriteError, ConfigError
+from ._errors import CheckpointWriteError, ConfigError, RunExistsError
 from ._host.engine import Check
+from ._host.manifest import MANIFEST_NAME, read_manifest
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._loadable import check_loadable
 from .torch._store import CheckpointStore
@@ -98,7 +99,14 @@ class _LightningAdapter(TorchAdapter):
     ) -> tuple[Any, Callable[[], None]]:
         """Lightning restores the model, optimizer and loops itself; the session resets the
         directory to the checkpoint's resume point, which must be the one Lightning loaded."""
-        assert self.loaded is not None
+        if self.loaded is None:
+            raise RunExistsError(
+                f"FcbCallback: {source} holds a run resumable at step {record['step']}, but "
+                f"Lightning loaded no checkpoint of it, and a run is never replaced "
+                f"implicitly. Pass trainer.fit(..., ckpt_path=fcb.lightning.resume_path("
+                f"{source!r})) to continue it (None on a first launch, so one line serves "
+                f"every launch), or FcbCallback(existing_run='start_over') to replace it."
+            )
         step = self.loaded.get("step")
         if step is not None and step != record["step"]:
             raise ConfigError(
@@ -141,6 +149,13 @@ class FcbCallback(pl.Callback):
     and manifest as [`fcb.torch.TorchAdapter`][]. The chain's state travels in every Lightning
     checkpoint (`state_dict` / `load_state_dict`), so `Trainer.fit(ckpt_path=...)` resumes it.
     Pass `enable_checkpointing=False` to the Trainer to turn off Lightning's own checkpointing.
+
+    A directory that holds a run is never replaced implicitly: resume it with
+    `trainer.fit(model, ckpt_path=fcb.lightning.resume_path(dirpath))` (its resume point, or
+    `None` when there is none yet: the same line serves the first launch and every
+    relaunch), or pass `existing_run="start_over"` to replace it; otherwise the fit raises
+    [`fcb.RunExistsError`][] before anything is changed. Lightning restores the model, the
+    optimizers, the loops and, through this callback's state, the chain and the RNG states.
     """
 
     def __init__(
@@ -153,6 +168,7 @@ class FcbCallback(pl.Callback):
         history: bool = False,
         log: Callable[[int, dict[str, float]], None] | None = None,
         reduce: str | None = "mean",
+        existing_run: str = "resume",
     ):
         if step not in ("epoch", "global_step"):
             raise ConfigError(
@@ -161,7 +177,7 @@ class FcbCallback(pl.Callback):
         self.step = step
         self.adapter = _LightningAdapter(
             callbacks, dirpath=dirpath, evaluate=evaluate, history=history, log=log,
-            reduce=reduce,
+            reduce=reduce, existing_run=existing_run,
         )
 
     @property
@@ -204,4 +220,21 @@ class FcbCallback(pl.Callback):
             self.adapter.loaded = dict(state_dict)
 
 
-__all__ = ["FcbCallback"]
+def resume_path(dirpath: str | os.PathLike[str]) -> str | None:
+    """The checkpoint to pass as `trainer.fit(ckpt_path=...)` to resume the run in
+    `dirpath` (the `FcbCallback`'s checkpoint directory): its resume point, or `None` when
+    the directory holds no resumable run (a first launch).
+
+    >>> import tempfile
+    >>> fcb.lightning.resume_path(tempfile.mkdtemp()) is None
+    True
+    """
+    directory = os.path.abspath(os.fspath(dirpath))
+    if not os.path.exists(os.path.join(directory, MANIFEST_NAME)):
+        return None
+    manifest = read_manifest(directory, "torch")
+    record = manifest.get("resume")
+    return os.path.join(directory, record["file"]) if record else None
+
+
+__all__ = ["FcbCallback", "resume_path"]

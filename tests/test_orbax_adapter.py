@@ -611,10 +611,15 @@ def test_second_writer_is_refused_and_a_new_run_replaces_an_old_one(tmp_path, ca
     resumed.on_fit_start()  # free again, and resumable
     assert resumed.resumed_step == 2
     resumed.on_fit_end()
-    # A new run over the old one: the old steps go, the new step 0 is the new weights.
+    # Never replaced implicitly: without a template the run cannot be resumed, so it stays.
+    with pytest.raises(fcb.ConfigError, match=r"resumable at step 2 .* Pass on_fit_start\(like"):
+        second.on_fit_start()
+    assert orbax_steps(tmp_path) == [0, 2]
+    # A new run over the old one, asked for: the old steps go, step 0 is the new weights.
+    second = fcb.orbax.OrbaxAdapter(fcb.ModelCheckpoint(), tmp_path, existing_run="start_over")
     with caplog.at_level(logging.WARNING, logger="fcb"):
         second.on_fit_start()
-    assert "held a run (2 checkpoints); a new run starts there" in caplog.text
+    assert "held a run (2 checkpoints); a new run replaces it" in caplog.text
     assert orbax_steps(tmp_path) == [] and manifest(tmp_path)["slots"] == {}
     second.on_validation_end({"val_loss": 5.0}, step=0, state={"w": jnp.full(1, 7)})
     second.on_fit_end()

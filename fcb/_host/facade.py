@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
+
+from .._errors import ConfigError
 
 from .session import Session
 from .store import ManifestStore
@@ -54,6 +57,26 @@ class SessionFacade:
         if store is None:
             return {}
         return {name: slot["step"] for name, slot in store.latest_manifest["slots"].items()}
+
+    def epochs(self, max_epochs: int) -> Iterator[int]:
+        """The epochs left to train, for `for epoch in adapter.epochs(max_epochs):`.
+
+        Starts the adapter if it is not started (resuming a run its directory holds), then
+        counts from the step after the resumed one (0 for a new run) to `max_epochs - 1`,
+        and ends as soon as `should_stop` is set: after a stop, and at once when the resumed
+        run had already stopped. Pass each epoch as the check's `step`.
+        """
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 0:
+            raise ConfigError(
+                f"{type(self).__name__}.epochs: `max_epochs` must be an int >= 0, got "
+                f"max_epochs = {max_epochs!r}."
+            )
+        if not self.session.started:
+            self.on_fit_start()
+        epoch = self.session.last_step + 1
+        while epoch < max_epochs and not self.should_stop:
+            yield epoch
+            epoch = max(epoch + 1, self.session.last_step + 1)
 
     def on_fit_start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError

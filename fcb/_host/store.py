@@ -318,8 +318,8 @@ class ManifestStore:
         if not (old["files"] or old["resume"]):
             return
         logger.warning(
-            "fcb: %s held a run (%d checkpoints); a new run starts there and replaces it. "
-            "Pass resume_from=... to continue a run instead.",
+            "fcb: %s held a run (%d checkpoints); a new run replaces it "
+            "(existing_run='start_over').",
             self.directory,
             len(old["files"]),
         )

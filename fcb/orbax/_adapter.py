@@ -20,7 +20,7 @@ from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag
 from .._host.facade import SessionFacade
 from .._host.manifest import json_metrics
 from .._host.processes import ProcessGroup
-from .._host.session import Session
+from .._host.session import Session, check_existing_run
 from .._host.store import ManifestStore
 from ._payload import (
     State,
@@ -98,7 +98,11 @@ class OrbaxAdapter(SessionFacade):
         dirpath: the run directory (created; locked while the adapter is open).
         evaluate: `fn(state) -> metrics`, or a mapping from request name to such a function.
         resume_from: continue the run in `dirpath` (the same directory) from its `last`
-            checkpoint.
+            checkpoint; a run that is not there is an error.
+        existing_run: what becomes of a run `dirpath` already holds: `"resume"` (default)
+            continues it from its `last` checkpoint (pass `on_fit_start(like=template)`;
+            an empty directory starts a new run), `"start_over"` replaces it, `"error"`
+            raises [`fcb.RunExistsError`][]. A run is never replaced implicitly.
         background: let orbax write in the background; every save is waited for before the
             manifest references it, before any deletion, and at `on_fit_end`.
         log: `fn(step, scalars)` called with the callbacks' log scalars at each check and the
@@ -135,6 +139,7 @@ class OrbaxAdapter(SessionFacade):
         *,
         evaluate: EvaluateFn | Mapping[str, EvaluateFn] | None = None,
         resume_from: str | os.PathLike[str] | None = None,
+        existing_run: str = "resume",
         background: bool = True,
         log: Callable[[int, dict[str, float]], None] | None = None,
         reduce: str | None = "mean",
@@ -166,6 +171,7 @@ class OrbaxAdapter(SessionFacade):
         )
         check_evaluate(owner, evaluate, "state")
         check_timeout(owner, timeout)
+        self.existing_run = check_existing_run(owner, existing_run)
         if resume_from is not None and os.path.abspath(resume_from) != self.dirpath:
             raise ConfigError(
                 f"{owner}: resume_from = {resume_from!r} is another directory than "
@@ -204,9 +210,9 @@ class OrbaxAdapter(SessionFacade):
         """Open (and lock) the run directory; with `resume_from`, restore the `last`
         checkpoint into `restored_state`, structured like the template `like`.
 
-        Without `resume_from`, a directory that holds a run is taken over: the old run's
-        manifest is replaced (with a warning), then its checkpoints are deleted, so the two
-        runs' steps never mix.
+        A directory that holds a run is resumed the same way (`existing_run="resume"`);
+        with `existing_run="start_over"` the old run's manifest is replaced (with a
+        warning), then its checkpoints are deleted, so the two runs' steps never mix.
         """
         if self.session.started:
             return
@@ -214,7 +220,9 @@ class OrbaxAdapter(SessionFacade):
             for models in {m for _, m in self.runner.names.slot_models}:
                 model_subset(like, models)
         self._like = like
-        self.session.start(self.dirpath, resume_from=self.resume_from)
+        self.session.start(
+            self.dirpath, resume_from=self.resume_from, existing_run=self.existing_run
+        )
 
     # -- events ------------------------------------------------------------------------------
 
@@ -350,6 +358,13 @@ class OrbaxAdapter(SessionFacade):
     def read_resume(
         self, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
     ) -> tuple[Any, Callable[[], None]]:
+        if self._like is None and self.resume_from is None:
+            raise ConfigError(
+                f"{self.owner}: {source} holds a run resumable at step {record['step']} "
+                f"(existing_run='resume'), but on_fit_start was given no template to restore "
+                f"it into. Pass on_fit_start(like=template) to resume it, or "
+                f"existing_run='start_over' to replace it."
+            )
         state, callbacks_state = read_resume_point(source, record, self._like)
 
         def restore() -> None:

@@ -22,7 +22,7 @@ from .._errors import (
 from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
 from .._host.facade import SessionFacade
 from .._host.processes import ProcessGroup
-from .._host.session import Session
+from .._host.session import Session, check_existing_run
 from .._host.store import ManifestStore
 from .._model_checkpoint import ModelCheckpoint
 from .._validate import check_metrics_mapping
@@ -86,10 +86,17 @@ class TorchAdapter(SessionFacade):
     already reduced), stops are agreed (any rank stops all), only rank 0 writes, and a write
     error is raised on every rank.
 
-    Resume with `resume_from=RUN_DIR`: the model, optimizer, scheduler, trainer, RNG and
-    callback state are restored from the run's `last` checkpoint, and later decisions are
-    exactly those of an uninterrupted run. Resuming into another directory copies (links)
-    what it needs and never deletes the old run's files.
+    A directory that already holds a run is resumed (`existing_run="resume"`, the
+    default): the model, optimizer, scheduler, trainer, RNG and callback state are restored
+    from the run's `last` checkpoint, `resumed_step` is its step, and later decisions are
+    exactly those of an uninterrupted run; an empty directory starts a new run, so the same
+    script serves the first launch and every relaunch. `existing_run="start_over"` replaces
+    the run; `"error"` raises [`fcb.RunExistsError`][]. A run is never replaced implicitly:
+    one that cannot be resumed (no `last` slot) raises `RunExistsError` too.
+    `resume_from=RUN_DIR` resumes another directory's run into `dirpath`: it copies (links)
+    what it needs and never deletes the old run's files. Train with
+    `for epoch in adapter.epochs(max_epochs)`: it starts after the resumed step and ends at
+    a stop, also one the resumed run had already made.
 
     With `history=True` every check appends one line to `{dirpath}/history.jsonl`: the step,
     the metrics, the learning rates, the events that fired and the stop message; the end of
@@ -116,6 +123,7 @@ class TorchAdapter(SessionFacade):
         background: bool = False,
         check_on: str = "validation_end",
         resume_from: str | os.PathLike[str] | None = None,
+        existing_run: str = "resume",
         log: Callable[[int, dict[str, float]], None] | None = None,
         reduce: str | None = "mean",
         history: bool = False,
@@ -129,6 +137,7 @@ class TorchAdapter(SessionFacade):
         check_parts(owner, model, optimizer, scheduler, trainer)
         check_evaluate(owner, evaluate, "model")
         resume_from = check_path(owner, "resume_from", resume_from)
+        self.existing_run = check_existing_run(owner, existing_run)
         dirpath = check_path(owner, "dirpath", dirpath)
         self.session = Session(
             owner, callbacks, self, storage="torch", reduce=reduce, log=log, history=history
@@ -202,7 +211,10 @@ class TorchAdapter(SessionFacade):
         self._check_model_names()
         resuming = getattr(self.trainer, "ckpt_path", None)  # the trainer resumes itself
         try:
-            self.session.start(self.dirpath, resume_from=self.resume_from, keep=bool(resuming))
+            self.session.start(
+                self.dirpath, resume_from=self.resume_from, existing_run=self.existing_run,
+                keep=bool(resuming),
+            )
         finally:
             close_all(self._snapshot)
             self._snapshot = {}
