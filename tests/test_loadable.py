@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import fcb
 import fcb.torch
@@ -293,3 +294,36 @@ def test_lightning_hyperparameters_holding_a_namespace_are_refused(tmp_path):
     assert fcb.torch.load_checkpoint(last)["hyper_parameters"] == {"args": {"lr": 0.05}}
     trainer = lightning_fit(tmp_path / "ok", {"lr": 0.05}, max_epochs=3, ckpt_path=str(last))
     assert trainer.current_epoch == 3
+
+
+_leaves = st.sampled_from(
+    [1, 2.5, "s", None, True, b"b", torch.zeros(2), torch.nn.Parameter(torch.ones(1)),
+     torch.Size([2]), torch.float32, np.zeros(2), argparse.Namespace(a=1), frozenset({1})]
+)
+_payloads = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.sampled_from(["a", "b", 1, (1, 2)]), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=_payloads)
+def test_the_quick_walk_of_every_save_agrees_with_the_full_one(payload):
+    """`check_loadable` walks a payload without building entry paths; whatever it does not
+    vouch for goes to the full walk: it refuses exactly what the full walk finds."""
+    from fcb.torch._loadable import _plainly_loadable, check_loadable, find_unloadable
+
+    found = find_unloadable(payload)
+    if _plainly_loadable(payload):
+        assert found is None
+    refused = False
+    try:
+        check_loadable("owner", 3, {"model": payload}, lambda entry, path: f"{entry}{path}")
+    except fcb.CheckpointWriteError:
+        refused = True
+    assert refused == (found is not None)

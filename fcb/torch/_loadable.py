@@ -95,6 +95,24 @@ _ATOMS = {
 _CONTAINERS = {dict, OrderedDict, list, tuple, set}
 
 
+def _plainly_loadable(obj: Any) -> bool:
+    """Whether `obj` holds only `_ATOMS` in `_CONTAINERS` (keys and attributes included): a
+    weights-only load reads it. The walk of every save, without building a path for each
+    entry; anything else (False) is left to `find_unloadable`, which names it."""
+    kind = type(obj)
+    if kind in _ATOMS:
+        return True
+    if kind is dict or kind is OrderedDict:
+        for key, value in obj.items():
+            if type(key) not in _ATOMS or not _plainly_loadable(value):
+                return False
+        attributes = getattr(obj, "__dict__", None)
+        return not attributes or _plainly_loadable(dict(attributes))
+    if kind is list or kind is tuple or kind is set:
+        return all(_plainly_loadable(value) for value in obj)
+    return False
+
+
 def find_unloadable(obj: Any, path: str = "") -> tuple[str, Any, str] | None:
     """The deepest entry of `obj` a weights-only load refuses: `(path, value, reason)`.
 
@@ -141,7 +159,7 @@ def check_loadable(
     back; `describe(entry, path)` names where a refused value is (`path` inside the
     payload's `entry`), for the message."""
     for entry, part in payload.items():
-        found = find_unloadable(part)
+        found = None if _plainly_loadable(part) else find_unloadable(part)
         if found is None:
             continue
         path, value, reason = found
