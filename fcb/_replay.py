@@ -9,7 +9,7 @@ in `_replay_history`, the results tabled in `_replay_result`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import equinox as eqx
 import jax
@@ -21,9 +21,13 @@ from ._core import NO_STEP, Callback, StopReason
 from ._errors import ConfigError, MissingMetricError
 from ._grid import Grid, batch_of_one, grid as grid  # re-exported: fcb.cli imports it here
 from ._monitor import Mode, improves, worst_value
-from ._replay_history import HistoryLike, load_history
+from ._replay_history import HistoryLike, is_study, load_history
 from ._replay_result import ReplayResult
+from ._replay_study import StudyReplay, replay_study
 from ._validate import check_mode, describe_keys
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def _resolve_monitor(
@@ -216,15 +220,40 @@ def _replay_chunks(
     )
 
 
+@overload
+def replay(
+    callback: Callback, history: HistoryLike, *, monitor: str | None = None,
+    mode: Mode | None = None, steps: str | Any = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    study_name: None = None,
+) -> ReplayResult: ...
+
+
+@overload
+def replay(
+    callback: Callback, history: str, *, monitor: str | None = None,
+    mode: Mode | None = None, steps: str | Any = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    study_name: str,
+) -> StudyReplay: ...
+
+
+@overload
+def replay(
+    callback: Callback, history: optuna.study.Study, *, monitor: str | None = None,
+    mode: Mode | None = None, steps: str | Any = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    study_name: None = None,
+) -> StudyReplay: ...
+
+
 def replay(
     callback: Callback,
-    history: HistoryLike,
+    history: Any,
     *,
     monitor: str | None = None,
     mode: Mode | None = None,
     steps: str | Any = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> ReplayResult:
+    study_name: str | None = None,
+) -> ReplayResult | StudyReplay:
     """Run a callback, or every configuration of a [`fcb.grid`][], over a recorded history.
 
     Each configuration sees check `i` of the history as
@@ -242,6 +271,12 @@ def replay(
     column holding the step numbers (default: `"step"` when present, otherwise
     `0, 1, 2, ...`) or gives them as an array.
 
+    `history` can also be a finished Optuna study (an `optuna.study.Study`, or its storage
+    URL such as `"sqlite:///study.db"` with `study_name=`): every finished trial with
+    intermediate values is a history, seen under the metric name `"value"` at the trial's
+    steps, and the result is an [`fcb.optuna.StudyReplay`][]: per configuration, the trials
+    it prunes, the checks it saves and the best objective value it loses.
+
     `best_step` / `best_value` follow the metric the callbacks monitor (or `monitor=` /
     `mode=` when they monitor several). A grid larger than `chunk_size` configurations
     runs in chunks of at most that many, one after the other, with the same results: memory
@@ -256,13 +291,13 @@ def replay(
     [2, 2, 5, 3, -1, 5]
     >>> print(result.table())
     replay: 6 configurations x 8 checks; best = lowest val_loss
-    #  patience  min_delta  stop_step    reason  checks  best_step  best val_loss
-    0         1          0          2  patience       3          1           0.7
-    1         1       0.02          2  patience       3          1           0.7
-    2         2          0          5  patience       6          3          0.69
-    3         2       0.02          3  patience       4          3          0.69
-    4         4          0      never         -       8          7           0.6
-    5         4       0.02          5  patience       6          3          0.69
+    #  patience  min_delta  stop_step         reason  checks  best_step  best val_loss
+    0         1          0          2       patience       3          1            0.7
+    1         1       0.02          2       patience       3          1            0.7
+    2         2          0          5       patience       6          3           0.69
+    3         2       0.02          3       patience       4          3           0.69
+    4         4          0        > 7  history ended       8          7            0.6
+    5         4       0.02          5       patience       6          3           0.69
     >>> result.configs[3]
     {'patience': 2, 'min_delta': 0.02}
     >>> result.pareto().tolist()  # the trade-offs: fewer checks, or a better value
@@ -276,6 +311,8 @@ def replay(
                 f"{type(callback).__name__}: {callback!r}."
             )
         batch = Grid(batch_of_one(callback))
+    if study_name is not None or is_study(history):
+        return replay_study(batch, history, study_name, steps=steps, monitor=monitor)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
         chunk_size < 1
     ):

@@ -1,12 +1,14 @@
-"""Recorded histories for fcb.replay: a mapping, rows or a file, as columns and step numbers.
+"""Recorded histories for fcb.replay: a mapping, rows or a file, as columns and step numbers;
+or an Optuna study, as one history per trial.
 
 A history is loaded for the metric keys the replayed callbacks read (asked of them by
 `metric_keys`), so a check is a row that has all of them; the step numbers come from a
-column or are given.
+column or are given. A study's trials are read through Optuna (imported only then).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import ConfigError, MetricTypeError, MissingMetricError
+from ._monitor import Mode
 from ._validate import describe_keys
 
 HistoryLike = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike
@@ -139,3 +142,66 @@ def load_history(
         )
     step_numbers = _step_numbers(steps, raw, length)
     return {k: raw[k].astype(np.float32) for k in read}, step_numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyTrial:
+    """One finished trial of a study: its intermediate values by step, and its objective
+    value (its last intermediate value when it has none, e.g. a pruned trial)."""
+
+    number: int
+    steps: np.ndarray
+    values: np.ndarray
+    value: float
+
+
+def is_study(history: Any) -> bool:
+    """Whether `history` is an Optuna study (a `optuna.study.Study`, told apart without
+    importing Optuna)."""
+    return type(history).__module__.startswith("optuna.") and hasattr(history, "get_trials")
+
+
+def load_study(history: Any, study_name: str | None) -> tuple[list[StudyTrial], Mode]:
+    """The finished trials (complete or pruned) with at least one intermediate value, in
+    trial order, and whether the study minimizes (`"min"`) or maximizes (`"max"`).
+
+    `history` is an Optuna study, or a storage URL (`sqlite:///study.db`,
+    `postgresql://...`) holding the study `study_name`.
+    """
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError(
+            "fcb.replay: replaying an Optuna study needs Optuna: pip install 'fcb[optuna]'."
+        ) from None
+    if study_name is not None:
+        if not isinstance(history, str):
+            raise ConfigError(
+                f"fcb.replay: with study_name = {study_name!r}, `history` must be the study's "
+                f"storage URL (e.g. 'sqlite:///study.db'), got {type(history).__name__}."
+            )
+        names = optuna.get_all_study_names(storage=history)
+        if study_name not in names:
+            raise ConfigError(
+                f"fcb.replay: the storage {history!r} has no study named {study_name!r}; its "
+                f"studies: {', '.join(map(repr, names)) or 'none'}."
+            )
+        history = optuna.load_study(study_name=study_name, storage=history)
+    if len(history.directions) != 1:
+        raise ConfigError(
+            f"fcb.replay: study {history.study_name!r} has {len(history.directions)} "
+            f"objectives; a pruner follows one (intermediate values are single numbers)."
+        )
+    minimize = history.direction == optuna.study.StudyDirection.MINIMIZE
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = []
+    for trial in history.get_trials(deepcopy=False, states=finished):
+        reported = sorted(trial.intermediate_values.items())
+        if not reported:
+            continue
+        values = np.asarray([v for _, v in reported], np.float64)
+        value = float(values[-1]) if trial.value is None else float(trial.value)
+        trials.append(
+            StudyTrial(trial.number, np.asarray([s for s, _ in reported], np.int64), values, value)
+        )
+    return trials, "min" if minimize else "max"
