@@ -88,6 +88,19 @@ class Chain(Callback):
         ]
         return tuple(s for s, _ in out), merge_actions(a for _, a in out)
 
+    def stop_details(self, state: tuple[Any, ...]) -> str | None:
+        """The details of the first member, in order, that has stopped."""
+        return first_details(zip(self.callbacks, state, strict=True))
+
+
+def first_details(members: Any) -> str | None:
+    """The stop details of the first `(callback, state)` member that gives any."""
+    for callback, member_state in members:
+        details = callback.stop_details(member_state)
+        if details is not None:
+            return details
+    return None
+
 
 class NamedChain(Callback):
     """Named callbacks run in order; built by [`fcb.named_chain`][]. State: a dict by name.
@@ -136,6 +149,10 @@ class NamedChain(Callback):
                 for n, c in zip(self.names, self.callbacks)
             ]
         )
+
+    def stop_details(self, state: dict[str, Any]) -> str | None:
+        """The details of the first member, in order, that has stopped."""
+        return first_details((c, state[n]) for n, c in zip(self.names, self.callbacks))
 
     def _merge(self, results: list[tuple[Any, Actions]]) -> tuple[dict[str, Any], Actions]:
         states = {n: s for n, (s, _) in zip(self.names, results, strict=True)}

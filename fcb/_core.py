@@ -27,7 +27,7 @@ class StopReason(enum.IntEnum):
     Each member carries a human-readable message:
 
     >>> fcb.StopReason.PATIENCE.message
-    'the monitored metric did not improve for `patience` consecutive checks'
+    'the monitored metric did not improve for patience consecutive checks'
     >>> fcb.StopReason(0).name
     'NONE'
     """
@@ -47,9 +47,9 @@ class StopReason(enum.IntEnum):
 _STOP_MESSAGES = {
     StopReason.NONE: "training was not stopped",
     StopReason.NON_FINITE: "the monitored metric is NaN or infinite (check_finite=True)",
-    StopReason.STOPPING_THRESHOLD: "the monitored metric reached `stopping_threshold`",
-    StopReason.DIVERGENCE_THRESHOLD: "the monitored metric crossed `divergence_threshold`",
-    StopReason.PATIENCE: "the monitored metric did not improve for `patience` consecutive checks",
+    StopReason.STOPPING_THRESHOLD: "the monitored metric reached stopping_threshold",
+    StopReason.DIVERGENCE_THRESHOLD: "the monitored metric crossed divergence_threshold",
+    StopReason.PATIENCE: "the monitored metric did not improve for patience consecutive checks",
     StopReason.TERMINATE_ON_NAN: "a watched value is NaN or infinite (TerminateOnNaN)",
 }
 
@@ -145,8 +145,34 @@ class Actions(eqx.Module):
         )
 
     def stop_message(self) -> str:
-        """The human message of `stop_reason` (concrete, unbatched actions only)."""
+        """The generic message of `stop_reason` (concrete, unbatched actions only).
+
+        [`fcb.stop_message`][] gives the detailed one, naming the metric, the setting and
+        the values.
+        """
         return StopReason(int(self.stop_reason)).message
+
+
+def stop_message(callback: Callback, state: Any, actions: Actions) -> str:
+    """Why `callback` stopped, naming the metric, the setting and the values; "" when
+    `actions` do not stop. Host side: `state` and `actions` are concrete and unbatched (the
+    state after the check that returned `actions`).
+
+    The callback that stopped first (in a chain's order) gives the message, through its
+    `stop_details(state)`; a callback without details gives the generic message of
+    `actions.stop_reason`.
+
+    >>> es = fcb.EarlyStopping("val_loss", patience=1, min_delta=0.001)
+    >>> state = es.init()
+    >>> for step, loss in enumerate([0.5, 0.4461, 0.45]):
+    ...     state, actions = es(state, {"val_loss": loss}, step=step)
+    >>> fcb.stop_message(es, state, actions)
+    'val_loss did not improve for 1 check (patience=1, min_delta=0.001); best 0.4461 at step 1'
+    """
+    if not bool(actions.stop):
+        return ""
+    details = callback.stop_details(state)
+    return details if details is not None else actions.stop_message()
 
 
 def merge_actions(actions: Iterable[Actions], prefixes: Iterable[str] | None = None) -> Actions:
@@ -299,6 +325,13 @@ class Callback(eqx.Module):
     def action_names(self) -> ActionNames:
         """The static names of the slots, log scalars and events this callback emits."""
         return ActionNames()
+
+    def stop_details(self, state: Any) -> str | None:
+        """Why this callback stopped, with the metric, the settings and the values (host side,
+        a concrete unbatched state); None when it has not stopped or has no details.
+        [`fcb.stop_message`][] calls it."""
+        del state
+        return None
 
     def no_actions(self) -> Actions:
         """Inactive actions carrying this callback's declared names."""

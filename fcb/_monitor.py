@@ -63,10 +63,24 @@ def improvement_bound(
     mode: Mode,
     threshold_mode: ThresholdMode = "abs",
 ) -> Float[Array, "..."]:
-    """The value a check must strictly beat to count as an improvement on `best`."""
+    """The value a check must strictly beat to count as an improvement on `best`.
+
+    >>> float(fcb.monitor.improvement_bound(-2.0, 0.25, "min", "rel"))
+    -2.5
+    >>> float(fcb.monitor.improvement_bound(2.0, 0.25, "min", "rel"))
+    1.5
+    """
     best, min_delta = jnp.asarray(best), jnp.asarray(min_delta)
     if threshold_mode == "rel":
-        return best * (1 - min_delta) if mode == "min" else best * (1 + min_delta)
+        # best * (1 -/+ min_delta), the sign of the factor chosen by the sign of best: the
+        # same float operations as torch's rule where that rule is right (best >= 0, min).
+        widen, narrow = 1 + min_delta, 1 - min_delta
+        positive = best >= 0
+        if mode == "min":
+            bound = best * jnp.where(positive, narrow, widen)
+        else:
+            bound = best * jnp.where(positive, widen, narrow)
+        return jnp.where(jnp.isfinite(best), bound, best)
     return best - min_delta if mode == "min" else best + min_delta
 
 

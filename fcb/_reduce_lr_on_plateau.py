@@ -54,11 +54,14 @@ class ReduceLROnPlateau(Callback):
     The decisions are those of `torch.optim.lr_scheduler.ReduceLROnPlateau`, check for check
     (the test suite compares the two on random histories). Each call is one check:
 
-    1. Improvement uses the shared rule [`fcb.monitor.improves`][] with torch's margins:
-       `threshold_mode="rel"`: `current < best * (1 - threshold)` (min) /
-       `current > best * (1 + threshold)` (max); `"abs"`: `current < best - threshold` /
-       `current > best + threshold`. An improving check records the value as `best` and
-       resets `num_bad_checks` to 0; any other check adds 1.
+    1. Improvement uses the shared rule [`fcb.monitor.improves`][]:
+       `threshold_mode="rel"`: `current < best - threshold * |best|` (min) /
+       `current > best + threshold * |best|` (max), which is torch's
+       `best * (1 -/+ threshold)` for a best >= 0; `"abs"`: `current < best - threshold` /
+       `current > best + threshold`. For a negative best fcb differs from torch on purpose:
+       torch's bound `best * (1 - threshold)` lies above a negative best in min mode, so a
+       slightly worse value counts as an improvement there. An improving check records the
+       value as `best` and resets `num_bad_checks` to 0; any other check adds 1.
     2. During cooldown (`cooldown_count > 0`) the check uses up one cooldown check and
        `num_bad_checks` is reset to 0: bad checks in cooldown are ignored.
     3. The rule fires when `num_bad_checks > patience` (strictly: `patience=0` fires at the

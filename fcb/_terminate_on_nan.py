@@ -8,6 +8,7 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, StopReason
@@ -75,8 +76,8 @@ class TerminateOnNaN(Callback):
     ...     state, actions = guard(state, {"loss": loss, "grad_norm": grad_norm}, step=step)
     >>> bool(actions.stop), int(state.stopped_step), guard.keys[int(state.non_finite_key)]
     (True, 1, 'grad_norm')
-    >>> actions.stop_message()
-    'a watched value is NaN or infinite (TerminateOnNaN)'
+    >>> fcb.stop_message(guard, state, actions)
+    'grad_norm is NaN or infinite (TerminateOnNaN) at step 1; watched keys: loss, grad_norm'
     """
 
     keys: tuple[str, ...] = eqx.field(static=True)
@@ -124,4 +125,14 @@ class TerminateOnNaN(Callback):
                 new_state.stopped, StopReason.TERMINATE_ON_NAN, StopReason.NONE
             ).astype(jnp.int32),
             events={**actions.events, "terminate_on_nan/metric_missing": jnp.asarray(missing)},
+        )
+
+    def stop_details(self, state: TerminateOnNaNState) -> str | None:
+        """The stop, naming the offending key, the step and the watched keys."""
+        if np.ndim(state.stopped_step) or int(state.stopped_step) < 0:
+            return None
+        key = self.keys[int(state.non_finite_key)]
+        return (
+            f"{key} is NaN or infinite (TerminateOnNaN) at step {int(state.stopped_step)}; "
+            f"watched keys: {', '.join(self.keys)}"
         )

@@ -67,12 +67,20 @@ IMPROVES_CASES = [
     (9.0, 8.0, 0.25, "max", "rel", False),
     (8.0, 8.0, 0.0, "min", "rel", False),
     (7.5, 8.0, 0.0, "min", "rel", True),
-    # A negative best with a relative margin follows the formula literally, as torch does:
-    # -8 * (1 - 0.25) = -6, so -6.5 counts although it is worse than -8.
-    (-6.5, -8.0, 0.25, "min", "rel", True),
-    (-5.0, -8.0, 0.25, "min", "rel", False),
-    (-10.5, -8.0, 0.25, "max", "rel", False),  # bound -8 * 1.25 = -10; -10.5 > -10 is False
-    (-9.5, -8.0, 0.25, "max", "rel", True),
+    # A negative best: the margin is relative to |best| and points the good way (torch's
+    # -8 * (1 - 0.25) = -6 would count -6.5, which is worse than -8, as an improvement).
+    (-6.5, -8.0, 0.25, "min", "rel", False),
+    (-9.5, -8.0, 0.25, "min", "rel", False),  # bound -8 - 0.25 * 8 = -10
+    (-10.5, -8.0, 0.25, "min", "rel", True),
+    (-9.5, -8.0, 0.25, "max", "rel", False),
+    (-6.5, -8.0, 0.25, "max", "rel", False),  # bound -8 + 0.25 * 8 = -6
+    (-5.5, -8.0, 0.25, "max", "rel", True),
+    # A best of 0 (a zero-crossing metric): any strictly better value improves.
+    (-0.001, 0.0, 0.25, "min", "rel", True),
+    (0.0, 0.0, 0.25, "min", "rel", False),
+    (0.001, 0.0, 0.25, "max", "rel", True),
+    (0.5, -1.0, 0.25, "max", "rel", True),  # crossing zero: bound -0.75
+    (-0.5, 1.0, 0.25, "min", "rel", True),  # bound 0.75
 ]
 
 
@@ -161,7 +169,10 @@ def test_reached_and_exceeded(use_jit, current, threshold, mode, is_reached, is_
         (-1.0, 0.25, "min", "abs", -1.25),
         (8.0, 0.25, "min", "rel", 6.0),
         (8.0, 0.25, "max", "rel", 10.0),
-        (-8.0, 0.25, "min", "rel", -6.0),
+        (-8.0, 0.25, "min", "rel", -10.0),
+        (-8.0, 0.25, "max", "rel", -6.0),
+        (INF, 1.0, "min", "rel", INF),  # no finite best yet: the bound is the best
+        (-INF, 2.0, "max", "rel", -INF),
         (INF, 0.5, "min", "abs", INF),
         (-INF, 0.5, "max", "abs", -INF),
     ],
@@ -212,8 +223,12 @@ def _reference_improves(current, best, min_delta, mode, threshold_mode):
     one = np.float32(1)
     if threshold_mode == "abs":
         bound = best - min_delta if mode == "min" else best + min_delta
-    else:
-        bound = best * (one - min_delta) if mode == "min" else best * (one + min_delta)
+    else:  # best -/+ min_delta * |best|, as best * (1 -/+ min_delta) by the sign of best
+        toward = -1 if mode == "min" else 1
+        sign = 1 if best >= 0 else -1
+        bound = best * (one + np.float32(toward * sign) * min_delta)
+        if not math.isfinite(best):
+            bound = best
     return bool(current < bound) if mode == "min" else bool(current > bound)
 
 

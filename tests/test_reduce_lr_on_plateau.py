@@ -62,8 +62,12 @@ def test_initial_state_per_mode():
         ("min", "rel", 1.0, 0.625, True),
         ("min", "rel", 1.0, 0.75, False),  # exactly on the bound: a tie is not an improvement
         ("min", "rel", 1.0, 0.875, False),
-        ("min", "rel", -2.0, -1.75, True),  # torch's relative margin on a negative best
-        ("min", "rel", -2.0, -1.5, False),
+        # a negative best: bound -2 - 0.25 * 2 = -2.5 (torch's -1.5 would count a worse value)
+        ("min", "rel", -2.0, -2.625, True),
+        ("min", "rel", -2.0, -2.5, False),
+        ("min", "rel", -2.0, -1.75, False),
+        ("max", "rel", -2.0, -1.375, True),  # bound -2 + 0.25 * 2 = -1.5
+        ("max", "rel", -2.0, -1.5, False),
         # rel, max: improves when value > best * (1 + threshold) = 1.25
         ("max", "rel", 1.0, 1.375, True),
         ("max", "rel", 1.0, 1.25, False),
@@ -233,11 +237,27 @@ def test_chain_with_early_stopping():
 
 
 class RecordingTorchPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
-    """torch's scheduler, recording the checks at which its rule fired."""
+    """torch's scheduler, recording the checks at which its rule fired.
 
-    def __init__(self, *args, **kwargs):
+    With `magnitude_rel=True` its relative margin is taken of `|best|` (fcb's rule, which
+    is torch's for a best >= 0): `best -/+ threshold * |best|`, computed as torch does,
+    `best * (1 -/+ threshold)`, with the factor's sign chosen by the sign of best.
+    """
+
+    def __init__(self, *args, magnitude_rel=False, **kwargs):
         self.fired_at: list[int] = []
+        self.magnitude_rel = magnitude_rel
         super().__init__(*args, **kwargs)
+
+    def _is_better(self, a, best):
+        if self.magnitude_rel and self.threshold_mode == "rel":
+            toward = -1.0 if self.mode == "min" else 1.0
+            sign = 1.0 if best >= 0 else -1.0
+            # an infinite best (no finite check yet) is its own bound (torch's inf * 0 is
+            # NaN for threshold 1, after which nothing improves)
+            bound = best * (1.0 + toward * sign * self.threshold) if math.isfinite(best) else best
+            return a < bound if self.mode == "min" else a > bound
+        return super()._is_better(a, best)
 
     def _reduce_lr(self, epoch):
         self.fired_at.append(epoch - 1)  # torch counts checks from 1
@@ -245,6 +265,7 @@ class RecordingTorchPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 
 
 assert hasattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "_reduce_lr")
+assert hasattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "_is_better")
 
 
 @jax.jit
@@ -275,6 +296,10 @@ def plateau_cases(draw):
       in 24 bits for the largest possible number of reductions (one per `patience + 1`
       checks), and so that the LR stays a normal float32;
     - `lr0` is a power of two; `min_lr` and `eps` have at most 4 significant bits.
+
+    The reference is torch's scheduler with its relative margin taken of `|best|` (see
+    `RecordingTorchPlateau`), which is torch itself unless the best is negative (or the
+    relative threshold is >= 1, where torch's first bound `inf * 0` is NaN).
 
     Excluded, and why: subnormal metrics (XLA on CPU flushes them to zero, torch does not);
     a good-direction infinity (`-inf` in min mode, `+inf` in max mode), where fcb differs
@@ -316,7 +341,7 @@ def plateau_cases(draw):
     return config, lr0, history
 
 
-def _run_torch(config, lr0, history, *, float32_exact=True):
+def _run_torch(config, lr0, history, *, float32_exact=True, magnitude_rel=False):
     """torch's LR and internal counters after every check, and the checks where it fired.
 
     With `float32_exact`, also check the preconditions of exact parity (see plateau_cases):
@@ -324,7 +349,7 @@ def _run_torch(config, lr0, history, *, float32_exact=True):
     """
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=lr0)
-    scheduler = RecordingTorchPlateau(optimizer, **config)
+    scheduler = RecordingTorchPlateau(optimizer, magnitude_rel=magnitude_rel, **config)
     trace = []
     for value in history:
         old_lr = optimizer.param_groups[0]["lr"]
@@ -349,7 +374,13 @@ def _run_torch(config, lr0, history, *, float32_exact=True):
 @given(plateau_cases())
 def test_parity_with_torch(case):
     config, lr0, history = case
-    torch_trace, torch_fired = _run_torch(config, lr0, history)
+    torch_trace, torch_fired = _run_torch(config, lr0, history, magnitude_rel=True)
+    bests = [b for _, b, _, _ in torch_trace if math.isfinite(b)]
+    rel = config["threshold_mode"] == "rel"
+    if not rel or (min(bests, default=0.0) >= 0 and config["threshold"] < 1):
+        # where torch's relative rule is right (abs margins, a best >= 0) fcb's is torch's
+        assert _run_torch(config, lr0, history) == (torch_trace, torch_fired)
+    event(f"a negative best with a relative margin: {min(bests, default=0.0) < 0}")
 
     cb = ReduceLROnPlateau("val_loss", **config)
     state, lr = cb.init(), jnp.float32(lr0)
