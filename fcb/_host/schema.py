@@ -96,10 +96,29 @@ def seal(manifest: dict[str, Any]) -> dict[str, Any]:
 
     The checksum is that of the manifest as it will read back: JSON turns tuples into lists
     and keys into strings (which may sort differently), and the reader sees only that."""
-    manifest[CHECKSUM_FIELD] = manifest_checksum(
-        json.loads(json.dumps(manifest, allow_nan=False))
+    read_back = manifest if _reads_back_the_same(manifest) else json.loads(
+        json.dumps(manifest, allow_nan=False)
     )
+    manifest[CHECKSUM_FIELD] = manifest_checksum(read_back)
     return manifest
+
+
+def _reads_back_the_same(value: Any) -> bool:
+    """Whether every key in `value` is a `str`: then its canonical JSON is that of the
+    manifest read back (a tuple is written as the list it reads back as), and `seal` needs
+    no JSON round trip (the manifest's fields are all such; any other key takes the trip)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if type(key) is not str:
+                    return False
+                if isinstance(child, (dict, list, tuple)):
+                    pending.append(child)
+        else:
+            pending.extend(c for c in item if isinstance(c, (dict, list, tuple)))
+    return True
 
 
 def write_manifest(path: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
