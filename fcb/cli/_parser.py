@@ -80,6 +80,9 @@ def _parser() -> _Parser:
         "metric history (CSV with a header row, JSONL, or a run directory) at once.",
     )
     rep.add_argument("history", metavar="HISTORY")
+    rep.add_argument("--study", default=None, metavar="NAME",
+                     help="replay every trial of the Optuna study NAME; HISTORY is its storage "
+                     "URL, e.g. sqlite:///study.db (use --monitor value)")
     rep.add_argument("--monitor", required=True, help="the metric to monitor, e.g. val_loss")
     rep.add_argument("--mode", choices=("min", "max"), default="min")
     rep.add_argument("--patience", default="1:30",

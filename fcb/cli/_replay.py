@@ -49,6 +49,8 @@ def _replay(args: argparse.Namespace) -> int:
 
     patience = _parse_values("--patience", args.patience, integer=True)
     min_delta = _parse_values("--min-delta", args.min_delta, integer=False)
+    if args.study is not None:  # HISTORY is an Optuna storage URL
+        return _replay_study(args, patience, min_delta)
     if not os.path.exists(args.history):
         raise UsageError(f"{args.history} does not exist.")
     if args.plot:
@@ -80,4 +82,28 @@ def _replay(args: argparse.Namespace) -> int:
     if args.plot:
         _plot_replay(result, args.plot, args.history)
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _replay_study(args: argparse.Namespace, patience: list[Any], min_delta: list[Any]) -> int:
+    """`fcb replay STORAGE --study NAME`: the grid over every trial of an Optuna study."""
+    from .. import _early_stopping
+    from .._replay import grid, replay
+
+    batch = grid(
+        _early_stopping.EarlyStopping,
+        monitor=args.monitor,
+        mode=args.mode,
+        patience=patience,
+        min_delta=min_delta,
+    )
+    result = replay(batch, args.history, study_name=args.study)
+    print(result.table(max_rows=None if args.rows == 0 else args.rows))
+    keeps_best = [i for i in range(len(result)) if result.lost[i] == 0]
+    if keeps_best:
+        i = max(keeps_best, key=lambda index: result.saved[index])
+        print(
+            f"\nmost compute saved without losing the best trial: {result.configs[i]} "
+            f"({100 * result.saved[i]:.1f}% of the checks, {result.pruned[i]} trials pruned)"
+        )
     return 0
