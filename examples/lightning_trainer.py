@@ -78,12 +78,16 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice about DataLoader workers
         trainer.fit(Regression(), train, val)
-    print(f"Trainer stopped at epoch {trainer.current_epoch}: {bridge.adapter.stop_message}")
-
     directory = os.path.join(root, "checkpoints")
     manifest = fcb.torch.read_manifest(os.path.join(directory, "manifest.json"))
+    # fcb's steps are Lightning's epoch numbers, counted from 0; after fit,
+    # trainer.current_epoch is the number of epochs run, one more than the last epoch.
+    last_epoch = manifest["slots"]["last"]["step"]
+    print(f"Trainer stopped after epoch {last_epoch} (epochs count from 0; "
+          f"{trainer.current_epoch} epochs run): {bridge.adapter.stop_message}")
+    print(f"{'slot':<28}{'epoch':>5}{'val_loss':>10}  file")
     for slot, record in sorted(manifest["slots"].items()):
-        print(f"{slot:<28}{record['step']:>4}{record['value']:>10.5f}  {record['link']}")
+        print(f"{slot:<28}{record['step']:>5}{record['value']:>10.5f}  {record['link']}")
 
     # A slot is an ordinary Lightning checkpoint: load it as usual.
     best = Regression.load_from_checkpoint(os.path.join(directory, "best_model.ckpt"))

@@ -72,6 +72,7 @@ def main() -> None:
     plateau_state = plateau.init()
 
     first_loss = float(loss_fn(w, x_val, y_val))
+    reductions = 0  # the reductions that changed the rate (not those held at min_lr)
     for epoch in range(EPOCHS):
         perm = jax.random.permutation(jax.random.PRNGKey(epoch + 1), x.shape[0])
         w, opt_state = train_epoch(w, opt_state, x[perm], y[perm])
@@ -85,14 +86,16 @@ def main() -> None:
         if reduced:
             note = f"  plateau: lr {lr_before:.2e} -> {lr_after:.2e}"
             if lr_after == lr_before:
-                note += " (already at min_lr)"
+                note += " (already at min_lr: not counted)"
+            else:
+                reductions += 1
         print(f"epoch {epoch:2d}  val_loss {float(val_loss):.3e}{note}")
 
     final_loss = float(loss_fn(w, x_val, y_val))
-    reductions = int(plateau_state.num_reductions)
+    plateaus = int(plateau_state.num_reductions)  # every plateau, at min_lr or not
     print(
         f"val_loss {first_loss:.3f} -> {final_loss:.2e} in {EPOCHS} epochs, "
-        f"{reductions} learning-rate reductions, final learning rate "
+        f"{reductions} learning-rate reductions ({plateaus} plateaus), final learning rate "
         f"{float(opt_state.hyperparams['learning_rate']):.2e}"
     )
     if reductions == 0 or not final_loss < first_loss:

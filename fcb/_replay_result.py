@@ -102,8 +102,17 @@ class ReplayResult:
         return self.row(int(self.order("best_value")[0]))
 
     def pareto(self) -> np.ndarray:
-        """Indices of the configurations no other beats on both fewer checks and a better
-        best value, by increasing checks: the trade-offs worth considering."""
+        """Row indices (into `configs`, `rows()` and every column) of the configurations no
+        other beats on both fewer checks and a better best value, by increasing checks: the
+        trade-offs worth considering. `result.configs[i]` is the setting of index `i`:
+
+        >>> result = fcb.replay(
+        ...     fcb.grid(fcb.EarlyStopping, monitor="loss", patience=[1, 2, 3]),
+        ...     {"loss": [0.5, 0.4, 0.45, 0.41, 0.3]})
+        >>> front = result.pareto()
+        >>> front.tolist(), [result.configs[i] for i in front]
+        ([0, 2], [{'patience': 1}, {'patience': 3}])
+        """
         quality, front, best_so_far = self._quality(), [], np.inf
         for index in self.order("checks"):
             if quality[index] < best_so_far:
@@ -112,7 +121,9 @@ class ReplayResult:
         return np.asarray(front, dtype=np.int64)
 
     def table(self, max_rows: int | None = 20, sort_by: str | None = None) -> str:
-        """The results as an aligned text table (`max_rows=None`: every row)."""
+        """The results as an aligned text table (`max_rows=None`: every row). A
+        configuration that did not stop within the history shows its stop step as `> S`
+        (after the last recorded step `S`, if ever) and its reason as `history ended`."""
         order = np.arange(len(self)) if sort_by is None else self.order(sort_by)
         shown = list(order)
         hidden = 0
@@ -130,9 +141,10 @@ class ReplayResult:
                 continue
             row = self.row(int(index))
             cells = [str(index)] + [_cell(row[n]) for n in self.names]
+            # not stopped: the history ended first (it may stop later), not "never stops"
             cells += [
-                "never" if row["stop_step"] < 0 else str(row["stop_step"]),
-                "-" if row["stop_reason"] == "none" else row["stop_reason"],
+                f"> {int(self.steps[-1])}" if row["stop_step"] < 0 else str(row["stop_step"]),
+                "history ended" if row["stop_reason"] == "none" else row["stop_reason"],
                 str(row["checks"]),
                 "-" if row["best_step"] < 0 else str(row["best_step"]),
                 "-" if np.isnan(row["best_value"]) else f"{row['best_value']:.6g}",

@@ -58,7 +58,8 @@ def test_demo_writes_checkpoints_history_and_prints_a_summary(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, progress = _run(capsys, "demo", "--out", str(out), "--epochs", "5")
     assert code == 0
-    assert "epoch   5/5" in progress and "val_loss" in progress  # no terminal: plain lines
+    # no terminal: plain lines; epochs count from 0, as the steps of the slot table do
+    assert "epoch   4 of 0-4" in progress and "val_loss" in progress
     assert "fcb demo (torch)" in stdout
     assert "trained all 5 epochs without stopping" in stdout
     assert "slot" in stdout and "best_model" in stdout and "last" in stdout
@@ -332,7 +333,7 @@ def test_usage_errors_about_inputs(demo_run, tmp_path, capsys):
     history = str(demo_run / "history.jsonl")
     code, _, err = _run(capsys, "replay", history, "--monitor", "val_los")
     assert code == 2
-    _one_line_error(err, "'val_los'", "available keys", "'val_loss'")
+    _one_line_error(err, "'val_los'", "recorded metrics", "'val_loss'")
 
     code, _, err = _run(capsys, "replay", history, "--monitor", "val_loss", "--patience", "a:b")
     assert code == 2

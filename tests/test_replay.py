@@ -291,7 +291,7 @@ def test_table(sweep):
         "#", "patience", "min_delta", "stop_step", "reason", "checks", "best_step", "best",
         "val_loss",
     ]
-    assert lines[6].split() == ["4", "4", "0", "never", "-", "8", "7", "0.6"]
+    assert lines[6].split() == ["4", "4", "0", ">", "7", "history", "ended", "8", "7", "0.6"]
     short = sweep.table(max_rows=4, sort_by="best_value").splitlines()
     assert short[2].split()[0] == "4"  # the best configuration first
     assert "... 2 more rows" in short

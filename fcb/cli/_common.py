@@ -88,6 +88,47 @@ def _kind(slot: Mapping[str, Any]) -> str:
 # -- run directories -------------------------------------------------------------------------
 
 
+def _recorded_metrics(rows: Sequence[Mapping[str, Any]], steps: str | None = None) -> list[str]:
+    """The keys of a history's rows that hold a number at some check, in order; the step
+    and epoch counters are not metrics."""
+    counters = {"step", "epoch", steps}
+    found: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in counters and key not in found and _is_number(value):
+                found[key] = None
+    return list(found)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _not_a_history(path: str, why: str) -> str:
+    return (
+        f"{path} is not a metric history ({why}): pass a CSV with a header row of metric "
+        f"names (e.g. Lightning's metrics.csv), a JSONL history (history.jsonl), or a run "
+        f"directory recorded with history=True."
+    )
+
+
+def _install_hint(extra: str) -> str:
+    """How to install an extra: from PyPI, and with the checkout's constraints when fcb runs
+    from a source tree that has them."""
+    command = f"pip install 'fcb[{extra}]'"
+    constraints = os.path.join(os.path.dirname(__file__), "..", "..", "constraints.txt")
+    if os.path.isfile(constraints):
+        pinned = os.path.normpath(constraints)
+        command += f" (in this checkout: pip install -c {pinned} -e '.[{extra}]')"
+    return command
+
+
 def _find_manifest(run_dir: str) -> str:
     """The directory holding a run's manifest: RUN_DIR or RUN_DIR/checkpoints."""
     from .._host.rundir import MANIFEST_NAME, find_run
@@ -144,24 +185,27 @@ def _monitor_of(config: Any) -> tuple[str, str] | None:
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; a line every 10 checks otherwise."""
+    """A one-line progress bar on a terminal; a line every 10 checks otherwise. Epochs count
+    from 0, as the steps of the run's checks do (`fcb inspect`, `fcb plot`): the last of
+    `total` epochs is `total - 1`."""
 
     def __init__(self, total: int, stream: IO[str], enabled: bool = True):
         self.total, self.stream, self.enabled = total, stream, enabled
         self.tty = enabled and stream.isatty()
         self.width = 0
 
-    def update(self, done: int, text: str) -> None:
+    def update(self, epoch: int, text: str) -> None:
         if not self.enabled:
             return
+        done, last = epoch + 1, self.total - 1
         if self.tty:
             filled = round(24 * done / self.total)
-            line = f"\repoch {done:>3}/{self.total} [{'#' * filled}{'.' * (24 - filled)}] {text}"
+            line = f"\repoch {epoch:>3} of 0-{last} [{'#' * filled}{'.' * (24 - filled)}] {text}"
             self.width = max(self.width, len(line))
             self.stream.write(line.ljust(self.width))
             self.stream.flush()
         elif done % 10 == 0 or done == self.total:
-            self.stream.write(f"epoch {done:>3}/{self.total}  {text}\n")
+            self.stream.write(f"epoch {epoch:>3} of 0-{last}  {text}\n")
             self.stream.flush()
 
     def close(self) -> None:

@@ -11,27 +11,51 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import Any
 
 from .._host.manifest import MANIFEST_NAME
 from .._host.rundir import HISTORY_NAME
-from ._common import UsageError, _by_tolerance, _Progress, _read_manifest, _size, _table, _value
+from ._common import UsageError, _install_hint, _Progress
+from ._demo_report import DEMO_SETTINGS, DEMO_SIZES, _demo_summary, _kept
 
 DEMO_MARKER = "demo.json"
 """Written into a demo run directory, so that a later `fcb demo` may replace that run."""
-DEMO_SIZES = {"train": 256, "val": 1024, "features": 20, "hidden": 256, "batch": 32}
 DEMO_LR = 0.0005
+FRAMEWORK_MODULES = {
+    "torch": (["torch"], "PyTorch", "torch"),
+    "jax": (["equinox", "optax", "orbax.checkpoint"], "orbax-checkpoint, optax and equinox",
+            "jax"),
+}
+"""Per --framework: the modules the demo imports, what to call them, and fcb's extra."""
 
 
 def _demo_callbacks() -> Any:
     from .. import BestCheckpoint, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, chain
 
     return chain(
-        EarlyStopping("val_loss", patience=10, min_delta=1e-3),
-        ModelCheckpoint("val_loss", save_top_k=2, save_last=True),
-        BestCheckpoint("val_loss", tolerances=(3, 6)),
-        ReduceLROnPlateau("val_loss", factor=0.5, patience=4),
+        EarlyStopping("val_loss", **DEMO_SETTINGS["early_stopping"]),
+        ModelCheckpoint("val_loss", **DEMO_SETTINGS["model_checkpoint"]),
+        BestCheckpoint("val_loss", **DEMO_SETTINGS["best_checkpoint"]),
+        ReduceLROnPlateau("val_loss", **DEMO_SETTINGS["reduce_lr_on_plateau"]),
     )
+
+
+def _check_dependencies(framework: str) -> None:
+    """A usage error naming the install command unless the framework's modules import:
+    checked before anything is written or replaced."""
+    import importlib
+
+    modules, what, extra = FRAMEWORK_MODULES[framework]
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as error:
+        other = "jax" if framework == "torch" else "torch"
+        raise UsageError(
+            f"fcb demo --framework {framework} needs {what} ({error}); install with "
+            f"{_install_hint(extra)}, or run --framework {other}. The run in the --out "
+            f"directory was left as it was."
+        ) from None
 
 
 def _prepare_demo_dir(out: str) -> None:
@@ -63,6 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}.")
     out = args.out
+    _check_dependencies(args.framework)  # before a previous run is replaced
     _prepare_demo_dir(out)
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
@@ -70,7 +95,12 @@ def _demo(args: argparse.Namespace) -> int:
     progress = _Progress(args.epochs, sys.stderr, enabled=not args.quiet)
     with open(os.path.join(out, DEMO_MARKER), "w") as f:
         json.dump({"framework": args.framework, "epochs": args.epochs, "seed": args.seed}, f)
-    report = run(out, args.epochs, args.seed, progress)
+    try:
+        report = run(out, args.epochs, args.seed, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"fcb demo: interrupted; {_kept(out, args.framework)}", file=sys.stderr)
+        return 130
     progress.close()
     elapsed = time.perf_counter() - start
     _demo_summary(sys.stdout, out, args.framework, report, elapsed)
@@ -96,7 +126,7 @@ def _demo_data(seed: int) -> tuple[Any, ...]:
 def _progress_text(metrics: Mapping[str, float], best: tuple[float, int] | None, lr: float) -> str:
     text = f"val_loss {metrics['val_loss']:.4f}"
     if best is not None:
-        text += f"  best {best[0]:.4f} @ {best[1]}"
+        text += f"  best {best[0]:.4f} @ epoch {best[1]}"
     return text + f"  lr {lr:.2g}"
 
 
@@ -120,7 +150,7 @@ def _fit(
             held = actions.slots["best_model"]
             if held >= 0:
                 best = (float(actions.slot_values["best_model"]), int(held))
-            progress.update(epoch + 1, _progress_text(metrics, best, lr))
+            progress.update(epoch, _progress_text(metrics, best, lr))
             if adapter.should_stop:
                 break
         written = before_end() if before_end is not None else None
@@ -139,15 +169,9 @@ def _fit(
 
 
 def _demo_torch(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str, Any]:
-    try:
-        import torch
+    import torch
 
-        from ..torch import TorchAdapter
-    except ImportError as error:
-        raise UsageError(
-            f"fcb demo needs PyTorch ({error}); install it with "
-            f"pip install -c constraints.txt 'fcb[torch]', or run --framework jax."
-        ) from None
+    from ..torch import TorchAdapter
 
     # A model this small gains nothing from intra-op threads, and on a small CPU their
     # spin-waiting next to JAX's thread pool made each epoch over ten times slower.
@@ -171,7 +195,8 @@ def _train_torch(
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=DEMO_LR, momentum=0.9)
     adapter = TorchAdapter(
-        _demo_callbacks(), model=model, optimizer=optimizer, dirpath=out, history=True
+        _demo_callbacks(), model=model, optimizer=optimizer, dirpath=out, history=True,
+        existing_run="start_over",  # `_prepare_demo_dir` made sure it is a demo's run
     )
 
     def check(epoch: int) -> tuple[dict[str, float], Any, float]:
@@ -202,19 +227,13 @@ def _train_torch(
 
 
 def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str, Any]:
-    try:
-        import equinox as eqx
-        import jax
-        import jax.numpy as jnp
-        import optax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
 
-        from ..orbax import OrbaxAdapter
-    except ImportError as error:
-        raise UsageError(
-            f"fcb demo --framework jax needs orbax-checkpoint and optax ({error}); install them "
-            f"with pip install -c constraints.txt 'fcb[jax]'."
-        ) from None
     from .._core import scaled_lr
+    from ..orbax import OrbaxAdapter
 
     x, y, x_val, y_val = (jnp.asarray(a) for a in _demo_data(seed))
     h, d = DEMO_SIZES["hidden"], DEMO_SIZES["features"]
@@ -263,6 +282,7 @@ def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str
         out,
         background=True,
         history=True,
+        existing_run="start_over",  # `_prepare_demo_dir` made sure it is a demo's run
         learning_rate=lambda state: state["opt_state"].hyperparams["learning_rate"],
     )
     adapter.on_fit_start()
@@ -285,64 +305,3 @@ def _demo_jax(out: str, epochs: int, seed: int, progress: _Progress) -> dict[str
     }
 
 
-def _slot_rows(directory: str, manifest: Mapping[str, Any]) -> list[list[str]]:
-    rows = []
-    for name, slot in sorted(manifest["slots"].items(), key=lambda item: item[0]):
-        shown = slot.get("link") or slot["file"]
-        rows.append([name, str(slot["step"]), _value(slot.get("value")),
-                     os.path.join(directory, shown)])
-    return rows
-
-
-def _demo_summary(
-    out: IO[str], directory: str, framework: str, report: Mapping[str, Any], elapsed: float
-) -> None:
-    storage = "orbax" if framework == "jax" else "torch"
-    manifest = _read_manifest(directory, storage)
-    last = report["last_step"]
-    print(f"fcb demo ({framework}): {report['model']}", file=out)
-    print(
-        f"  data: {DEMO_SIZES['train']} training and {DEMO_SIZES['val']} validation samples "
-        f"(synthetic, seeded)",
-        file=out,
-    )
-    if report["stop"]:
-        print(f"stopped after epoch {last}: {report['stop']}", file=out)
-    else:
-        print(f"trained all {report['checks']} epochs without stopping", file=out)
-    line = f"{report['checks']} checks in {elapsed:.1f} s"
-    if report["written"]:
-        files, size = report["written"]
-        line += f"; {files} checkpoint files written ({_size(size)}), {len(manifest['files'])} kept"
-    else:
-        line += f"; {len(manifest['files'])} checkpointed steps kept"
-    print(line, file=out)
-    first_lr, last_lr = report["lr"]
-    if not math.isclose(last_lr, first_lr, rel_tol=1e-6):
-        print(f"learning rate {first_lr:g} -> {last_lr:.3g} (ReduceLROnPlateau)", file=out)
-    print("", file=out)
-    print(_table(["slot", "step", "val_loss", "file"], _slot_rows(directory, manifest), {1, 2}),
-          file=out)
-    summary = report["summary"]
-    tolerances = _by_tolerance({k.split("/")[0] for k in summary if ".tolerance=" in k})
-    if tolerances:
-        print("", file=out)
-    for slot in tolerances:
-        t = slot.rsplit("=", 1)[1]
-        stopped = summary.get(f"{slot}/stopped_step", -1.0)
-        kept = int(summary.get(f"{slot}/best_step", -1.0))
-        when = f"have stopped after epoch {int(stopped)}" if stopped >= 0 else "not have stopped"
-        print(
-            f"EarlyStopping(patience={t}) would {when}, keeping epoch {kept} "
-            f"(val_loss {_value(summary.get(f'{slot}/best_value'))}): slot {slot}",
-            file=out,
-        )
-    print("", file=out)
-    print("next:", file=out)
-    print(f"  fcb inspect {directory}", file=out)
-    print(f"  fcb plot {directory} -o demo.png", file=out)
-    print(
-        f"  fcb replay {os.path.join(directory, HISTORY_NAME)} --monitor val_loss "
-        f"--patience 1:30 --min-delta 0,1e-3 --plot replay.png",
-        file=out,
-    )

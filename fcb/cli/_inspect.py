@@ -17,6 +17,7 @@ from ._common import (
     UsageError,
     _fail,
     _find_manifest,
+    _install_hint,
     _size,
     _storage,
     _table,
@@ -204,7 +205,7 @@ def _check_orbax_step(path: str, record: Mapping[str, Any]) -> int:
     except ImportError as error:
         raise UsageError(
             f"this run was written by fcb.orbax; reading it needs orbax-checkpoint ({error}): "
-            f"pip install -c constraints.txt 'fcb[jax]'."
+            f"{_install_hint('jax')}."
         ) from None
     if not os.path.isdir(path):
         raise CheckpointCorruptError(f"{path} is missing (the manifest records it).")

@@ -98,12 +98,17 @@ def _parser() -> _Parser:
 
     plot = commands.add_parser(
         "plot", help="plot a run's monitored metric with best, tolerance and stop markers",
-        description="Plot the monitored metric over steps from RUN_DIR/history.jsonl, with "
-        "the best checkpoint, the tolerance checkpoints and the stop marked.",
+        description="Plot the monitored metric over steps from RUN/history.jsonl (or a "
+        "history file: JSONL, or CSV such as Lightning's metrics.csv), with the best "
+        "checkpoint, the tolerance checkpoints and the stop marked.",
     )
-    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("run_dir", metavar="RUN",
+                      help="a run directory recorded with history=True, or a history file")
     plot.add_argument("-o", "--output", required=True, metavar="PNG")
     plot.add_argument("--metric", default=None, help="default: the metric the callbacks monitor")
+    plot.add_argument("--steps", default=None,
+                      help="the column holding step numbers (default: 'step' when present; "
+                      "for Lightning's metrics.csv, 'epoch' counts as fcb does by default)")
     plot.set_defaults(run=_subcommand("plot"))
     return parser
 
@@ -146,10 +151,10 @@ def main(
     ...     csv.writer(f).writerows([["val_loss"], *([v] for v in history["val_loss"])])
     >>> main([*f"replay {path} --monitor val_loss --patience 1:3".split()])
     replay: 3 configurations x 5 checks; best = lowest val_loss
-    #  patience  min_delta  stop_step    reason  checks  best_step  best val_loss
-    0         1          0          2  patience       3          1            0.4
-    1         2          0          3  patience       4          1            0.4
-    2         3          0      never         -       5          4            0.3
+    #  patience  min_delta  stop_step         reason  checks  best_step  best val_loss
+    0         1          0          2       patience       3          1            0.4
+    1         2          0          3       patience       4          1            0.4
+    2         3          0        > 4  history ended       5          4            0.3
     <BLANKLINE>
     best val_loss: 0.3 at step 4 with patience=3, min_delta=0 (5 checks)
     trade-offs (fewer checks, or a better value):

@@ -8,8 +8,8 @@ import math
 import os
 from typing import Any
 
-from ._common import UsageError
-from ._plot import _plot_replay, _require_matplotlib
+from ._common import UsageError, _missing, _not_a_history, _recorded_metrics
+from ._plot import _check_output, _plot_replay, _require_matplotlib
 
 
 def _parse_values(option: str, spec: str, *, integer: bool) -> list[Any]:
@@ -24,8 +24,15 @@ def _parse_values(option: str, spec: str, *, integer: bool) -> list[Any]:
                     raise ValueError
                 low, high = bounds[0], bounds[1]
                 step = bounds[2] if len(bounds) == 3 else 1.0
-                if step <= 0 or high < low:
-                    raise ValueError
+                if high < low:
+                    raise UsageError(
+                        f"{option} {spec!r}: the range {part} runs backwards (a range is "
+                        f"low:high, inclusive); write {high:g}:{low:g}."
+                    )
+                if step <= 0:
+                    raise UsageError(
+                        f"{option} {spec!r}: the step of the range {part} must be > 0."
+                    )
                 count = math.floor((high - low) / step + 1e-9) + 1
                 values += [low + i * step for i in range(count)]
             else:
@@ -43,18 +50,39 @@ def _parse_values(option: str, spec: str, *, integer: bool) -> list[Any]:
     return [float(f"{v:.12g}") for v in values]
 
 
+def _check_history(path: str, monitor: str, steps: str | None) -> None:
+    """A usage error unless `path` is a metric history recording `monitor`."""
+    from .._history import read_rows
+
+    try:
+        rows = read_rows(path)
+    except ValueError as error:  # not text, or a CSV without a header
+        raise UsageError(_not_a_history(path, str(error))) from None
+    metrics = _recorded_metrics(rows, steps)
+    if not metrics:
+        raise UsageError(_not_a_history(path, "it records no numeric metric"))
+    if monitor not in metrics:
+        raise UsageError(
+            f"--monitor {monitor!r} is not recorded in {path}; recorded metrics: {metrics}."
+        )
+
+
 def _replay(args: argparse.Namespace) -> int:
     from .. import _early_stopping
     from .._replay import grid, replay
 
     patience = _parse_values("--patience", args.patience, integer=True)
     min_delta = _parse_values("--min-delta", args.min_delta, integer=False)
+    if args.rows < 0:
+        raise UsageError(f"--rows must be >= 0 (0 shows every row), got {args.rows}.")
     if args.study is not None:  # HISTORY is an Optuna storage URL
         return _replay_study(args, patience, min_delta)
     if not os.path.exists(args.history):
-        raise UsageError(f"{args.history} does not exist.")
+        raise _missing(args.history, "a CSV or JSONL history, or a run directory")
     if args.plot:
         _require_matplotlib()
+        _check_output(args.plot, "--plot")
+    _check_history(args.history, args.monitor, args.steps)
     batch = grid(
         _early_stopping.EarlyStopping,
         monitor=args.monitor,
