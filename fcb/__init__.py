@@ -20,6 +20,12 @@ if TYPE_CHECKING:
         chain as chain,
         named_chain as named_chain,
     )
+    from ._combinators import (
+        AllOf as AllOf,
+        AllOfState as AllOfState,
+        all_of as all_of,
+        any_of as any_of,
+    )
     from ._compile_cache import enable_compile_cache as enable_compile_cache
     from ._core import (
         NO_STEP as NO_STEP,
@@ -61,6 +67,10 @@ if TYPE_CHECKING:
     )
     from ._replay import replay as replay
     from ._replay_result import ReplayResult as ReplayResult
+    from ._resume_change import (
+        ResumeReport as ResumeReport,
+        resume_with_changes as resume_with_changes,
+    )
     from ._runner import Runner as Runner
     from ._state_dict import load_state_dict as load_state_dict, state_dict as state_dict
     from ._terminate_on_nan import (
@@ -78,6 +88,10 @@ _PUBLIC_MODULES = {
     "NamedChain": "._chain",
     "chain": "._chain",
     "named_chain": "._chain",
+    "AllOf": "._combinators",
+    "AllOfState": "._combinators",
+    "all_of": "._combinators",
+    "any_of": "._combinators",
     "enable_compile_cache": "._compile_cache",
     "NO_STEP": "._core",
     "ActionNames": "._core",
@@ -109,6 +123,8 @@ _PUBLIC_MODULES = {
     "ReduceLROnPlateauState": "._reduce_lr_on_plateau",
     "replay": "._replay",
     "ReplayResult": "._replay_result",
+    "ResumeReport": "._resume_change",
+    "resume_with_changes": "._resume_change",
     "Runner": "._runner",
     "load_state_dict": "._state_dict",
     "state_dict": "._state_dict",
@@ -143,6 +159,8 @@ __all__ = [
     "NO_STEP",
     "ActionNames",
     "Actions",
+    "AllOf",
+    "AllOfState",
     "BestCheckpoint",
     "BestCheckpointState",
     "Callback",
@@ -167,6 +185,7 @@ __all__ = [
     "ReduceLROnPlateau",
     "ReduceLROnPlateauState",
     "ReplayResult",
+    "ResumeReport",
     "RunExistsError",
     "Runner",
     "StateDictError",
@@ -175,6 +194,8 @@ __all__ = [
     "TerminateOnNaNState",
     "VRAMDrift",
     "VRAMDriftState",
+    "all_of",
+    "any_of",
     "chain",
     "enable_compile_cache",
     "grid",
@@ -183,6 +204,7 @@ __all__ = [
     "monitor",
     "named_chain",
     "replay",
+    "resume_with_changes",
     "scaled_lr",
     "state_dict",
     "stop_message",

@@ -19,7 +19,7 @@ _CLASH_HINT = {
 }
 
 
-def _check_unique(owner: str, labels: Sequence[str], names: Sequence[ActionNames]) -> None:
+def check_unique(owner: str, labels: Sequence[str], names: Sequence[ActionNames]) -> None:
     for kind in ("slots", "log", "events", "evaluate"):
         seen: dict[str, str] = {}
         for label, callback_names in zip(labels, names, strict=True):
@@ -32,7 +32,7 @@ def _check_unique(owner: str, labels: Sequence[str], names: Sequence[ActionNames
                 seen[name] = label
 
 
-def _check_callbacks(owner: str, labels: Sequence[str], callbacks: Sequence[Any]) -> None:
+def check_callbacks(owner: str, labels: Sequence[str], callbacks: Sequence[Any]) -> None:
     for label, callback in zip(labels, callbacks, strict=True):
         if not isinstance(callback, Callback):
             raise ConfigError(
@@ -48,7 +48,7 @@ def _prefixed(prefix: str, names: ActionNames) -> ActionNames:
     )
 
 
-def _union(names: Sequence[ActionNames]) -> ActionNames:
+def union(names: Sequence[ActionNames]) -> ActionNames:
     return ActionNames(*(sum((getattr(n, k) for n in names), ()) for k in ActionNames._fields))
 
 
@@ -59,12 +59,12 @@ class Chain(Callback):
 
     def __init__(self, *callbacks: Callback):
         labels = [f"callback {i} ({type(c).__name__})" for i, c in enumerate(callbacks)]
-        _check_callbacks("fcb.chain", labels, callbacks)
-        _check_unique("fcb.chain", labels, [c.action_names() for c in callbacks])
+        check_callbacks("fcb.chain", labels, callbacks)
+        check_unique("fcb.chain", labels, [c.action_names() for c in callbacks])
         self.callbacks = tuple(callbacks)
 
     def action_names(self) -> ActionNames:
-        return _union([c.action_names() for c in self.callbacks])
+        return union([c.action_names() for c in self.callbacks])
 
     def init(self) -> tuple[Any, ...]:
         return tuple(c.init() for c in self.callbacks)
@@ -92,6 +92,9 @@ class Chain(Callback):
         """The details of the first member, in order, that has stopped."""
         return first_details(zip(self.callbacks, state, strict=True))
 
+    def unstopped(self, state: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(c.unstopped(s) for c, s in zip(self.callbacks, state, strict=True))
+
 
 def first_details(members: Any) -> str | None:
     """The stop details of the first `(callback, state)` member that gives any."""
@@ -113,11 +116,11 @@ class NamedChain(Callback):
 
     def __init__(self, **callbacks: Callback):
         labels = [f"{name!r} ({type(c).__name__})" for name, c in callbacks.items()]
-        _check_callbacks("fcb.named_chain", labels, list(callbacks.values()))
+        check_callbacks("fcb.named_chain", labels, list(callbacks.values()))
         for name in callbacks:
             if "/" in name:
                 raise ConfigError(f"fcb.named_chain: name {name!r} must not contain '/'.")
-        _check_unique(
+        check_unique(
             "fcb.named_chain",
             labels,
             [_prefixed(n, c.action_names()) for n, c in callbacks.items()],
@@ -126,7 +129,7 @@ class NamedChain(Callback):
         self.callbacks = tuple(callbacks.values())
 
     def action_names(self) -> ActionNames:
-        return _union([_prefixed(n, c.action_names()) for n, c in zip(self.names, self.callbacks)])
+        return union([_prefixed(n, c.action_names()) for n, c in zip(self.names, self.callbacks)])
 
     def init(self) -> dict[str, Any]:
         return {n: c.init() for n, c in zip(self.names, self.callbacks, strict=True)}
@@ -153,6 +156,9 @@ class NamedChain(Callback):
     def stop_details(self, state: dict[str, Any]) -> str | None:
         """The details of the first member, in order, that has stopped."""
         return first_details((c, state[n]) for n, c in zip(self.names, self.callbacks))
+
+    def unstopped(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {n: c.unstopped(state[n]) for n, c in zip(self.names, self.callbacks)}
 
     def _merge(self, results: list[tuple[Any, Actions]]) -> tuple[dict[str, Any], Actions]:
         states = {n: s for n, (s, _) in zip(self.names, results, strict=True)}

@@ -333,6 +333,12 @@ class Callback(eqx.Module):
         del state
         return None
 
+    def unstopped(self, state: Any) -> Any:
+        """`state` with its stop cleared, so that the next check asks the stop condition
+        again ([`fcb.all_of`][] uses it for a member whose condition held alone). Callbacks
+        that latch a stop override it; the default returns `state`."""
+        return state
+
     def no_actions(self) -> Actions:
         """Inactive actions carrying this callback's declared names."""
         return Actions.no_actions(self.action_names())

@@ -254,6 +254,13 @@ class EarlyStopping(Callback):
         )
         return new_state, improved
 
+    def unstopped(self, state: EarlyStoppingState) -> EarlyStoppingState:
+        return dataclasses.replace(
+            state,
+            stopped_step=jnp.full_like(state.stopped_step, NO_STEP),
+            stop_reason=jnp.full_like(state.stop_reason, int(StopReason.NONE)),
+        )
+
     def stop_details(self, state: EarlyStoppingState) -> str | None:
         """The stop, with the metric, the setting and the values, e.g. `val_loss did not
         improve for 10 checks (patience=10, min_delta=0.001); best 0.4461 at step 31`."""

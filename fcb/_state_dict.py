@@ -151,6 +151,8 @@ def state_dict(state: Any, callback: Callback | None = None) -> dict[str, Any]:
     >>> float(restored.best), int(restored.best_step)
     (0.30000001192092896, 0)
     """
+    if isinstance(state, Callback) or (callback is not None and not isinstance(callback, Callback)):
+        raise StateDictError(_swap_message("state_dict", state, callback))
     leaves = {}
     for path, leaf in _leaves(state).items():
         array = np.asarray(leaf)
@@ -166,6 +168,42 @@ def state_dict(state: Any, callback: Callback | None = None) -> dict[str, Any]:
         "config": None if callback is None else encode_config(callback),
         "state": {"type": describe(state), "leaves": leaves},
     }
+
+
+_SIGNATURES = {
+    "state_dict": ("fcb.state_dict(state, callback)", "state", "callback"),
+    "load_state_dict": ("fcb.load_state_dict(callback, state_dict)", "callback", "state_dict"),
+}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Callback):
+        return f"the callback {type(value).__name__}"
+    if isinstance(value, Mapping) and value.get("format") == FORMAT:
+        return "a state dict"
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
+
+
+def _swap_message(function: str, first: Any, second: Any) -> str:
+    """The error for arguments given in the wrong order (or of the wrong kind)."""
+    signature, first_name, second_name = _SIGNATURES[function]
+    if function == "load_state_dict":
+        swapped = isinstance(second, Callback) and not isinstance(first, Callback)
+    else:
+        swapped = isinstance(first, Callback) and second is not None
+        swapped = swapped and not isinstance(second, Callback)
+    got = f"got {_kind(first)} as {first_name} and {_kind(second)} as {second_name}"
+    if swapped:
+        return f"fcb.{function}: the arguments are swapped ({got}); the call is {signature}."
+    hint = (
+        " Pass the callback's state: what callback.init() or a check returned."
+        if function == "state_dict" and isinstance(first, Callback)
+        else ""
+    )
+    return f"fcb.{function}: {got}; the call is {signature}.{hint}"
 
 
 def _flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -229,6 +267,8 @@ def load_state_dict(callback: Callback, state_dict: Mapping[str, Any]) -> Any:
     differs from `callback`'s, the current config wins and a [`fcb.ConfigChangedWarning`][]
     names each differing field.
     """
+    if not isinstance(callback, Callback) or isinstance(state_dict, Callback):
+        raise StateDictError(_swap_message("load_state_dict", callback, state_dict))
     name = type(callback).__name__
     if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
         raise StateDictError(

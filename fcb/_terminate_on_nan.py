@@ -127,6 +127,12 @@ class TerminateOnNaN(Callback):
             events={**actions.events, "terminate_on_nan/metric_missing": jnp.asarray(missing)},
         )
 
+    def unstopped(self, state: TerminateOnNaNState) -> TerminateOnNaNState:
+        return TerminateOnNaNState(
+            stopped_step=jnp.full_like(state.stopped_step, NO_STEP),
+            non_finite_key=jnp.full_like(state.non_finite_key, NO_STEP),
+        )
+
     def stop_details(self, state: TerminateOnNaNState) -> str | None:
         """The stop, naming the offending key, the step and the watched keys."""
         if np.ndim(state.stopped_step) or int(state.stopped_step) < 0:

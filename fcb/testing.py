@@ -7,6 +7,8 @@ A *history* is a mapping from metric name to a 1-D array; check `i` sees
 >>> history = {"val_loss": np.array([0.5, 0.4, 0.45, 0.41, 0.3])}
 >>> fcb.testing.assert_jit_equivalent(es, history)
 >>> fcb.testing.assert_resume_equivalent(es, history)
+>>> fcb.testing.assert_changed_resume_equivalent(
+...     es, fcb.EarlyStopping("val_loss", patience=4), history)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._core import Actions, Callback
+from ._resume_change import resume_with_changes
 from ._state_dict import load_state_dict, state_dict
 
 History = Mapping[str, Any]
@@ -137,3 +140,31 @@ def assert_vmap_equivalent(stacked: Callback, callbacks: list[Callback], history
         chex.assert_trees_all_equal(
             jax.tree_util.tree_map(lambda x, index=index: x[:, index], batched_actions), actions
         )
+
+
+def assert_changed_resume_equivalent(
+    before: Callback, after: Callback, history: History, splits: Any = None
+) -> None:
+    """Run `before` up to each split, resume as `after` (changed numeric settings) through
+    [`fcb.resume_with_changes`][] over the recorded checks, and continue: the state and the
+    actions from the split on equal those of `after` run from the start.
+
+    `splits` defaults to every position `1..len(history)-1`. Raises when a resume was not
+    rebuilt (the report says why).
+    """
+    n = history_length(history)
+    full_state, full_actions = run(after, history)
+    for k in range(1, n) if splits is None else splits:
+        state, _ = run(before, history, stop=k)
+        saved = json.loads(json.dumps(state_dict(state, before)))
+        records = [
+            {"step": i, "metrics": {key: float(np.asarray(v)[i]) for key, v in history.items()}}
+            for i in range(k)
+        ]
+        resumed, report = resume_with_changes(after, saved, records)
+        if report.lines and not report.rebuilt:
+            raise AssertionError(f"resuming at check {k} was not rebuilt: {report}")
+        final, rest = run(after, history, state=resumed, start=k)
+        chex.assert_trees_all_equal(final, full_state)
+        tail = jax.tree_util.tree_map(lambda a, k=k: a[k:], full_actions)
+        chex.assert_trees_all_equal(rest, tail)
