@@ -287,6 +287,11 @@ class DirectoryLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            # The file goes while still locked (only if it is still ours): an adapter that
+            # opened the name meanwhile locks an orphan, sees it and takes a new file.
+            if _path_identity(self.path) == self._identity:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

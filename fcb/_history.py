@@ -6,7 +6,8 @@ Never used by the pure core: `fcb.replay` calls `read_rows` only when it is hand
 
 - a check: `{"step": 12, "metrics": {"val_loss": 0.41, ...}, "lr": [0.005], "events": [...],
   "stop": null}` (`stop` is the stop message at the check that stopped the run);
-- the end of a run: `{"summary": {...}}`, the callbacks' `finalize` scalars.
+- the end of a run: `{"step": 31, "summary": {...}}`, the callbacks' `finalize` scalars
+  after the run's last check (`step`); readers of checks skip it (it has no `metrics`).
 
 Non-finite numbers are spelled `"nan"`, `"inf"` and `"-inf"` (strict JSON). Lines are
 appended and flushed one at a time, so a killed run leaves at most a torn last line, which

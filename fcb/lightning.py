@@ -30,6 +30,7 @@ from ._host.engine import Check
 from ._host.manifest import MANIFEST_NAME, read_manifest
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._loadable import check_loadable
+from .torch._payload import rng_state, set_rng_state
 from .torch._store import CheckpointStore
 
 
@@ -50,7 +51,9 @@ class _LightningAdapter(TorchAdapter):
             int(held) == step and not slot_models.get(name) for name, held in actions.slots.items()
         )
         if full:
-            self.trainer.save_checkpoint(os.path.join(self.dirpath, "not-written-on-this-rank"))
+            self.trainer.save_checkpoint(
+                os.path.join(self.dirpath, "not-written-on-this-rank"), weights_only=False
+            )
 
     def _step_writer(
         self, store: CheckpointStore, check: Check, models: tuple[str, ...] | None
@@ -155,7 +158,10 @@ class FcbCallback(pl.Callback):
     `None` when there is none yet: the same line serves the first launch and every
     relaunch), or pass `existing_run="start_over"` to replace it; otherwise the fit raises
     [`fcb.RunExistsError`][] before anything is changed. Lightning restores the model, the
-    optimizers, the loops and, through this callback's state, the chain and the RNG states.
+    optimizers, the loops and, through this callback's state, the chain and the random
+    generators (torch, CUDA, NumPy, Python's `random`; put back at the start of the first
+    epoch trained after the resume), so a run resumed from an epoch-end checkpoint trains
+    exactly as the uninterrupted one.
     """
 
     def __init__(
@@ -205,15 +211,27 @@ class FcbCallback(pl.Callback):
     ) -> None:
         self.adapter.on_exception(exception)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The random generators go back to the checkpoint's at the start of the first epoch
+        # trained after a resume: what Lightning draws before (a sanity check, dataloaders)
+        # would otherwise shift every draw of the resumed run against the uninterrupted one.
+        rng, self._rng = self._rng, None
+        if rng is not None:
+            set_rng_state(rng)
+
+    _rng: dict[str, Any] | None = None
+
     def state_dict(self) -> dict[str, Any]:
         adapter = self.adapter
         step = adapter.saving_step
         return {
             "callbacks": adapter.state_dict(),
             "step": adapter.session.last_step if step is None else step,
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng = state_dict.get("rng")
         if self.adapter.session.started:  # a strategy that restores callbacks after the start
             self.adapter.runner.load_state_dict(state_dict["callbacks"])
         else:

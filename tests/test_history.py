@@ -57,6 +57,7 @@ def test_one_line_per_check_and_a_summary(tmp_path):
     assert checks[-1]["stop"].startswith("the monitored metric did not improve")
     assert all(r["stop"] is None for r in checks[:-1])
     assert summary["summary"]["best.val_loss.tolerance=1/stopped_step"] == 2.0
+    assert summary["step"] == 6  # the summary follows the run's last check
 
 
 def test_non_finite_values_round_trip_as_strict_json(tmp_path):
@@ -115,7 +116,7 @@ def test_a_damaged_history_line_does_not_block_a_resume(tmp_path, caplog, damage
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fcb"):
         steps = [r.get("step") for r in read_records(str(path))]
-    assert steps == [0, 2, 3, 4, 5, 6, None] and not caplog.records
+    assert steps == [0, 2, 3, 4, 5, 6, 6] and not caplog.records  # 6 twice: the summary
 
 
 def test_plot_and_replay_read_the_rest_of_a_damaged_history(tmp_path, caplog, capsys):
@@ -147,7 +148,7 @@ def test_a_new_run_starts_a_new_history_and_a_resume_keeps_its_prefix(tmp_path):
     assert read_records(str(tmp_path / "history.jsonl"))[0]["metrics"]["val_loss"] == 0.9
     _fit(tmp_path, LOSSES, resume=True)
     steps = [r.get("step") for r in read_records(str(tmp_path / "history.jsonl"))]
-    assert steps == [0, 1, 2, 3, 4, 5, 6, None]
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 6]  # the summary carries the last check's step
 
 
 def test_replay_reads_the_recorded_history(tmp_path):

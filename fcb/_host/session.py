@@ -73,6 +73,13 @@ class Session:
         history: bool = False,
         step_names: str = "",
     ):
+        if isinstance(callbacks, (list, tuple)) and all(
+            isinstance(c, Callback) for c in callbacks
+        ):
+            raise ConfigError(
+                f"{owner}: `callbacks` must be one fcb.Callback, got a {type(callbacks).__name__}"
+                f" of {len(callbacks)}; combine them with fcb.chain(*callbacks)."
+            )
         if not isinstance(callbacks, Callback):
             raise ConfigError(
                 f"{owner}: `callbacks` must be an fcb.Callback (or fcb.chain(...)), got "
@@ -383,7 +390,7 @@ class Session:
         actions = self.runner.finalize()
         self.summary = {k: float(v) for k, v in actions.log.items()}
         if self.history is not None:
-            self.history.append({"summary": json_metrics(self.summary)})
+            self.history.append({"step": self.last_step, "summary": json_metrics(self.summary)})
         if self.log is not None and self.summary:
             self.log(self.last_step + 1, self.summary)
         return self.summary
