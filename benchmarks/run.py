@@ -46,7 +46,11 @@ class Benchmark:
 BENCHMARKS = [
     Benchmark("B1", "b1_host_cost"),
     Benchmark("B2", "b2_scan"),
-    Benchmark("B3", "replay", ([], ["--configs", "100", "--steps", "100", "--sample", "5"])),
+    Benchmark(
+        "B3",
+        "replay",
+        ([], ["--configs", "100", "--steps", "100", "--sample", "5", "--cold-repeats", "1"]),
+    ),
     Benchmark("B4", "b4_atomic_write"),
     Benchmark("B5", "b5_bytes_written"),
     Benchmark("B6", "b6_background"),
@@ -56,6 +60,8 @@ BENCHMARKS = [
         ([], ["--saves", "2", "--epochs", "20", "--width", "32", "--repeats", "1"]),
     ),
     Benchmark("B8", "b8_growth"),
+    Benchmark("B9", "b9_replay_scale"),
+    Benchmark("B10", "b10_compile_cache"),
 ]
 
 
