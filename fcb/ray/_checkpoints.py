@@ -14,6 +14,8 @@ import ray.tune
 from .._core import Actions, Callback
 from .._errors import ConfigError
 from .._grid import Grid
+from .._monitor import worst_value
+from .._monitored import monitored
 from .._runner import Runner
 
 STATE_FILE = "fcb.json"
@@ -27,15 +29,18 @@ class Checkpoints:
     Each reported checkpoint directory holds what `save(directory)` writes plus
     `fcb.json`: the step, the slot table after this check (slot -> step) and the callbacks'
     state, so [`resume`][fcb.ray.Checkpoints.resume] continues the trial exactly. The
-    report's metrics gain `fcb/slots`, the slots that took the step (comma-separated).
+    report's metrics gain `fcb/slots`, the slots that took the step (comma-separated), and
+    `fcb/score`: the monitored value when the step enters a ranked slot (best, top-k),
+    otherwise the worst value (inf in min mode), so that a later step of a tied value,
+    which fcb does not take as a new best, never outranks the step fcb holds.
 
     Tune's checkpoint table then mirrors fcb's: for `fcb.ModelCheckpoint(monitor,
     mode=mode, save_top_k=k)` (with its `last` slot), pass
-    `ray.tune.CheckpointConfig(num_to_keep=k, checkpoint_score_attribute=monitor,
-    checkpoint_score_order=mode)`: Tune keeps the `k` best reported steps and the latest,
-    the steps the slots hold. With tolerance slots (`fcb.BestCheckpoint`), which no single
-    score orders, keep every reported checkpoint (`num_to_keep=None`) and read the live
-    slots from the latest checkpoint's `fcb.json`.
+    `ray.tune.CheckpointConfig(num_to_keep=k, checkpoint_score_attribute="fcb/score",
+    checkpoint_score_order=mode)`: Tune keeps the `k` best-scored reported steps and the
+    latest, the steps fcb's slots hold. With tolerance slots (`fcb.BestCheckpoint`), which
+    no single score orders, keep every reported checkpoint (`num_to_keep=None`) and read
+    the live slots from the latest checkpoint's `fcb.json`.
 
     Args:
         callback: the trial's fcb callback or chain.
@@ -67,6 +72,10 @@ class Checkpoints:
             )
         self.runner = Runner(callback)
         self.save = save
+        modes = {mode for _, mode in monitored(callback)}
+        self._mode = modes.pop() if len(modes) == 1 else None
+        kinds = dict(callback.action_names().slot_kinds)
+        self._ranked = {name for name, kind in kinds.items() if kind in ("best", "top_k")}
         self.slots: dict[str, int] = {}
         """The slot table after the last check: slot name -> step (-1: empty)."""
 
@@ -111,8 +120,13 @@ class Checkpoints:
             record = {"step": int(step), "slots": self.slots, "state": self.runner.state_dict()}
             with open(os.path.join(directory, STATE_FILE), "w") as file:
                 json.dump(record, file)
+            extra: dict[str, Any] = {"fcb/slots": ",".join(taken)}
+            if self._mode is not None:
+                ranked = [float(actions.slot_values[n]) for n in taken if n in self._ranked]
+                best = min if self._mode == "min" else max
+                extra["fcb/score"] = best(ranked) if ranked else worst_value(self._mode)
             ray.tune.report(
-                {**values, "fcb/slots": ",".join(taken)},
+                {**values, **extra},
                 checkpoint=ray.tune.Checkpoint.from_directory(directory),
             )
         return actions
