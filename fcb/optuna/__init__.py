@@ -17,10 +17,13 @@ A finished study replays through [`fcb.replay`][] (`study_name=`), as an
 [`fcb.optuna.StudyReplay`][].
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._replay_study import StudyReplay as StudyReplay
 from ._pruner import Pruner as Pruner
+
+if TYPE_CHECKING:  # imported on first use at run time (it needs Lightning and torch)
+    from ._lightning import PruningCallback as PruningCallback
 
 
 def __getattr__(name: str) -> Any:

@@ -47,9 +47,11 @@ class Stopper(ray.tune.Stopper):
         stop_all: end the experiment as soon as one trial's callback stops.
 
     >>> stopper = fcb.ray.Stopper(fcb.EarlyStopping("val_loss", patience=1))
-    >>> [stopper("t0", {"training_iteration": i, "val_loss": v})
-    ...  for i, v in enumerate([0.5, 0.4, 0.45], start=1)]
-    [False, False, True]
+    >>> for i, v in enumerate([0.5, 0.4, 0.45], start=1):
+    ...     print(stopper("t0", {"training_iteration": i, "val_loss": v}))
+    False
+    False
+    True
     >>> stopper.stop_step("t0"), stopper.stop_all()
     (3, False)
     """
