@@ -395,7 +395,7 @@ def test_orphan_step_file_from_a_crash_is_deleted_at_open_and_never_loaded(run):
 
 
 def test_new_run_over_an_old_one_never_reuses_its_checkpoints(run, caplog):
-    """Without resume_from, a new run replaces the old one: its own step 0 is written (the
+    """With existing_run="start_over", a new run replaces the old one: its own step 0 is written (the
     old run's step 0 is not taken for it), the old run's names and files are gone, and the
     old manifest was replaced by an empty one before any new file was written, so a kill
     in between cannot leave a manifest whose record does not match its file."""
@@ -407,10 +407,10 @@ def test_new_run_over_an_old_one_never_reuses_its_checkpoints(run, caplog):
         seen.append(manifest(store.directory))
         return original(store, *args, **kwargs)
 
-    adapter = new_adapter(run, seed=3)
+    adapter = new_adapter(run, seed=3, existing_run="start_over")
     with caplog.at_level("WARNING", logger="fcb"):
         adapter.on_fit_start()
-    assert any("a new run starts there and replaces it" in r.getMessage() for r in caplog.records)
+    assert any("a new run replaces it" in r.getMessage() for r in caplog.records)
     assert manifest(run)["files"] == {} and step_files(run) == []
     assert not [s["link"] for s in old["slots"].values() if (run / s["link"]).exists()]
     fcb.torch.CheckpointStore.write = write
@@ -439,8 +439,8 @@ def test_slot_names_of_any_suffix_load_through_the_manifest(tmp_path):
 
 
 def test_resume_into_a_directory_holding_another_run_replaces_it(run, pristine, tmp_path):
-    """Resuming run A into directory B, which holds run C: B ends with exactly A's resume
-    point, none of C's files, names or archive."""
+    """Resuming run A into directory B, which holds run C, with existing_run="start_over":
+    B ends with exactly A's resume point, none of C's files, names or archive."""
     target = tmp_path / "target"
     other = fcb.torch.TorchAdapter(  # keeps every step (an archive) under other names
         fcb.ModelCheckpoint("val_loss", save_top_k=-1, filename="other"),
@@ -450,7 +450,11 @@ def test_resume_into_a_directory_holding_another_run_replaces_it(run, pristine, 
         other.on_validation_end({"val_loss": value}, step=step)
     other.on_fit_end()
     assert manifest(target)["archive"]
-    adapter = new_adapter(target, resume_from=str(run))
+    held = manifest(target)
+    with pytest.raises(fcb.RunExistsError, match=r"would replace it"):  # never implicitly
+        new_adapter(target, resume_from=str(run)).on_fit_start()
+    assert manifest(target) == held
+    adapter = new_adapter(target, resume_from=str(run), existing_run="start_over")
     adapter.on_fit_start()
     adapter.on_fit_end()
     resumed, source = manifest(target), manifest(run)

@@ -108,7 +108,7 @@ def test_a_deleted_lock_file_stops_the_first_writer_before_it_writes(Run, tmp_pa
     first.check(0, 1.0, tag=1.0)
     first.check(1, 0.9, tag=1.0)
     os.unlink(os.path.join(dirpath, LOCK_NAME))  # a clean-up job, or a user
-    second = Run(dirpath)
+    second = Run(dirpath, existing_run="start_over")
     second.adapter.on_fit_start()  # the directory looks free: a new run replaces the old one
     second.check(0, 5.0, tag=2.0)
     state = first.adapter.state_dict()
