@@ -15,6 +15,10 @@ Conventions:
 - A non-finite raw value (NaN, ±inf) is never averaged in: that check sees the raw value, so
   the NaN policy of the callback still applies, and the average carries on from the finite
   values.
+- Precision: the average is kept in float32. Compiled code (`jax.jit`, `lax.scan`, the
+  adapters' checks) may fuse its multiply-add into one operation, so with an `alpha` that is
+  not a short binary fraction (0.5, 0.25, 0.125...) a compiled average can differ from an
+  eager one in its last bit. Compiled runs agree with each other, and resume exactly.
 """
 
 from __future__ import annotations
