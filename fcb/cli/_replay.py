@@ -68,8 +68,7 @@ def _check_history(path: str, monitor: str, steps: str | None) -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from .. import _early_stopping
-    from .._replay import grid, replay
+    from .._replay import replay
 
     patience = _parse_values("--patience", args.patience, integer=True)
     min_delta = _parse_values("--min-delta", args.min_delta, integer=False)
@@ -83,13 +82,7 @@ def _replay(args: argparse.Namespace) -> int:
         _require_matplotlib()
         _check_output(args.plot, "--plot")
     _check_history(args.history, args.monitor, args.steps)
-    batch = grid(
-        _early_stopping.EarlyStopping,
-        monitor=args.monitor,
-        mode=args.mode,
-        patience=patience,
-        min_delta=min_delta,
-    )
+    batch = _grid(args, patience, min_delta)
     result = replay(batch, args.history, steps=args.steps)
     print(result.table(max_rows=None if args.rows == 0 else args.rows, sort_by=args.sort))
     best = result.best()
@@ -113,19 +106,25 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_study(args: argparse.Namespace, patience: list[Any], min_delta: list[Any]) -> int:
-    """`fcb replay STORAGE --study NAME`: the grid over every trial of an Optuna study."""
+def _grid(args: argparse.Namespace, patience: list[Any], min_delta: list[Any]) -> Any:
+    """Every combination of the EarlyStopping options given on the command line."""
     from .. import _early_stopping
-    from .._replay import grid, replay
+    from .._replay import grid
 
-    batch = grid(
+    return grid(
         _early_stopping.EarlyStopping,
         monitor=args.monitor,
         mode=args.mode,
         patience=patience,
         min_delta=min_delta,
     )
-    result = replay(batch, args.history, study_name=args.study)
+
+
+def _replay_study(args: argparse.Namespace, patience: list[Any], min_delta: list[Any]) -> int:
+    """`fcb replay STORAGE --study NAME`: the grid over every trial of an Optuna study."""
+    from .._replay import replay
+
+    result = replay(_grid(args, patience, min_delta), args.history, study_name=args.study)
     print(result.table(max_rows=None if args.rows == 0 else args.rows))
     keeps_best = [i for i in range(len(result)) if result.lost[i] == 0]
     if keeps_best:
