@@ -89,13 +89,12 @@ def test_start_over_and_error_are_explicit(tmp_path, run):
 
 
 def test_a_run_that_cannot_be_resumed_is_kept(tmp_path):
-    adapter = fcb.torch.TorchAdapter(fcb.ModelCheckpoint(save_last=False), model=torch.nn.Linear(2, 1),
-                                     dirpath=str(tmp_path))
+    best_only = fcb.ModelCheckpoint(save_last=False)
+    adapter = fcb.torch.TorchAdapter(best_only, model=torch.nn.Linear(2, 1), dirpath=str(tmp_path))
     with adapter:
         adapter.on_validation_end({"val_loss": 1.0})
     before = manifest_bytes(tmp_path)
-    again = fcb.torch.TorchAdapter(fcb.ModelCheckpoint(save_last=False), model=torch.nn.Linear(2, 1),
-                                   dirpath=str(tmp_path))
+    again = fcb.torch.TorchAdapter(best_only, model=torch.nn.Linear(2, 1), dirpath=str(tmp_path))
     with pytest.raises(fcb.RunExistsError, match=r"no resumable checkpoint .* never replaced "
                        r"implicitly\. Pass existing_run='start_over'"):
         again.on_fit_start()

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import ConfigError
-
 from .session import Session
 from .store import ManifestStore
 

@@ -27,36 +27,19 @@ from typing import Any
 import jax
 
 from .._core import Actions, Callback
-from .._errors import CheckpointCorruptError, ConfigError, RunExistsError
+from .._errors import CheckpointCorruptError, ConfigError
 from .._history import HistoryLog, check_record
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
 from .._validate import check_metrics_mapping
 from .engine import _HOST_INPUTS, Check, Engine, check_flag, checked_step
+from .existing import existing_run_source
 from .manifest import json_metrics, plan_checkpoints, read_manifest
 from .processes import ProcessGroup, check_reduction
 from .rundir import find_history, find_run
 from .store import ManifestStore
 
 logger = logging.getLogger("fcb")
-
-EXISTING_RUN = ("resume", "start_over", "error")
-"""What an adapter does with a run its directory already holds (`existing_run`):
-`"resume"` (default) continues it from its resume point (a directory holding nothing
-starts a new run), `"start_over"` replaces it, `"error"` raises `fcb.RunExistsError`. A
-run that cannot be resumed is replaced only by `"start_over"`."""
-
-
-def check_existing_run(owner: str, value: Any) -> str:
-    if value not in EXISTING_RUN:
-        raise ConfigError(
-            f"{owner}: `existing_run` must be one of {list(EXISTING_RUN)}, got "
-            f"existing_run = {value!r}. Use 'resume' to continue a run the directory holds, "
-            f"'start_over' to replace it."
-        )
-    return str(value)
-
-
 
 class Session:
     """One run's host side: the store, the processes, the step numbering, the history."""
@@ -145,7 +128,9 @@ class Session:
         try:
             self.processes.agree_on_error(error)
             if not keep and self.last_step < 0:  # not this session's own run, re-opened
-                resume_from = self._existing_run(store, dirpath, resume_from, existing_run)
+                resume_from = existing_run_source(
+                    self.owner, self.processes, store, dirpath, resume_from, existing_run
+                )
             self.store = store
             resumed, stop_message, adopt = (
                 (None, "", lambda: None) if resume_from is None else self._resume(resume_from)
@@ -169,47 +154,6 @@ class Session:
             self._stop(stop_message)
         self.started = True
         self.processes.barrier("started")
-
-    def _existing_run(
-        self, store: ManifestStore | None, dirpath: str, resume_from: str | None,
-        existing_run: str,
-    ) -> str | None:
-        """What becomes of the run `dirpath` holds: the run to resume from (`None`: a new
-        run), after replacing it when asked. Never replaced unless `existing_run` says so."""
-        manifest = store.manifest if store is not None else None
-        held = self.processes.any(bool(manifest and (manifest["files"] or manifest["resume"])))
-        resumable = self.processes.any(bool(manifest and manifest["resume"]))
-        last = -1 if not manifest or not manifest["resume"] else int(manifest["resume"]["step"])
-        last = max(self.processes.reduce_metrics(self.owner, {"last": last}, "max")["last"], -1)
-        directory = os.path.abspath(dirpath)
-        into_other = resume_from is not None and os.path.abspath(
-            find_run(resume_from) or resume_from
-        ) != directory
-        if not held or (resume_from is not None and not into_other):
-            return resume_from
-        if existing_run == "start_over":
-            self.processes.on_primary(lambda: store.start_over() if store is not None else None)
-            return resume_from
-        what = (
-            f"a run resumable at step {int(last)}" if resumable
-            else "a run with no resumable checkpoint (no `last` slot)"
-        )
-        if resume_from is None and existing_run == "resume" and resumable:
-            logger.info(
-                "fcb: %s holds %s; resuming it (existing_run='resume'; pass "
-                "existing_run='start_over' to replace it).", directory, what,
-            )
-            return directory
-        if into_other:
-            reason = f"resuming the run in {resume_from} into it would replace it."
-        elif existing_run == "error":
-            reason = "existing_run='error' refuses to use it."
-        else:
-            reason = "it cannot be resumed, and a run is never replaced implicitly."
-        options = "existing_run='start_over' to replace it, or choose another dirpath."
-        if existing_run == "error" and resumable:
-            options = "existing_run='resume' to continue it, " + options
-        raise RunExistsError(f"{self.owner}: {directory} holds {what}; {reason} Pass {options}")
 
     def _resume(self, run_dir: str) -> tuple[int, str, Callable[[], None]]:
         """Load the resume point of `run_dir` (the callbacks' state, then the engine's

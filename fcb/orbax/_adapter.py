@@ -17,10 +17,11 @@ import jax
 from .._core import Actions, Callback
 from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
 from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
+from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
 from .._host.manifest import json_metrics
 from .._host.processes import ProcessGroup
-from .._host.session import Session, check_existing_run
+from .._host.session import Session
 from .._host.store import ManifestStore
 from ._payload import (
     State,

@@ -20,9 +20,10 @@ from .._errors import (
     MetricTypeError,
 )
 from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
+from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
 from .._host.processes import ProcessGroup
-from .._host.session import Session, check_existing_run
+from .._host.session import Session
 from .._host.store import ManifestStore
 from .._model_checkpoint import ModelCheckpoint
 from .._validate import check_metrics_mapping
