@@ -38,6 +38,8 @@ class StopReason(enum.IntEnum):
     DIVERGENCE_THRESHOLD = 3
     PATIENCE = 4
     TERMINATE_ON_NAN = 5
+    PREEMPTED = 6
+    TIME_LIMIT = 7
 
     @property
     def message(self) -> str:
@@ -51,6 +53,10 @@ _STOP_MESSAGES = {
     StopReason.DIVERGENCE_THRESHOLD: "the monitored metric crossed divergence_threshold",
     StopReason.PATIENCE: "the monitored metric did not improve for patience consecutive checks",
     StopReason.TERMINATE_ON_NAN: "a watched value is NaN or infinite (TerminateOnNaN)",
+    StopReason.PREEMPTED: "the job was asked to stop (a preemption signal); a resumable "
+    "checkpoint was written",
+    StopReason.TIME_LIMIT: "the time limit was reached (TimeLimit); a resumable checkpoint was "
+    "written",
 }
 
 
