@@ -192,30 +192,11 @@ def _orbax_run(directory):
 
 def _lightning_run(root):
     pl = pytest.importorskip("pytorch_lightning")
+    from test_lightning import Regression, loaders  # the small real Trainer of those tests
+
     import fcb.lightning
 
-    class Regression(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x), y)
-
-        def validation_step(self, batch, _):
-            x, y = batch
-            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
     pl.seed_everything(0, verbose=False)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(32, 4, generator=g)
-    y = x.sum(1, keepdim=True) + torch.randn(32, 1, generator=g)
-    data = torch.utils.data.TensorDataset(x, y)
-    loader = torch.utils.data.DataLoader(data, batch_size=16)
     callback = fcb.lightning.FcbCallback(
         fcb.chain(fcb.EarlyStopping("val_loss", patience=2), fcb.ModelCheckpoint("val_loss")),
         history=True,
@@ -227,7 +208,7 @@ def _lightning_run(root):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Regression(), loader, loader)
+        trainer.fit(Regression(), *loaders())
     return root
 
 
