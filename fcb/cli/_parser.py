@@ -184,7 +184,10 @@ def main(
     except BrokenPipeError:
         # the reader is gone: send what is still buffered nowhere, so that neither this nor
         # the interpreter's flush at exit prints a traceback
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # stdout is no file (captured): nothing will flush it
+            pass
         return BROKEN_PIPE_EXIT
