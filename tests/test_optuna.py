@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 pl = pytest.importorskip("pytorch_lightning")
 
 import fcb  # noqa: E402
+import fcb.lightning  # noqa: E402
 import fcb.optuna  # noqa: E402
 from fcb import _replay  # noqa: E402
 
@@ -154,14 +155,15 @@ def test_two_workers_share_one_study(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory):
-    """A study of 20 trials, some pruned by its own fcb pruner (histories of 3 to 40 checks,
-    reported at every other step)."""
+    """A study of 20 trials, most pruned by its own fcb pruner (histories of 3 to 40 checks,
+    reported at every other step), four improving to the end."""
     storage = f"sqlite:///{tmp_path_factory.mktemp('study') / 'study.db'}"
     study = optuna.create_study(
         storage=storage, study_name="done",
         pruner=fcb.optuna.Pruner(fcb.EarlyStopping("value", patience=6)),
     )
-    for values in scripted_series(20, seed=5, max_length=40, nan_every=9):
+    improving = [[1 - k * i / 256 for i in range(30)] for k in (1, 2, 3, 4)]
+    for values in [*scripted_series(16, seed=5, max_length=40, nan_every=9), *improving]:
         trial = study.ask()
         for index, value in enumerate(values):
             trial.report(value, 2 * index)
@@ -241,6 +243,13 @@ def test_bad_input_names_the_field_and_the_fix(finished_study):
         fcb.replay(fcb.EarlyStopping("value"), storage, study_name="done", steps="step")
     with pytest.raises(fcb.ConfigError, match=r"`history` must be the study's storage URL"):
         fcb.replay(fcb.EarlyStopping("value"), {"value": [1.0]}, study_name="done")
+    pruning = fcb.optuna.PruningCallback(optuna.create_study().ask(), "val_loss")
+    trainer = pl.Trainer(callbacks=[pruning, fcb.lightning.FcbCallback(fcb.EarlyStopping("a"))],
+                         logger=False, enable_progress_bar=False)
+    with pytest.raises(fcb.ConfigError, match=r"list it after the FcbCallback"):
+        pruning.on_fit_start(trainer, None)
+    with pytest.raises(fcb.ConfigError, match=r"`reduce` must be one of"):
+        fcb.optuna.PruningCallback(None, "val_loss", reduce="median")
     with pytest.raises(fcb.ConfigError, match=r"primary rank needs the trial"):
         trainer = pl.Trainer(callbacks=[fcb.optuna.PruningCallback(None, "val_loss")],
                              logger=False, enable_progress_bar=False)

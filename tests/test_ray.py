@@ -57,6 +57,12 @@ def test_a_restored_stopper_continues_where_it_was_and_rewinds_a_replayed_step()
         fcb.ray.Stopper(fcb.EarlyStopping("val_loss"))("t", {"training_iteration": 1})
     with pytest.raises(fcb.ConfigError, match=r"one fcb callback or chain"):
         fcb.ray.Stopper(fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=[1, 2]))
+    # every trial's checks run through one compiled function: compiled once
+    many = fcb.ray.Stopper(fcb.EarlyStopping("val_loss", patience=2))
+    for trial in range(6):
+        for i, value in enumerate(scripted_series(1, seed=trial)[0]):
+            many(f"t{trial}", {"training_iteration": i, "val_loss": value, "config": {}})
+    assert many._runner._check._cache_size() == 1
     all_stop = fcb.ray.Stopper(fcb.EarlyStopping("val_loss", patience=0), stop_all=True)
     all_stop("a", {"training_iteration": 1, "val_loss": 1.0})
     assert not all_stop.stop_all()
