@@ -163,3 +163,21 @@ def test_install_hints_work_outside_a_checkout(monkeypatch, tmp_path):
     hint = _common._install_hint("torch")
     assert hint.startswith("pip install 'fcb[torch]'")
     assert f"-c {os.path.normpath(checkout / 'constraints.txt')}" in hint
+
+
+def test_every_public_name_is_imported_on_first_use():
+    # `import fcb` imports no JAX, so each public name resolves through `fcb._PUBLIC_MODULES`
+    assert set(fcb._PUBLIC_MODULES) == set(fcb.__all__)
+    probe = (
+        "import sys, fcb\n"
+        "assert 'jax' not in sys.modules\n"
+        "from fcb import *\n"
+        "assert all(getattr(fcb, name) is not None for name in fcb.__all__)\n"
+        "assert fcb.EarlyStopping.__module__ == 'fcb._early_stopping'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        fcb.Nope  # noqa: B018
