@@ -18,14 +18,16 @@ from ._chain import Chain
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, merge_actions
 from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._errors import ConfigError
-from ._monitor import Mode
-from ._slots import MAX_FILENAME, check_filename, count_check, holds, key_as_name
+from ._monitor import Mode, ThresholdMode
+from ._slots import MAX_FILENAME, check_filename, count_check, holds, key_as_name, tie_key
+from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init
 from ._validate import (
     INT32_MAX,
     as_step,
     check_flag,
     check_key,
     check_mode,
+    check_threshold_mode,
     float_param,
     int_param,
     read_metric,
@@ -42,6 +44,10 @@ class BestCheckpointState(eqx.Module):
             exactly the state of `EarlyStopping(patience=t)` on the same checks.
         check_count: checks seen so far (for `every_n`).
         children: the state of the nested callbacks (a tuple, as in [`fcb.chain`][]).
+        smoothing: the running average of a smoothed monitor (None when not smoothed).
+        best_raw: with smoothing, the raw metric of the best check (`best` is the smoothed
+            one); None otherwise.
+        best_tie: with `tie_break`, the second metric of the best check; None otherwise.
     """
 
     best: Float[Array, ""]
@@ -49,6 +55,9 @@ class BestCheckpointState(eqx.Module):
     tolerances: EarlyStoppingState
     check_count: Int[Array, ""]
     children: tuple[Any, ...]
+    smoothing: SmoothingState | None = None
+    best_raw: Float[Array, ""] | None = None
+    best_tie: Float[Array, ""] | None = None
 
 
 class BestCheckpoint(Callback):
@@ -73,6 +82,13 @@ class BestCheckpoint(Callback):
     and per tolerance: `{filename}/best_value`, `{filename}/best_step`,
     `{filename}.tolerance={t}/best_value`, `.../best_step`, `.../stopped_step`.
 
+    `threshold_mode="rel"` makes `min_delta` a fraction of `|best|`, as in
+    [`fcb.EarlyStopping`][]. Smoothing (`alpha=` / `window=`): every slot follows the smoothed
+    metric, `slot_values` hold it, and the raw value of the overall best is logged as
+    `{filename}/raw_value`. Tie-break (`tie_break=` / `tie_break_mode=`): a check whose value
+    equals the overall best and whose second metric is strictly better becomes the best
+    (the tolerance slots follow `EarlyStopping`'s rule, where a tie is not an improvement).
+
     >>> cb = fcb.BestCheckpoint("val_loss", tolerances=(1, 3))
     >>> state = cb.init()
     >>> for step, loss in enumerate([0.5, 0.4, 0.45, 0.3, 0.35, 0.36, 0.2]):
@@ -90,9 +106,13 @@ class BestCheckpoint(Callback):
     filename: str = eqx.field(static=True)
     check_finite: bool = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
+    tie_break: str | None = eqx.field(static=True)
+    tie_break_mode: Mode = eqx.field(static=True)
+    window: int = eqx.field(static=True)
     every_n: Int[Array, "*batch"]
     tolerance_stopping: EarlyStopping
     children: Chain
+    alpha: Float[Array, "*batch"] | None
 
     def __init__(
         self,
@@ -108,6 +128,11 @@ class BestCheckpoint(Callback):
         min_delta: Any = 0.0,
         check_finite: bool = True,
         strict: bool = True,
+        threshold_mode: ThresholdMode = "abs",
+        tie_break: str | None = None,
+        tie_break_mode: Mode = "min",
+        alpha: Any = None,
+        window: int | None = None,
     ):
         owner = "BestCheckpoint"
         self.metric_key = check_key(owner, "metric_key", metric_key)
@@ -135,12 +160,30 @@ class BestCheckpoint(Callback):
             min_delta=float_param(owner, "min_delta", min_delta, minimum=0.0),
             check_finite=self.check_finite,
             baseline=worst,
+            threshold_mode=check_threshold_mode(owner, threshold_mode),
         )
         self.children = Chain(*callbacks)
+        self.tie_break = None if tie_break is None else check_key(owner, "tie_break", tie_break)
+        if self.tie_break == self.metric_key:
+            raise ConfigError(
+                f"{owner}: `tie_break` must name another metric than `metric_key`, got "
+                f"tie_break = {tie_break!r}; it orders checks whose {metric_key!r} values are "
+                f"equal."
+            )
+        self.tie_break_mode = check_mode(owner, tie_break_mode, "tie_break_mode")
+        self.alpha, self.window = check_smoothing(owner, alpha, window)
 
     @property
     def min_delta(self) -> Float[Array, "*batch"]:
         return self.tolerance_stopping.min_delta
+
+    @property
+    def threshold_mode(self) -> ThresholdMode:
+        return self.tolerance_stopping.threshold_mode
+
+    @property
+    def smoothed(self) -> bool:
+        return self.alpha is not None or self.window > 0
 
     @property
     def child_prefix(self) -> str:
@@ -154,6 +197,7 @@ class BestCheckpoint(Callback):
         slots = (self.filename, *self.tolerance_slots())
         return ActionNames(
             slots=slots,
+            log=(f"{self.filename}/raw_value",) if self.smoothed else (),
             events=tuple(
                 f"{self.filename}/{e}" for e in ("improved", "tolerance_exceeded", "metric_missing")
             ),
@@ -172,6 +216,9 @@ class BestCheckpoint(Callback):
             tolerances=self.tolerance_stopping.init(),
             check_count=jnp.asarray(0, jnp.int32),
             children=self.children.init(),
+            smoothing=smoothing_init(self.alpha, self.window),
+            best_raw=jnp.asarray(jnp.nan, jnp.float32) if self.smoothed else None,
+            best_tie=None if self.tie_break is None else jnp.asarray(jnp.nan, jnp.float32),
         )
 
     def __call__(
@@ -185,7 +232,22 @@ class BestCheckpoint(Callback):
             improved = exceeded = jnp.asarray(False)
         else:
             check_count, scheduled = count_check(state.check_count, self.every_n)
-            improved = scheduled & _monitor.improves(value, state.best, self.min_delta, self.mode)
+            raw = value
+            smoothing, value = smooth(self.alpha, self.window, state.smoothing, raw)
+            better = _monitor.improves(
+                value, state.best, self.min_delta, self.mode, self.threshold_mode
+            )
+            tie = None
+            if self.tie_break is not None:
+                read = read_metric("BestCheckpoint", metrics, self.tie_break, strict=self.strict)
+                tie = jnp.asarray(jnp.nan, jnp.float32) if read is None else read
+                wins = _monitor.is_better(
+                    tie_key(tie, self.tie_break_mode),
+                    tie_key(state.best_tie, self.tie_break_mode),
+                    self.tie_break_mode,
+                )
+                better = better | ((value == state.best) & (state.best_step >= 0) & wins)
+            improved = scheduled & better
             tolerances, _ = self.tolerance_stopping.update(state.tolerances, value, step)
             tolerances = jax.tree_util.tree_map(
                 lambda new, old: jnp.where(scheduled, new, old), tolerances, state.tolerances
@@ -197,6 +259,15 @@ class BestCheckpoint(Callback):
                 best_step=jnp.where(improved, step, state.best_step),
                 tolerances=tolerances,
                 check_count=check_count,
+                smoothing=None
+                if smoothing is None
+                else jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(scheduled, new, old), smoothing, state.smoothing
+                ),
+                best_raw=None
+                if state.best_raw is None
+                else jnp.where(improved, raw, state.best_raw),
+                best_tie=None if tie is None else jnp.where(improved, tie, state.best_tie),
             )
         slots = {self.filename: new_state.best_step}
         slot_values = {self.filename: new_state.best}
@@ -212,6 +283,10 @@ class BestCheckpoint(Callback):
             f"{self.filename}/metric_missing": jnp.asarray(value is None),
         }
         evaluate = {name: improved for name in actions.evaluate}
+        if new_state.best_raw is not None:
+            actions = dataclasses.replace(
+                actions, log={f"{self.filename}/raw_value": new_state.best_raw}
+            )
         return new_state, dataclasses.replace(
             actions,
             save=holds(slots, step),

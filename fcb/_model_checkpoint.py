@@ -15,6 +15,7 @@ from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
 from ._monitor import Mode
 from ._slots import check_filename, count_check, eviction_index, insert_ranked
+from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init
 from ._validate import as_step, check_flag, check_key, check_mode, int_param, read_metric
 
 LAST_SLOT = "last"
@@ -36,6 +37,11 @@ class ModelCheckpointState(eqx.Module):
         last_step: the last scheduled step (-1 before the first).
         last_value: its metric value (NaN when the metric was missing).
         check_count: checks seen so far (for `every_n`).
+        smoothing: the running average of a smoothed monitor (None when not smoothed).
+        raw_values: with smoothing, the raw metric of each kept checkpoint (`values` holds
+            the smoothed one, by which they rank); None otherwise.
+        tie_values: with `tie_break`, the second metric of each kept checkpoint (NaN when it
+            was missing); None otherwise.
     """
 
     values: Float[Array, " k"]
@@ -43,6 +49,9 @@ class ModelCheckpointState(eqx.Module):
     last_step: Int[Array, ""]
     last_value: Float[Array, ""]
     check_count: Int[Array, ""]
+    smoothing: SmoothingState | None = None
+    raw_values: Float[Array, " k"] | None = None
+    tie_values: Float[Array, " k"] | None = None
 
 
 class ModelCheckpoint(Callback):
@@ -73,6 +82,15 @@ class ModelCheckpoint(Callback):
     only when a top-k checkpoint is saved). A missing metric raises with `strict=True`; with
     `strict=False` the check still updates `last`.
 
+    Tie-break: with `tie_break="val_acc"` (and `tie_break_mode`), checkpoints whose monitored
+    values are equal rank by that second metric, strictly better first (a missing or NaN
+    second value ranks last); only checks equal in both keep the order they entered. A check
+    equal to the worst kept one enters when its second value is strictly better.
+
+    Smoothing (`alpha=` or `window=`, as in [`fcb.EarlyStopping`][]): checkpoints rank by
+    the smoothed monitor, and `slot_values` hold it; the raw value of each ranked slot is logged
+    as `{slot}/raw_value` and kept in `state.raw_values`.
+
     >>> ckpt = fcb.ModelCheckpoint(monitor="val_loss", save_top_k=2)
     >>> state = ckpt.init()
     >>> for step, loss in enumerate([0.5, 0.3, 0.4, 0.35]):
@@ -81,6 +99,15 @@ class ModelCheckpoint(Callback):
     {'best_model': 1, 'best_model-top2': 3, 'last': 3}
     >>> bool(actions.save)
     True
+
+    Two checks with the same loss, the second with a better accuracy:
+
+    >>> ckpt = fcb.ModelCheckpoint("val_loss", tie_break="val_acc", tie_break_mode="max")
+    >>> state = ckpt.init()
+    >>> for step, (loss, acc) in enumerate([(0.3, 0.8), (0.3, 0.9), (0.3, 0.85)]):
+    ...     state, actions = ckpt(state, {"val_loss": loss, "val_acc": acc}, step=step)
+    >>> int(actions.slots["best_model"])
+    1
     """
 
     identity_fields = ("monitor", "mode")
@@ -92,7 +119,11 @@ class ModelCheckpoint(Callback):
     filename: str = eqx.field(static=True)
     dirpath: str = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
+    tie_break: str | None = eqx.field(static=True)
+    tie_break_mode: Mode = eqx.field(static=True)
+    window: int = eqx.field(static=True)
     every_n: Int[Array, "*batch"]
+    alpha: Float[Array, "*batch"] | None
 
     def __init__(
         self,
@@ -105,6 +136,10 @@ class ModelCheckpoint(Callback):
         *,
         every_n: Any = 1,
         strict: bool = True,
+        tie_break: str | None = None,
+        tie_break_mode: Mode = "min",
+        alpha: Any = None,
+        window: int | None = None,
     ):
         owner = "ModelCheckpoint"
         self.monitor = check_key(owner, "monitor", monitor)
@@ -135,6 +170,14 @@ class ModelCheckpoint(Callback):
         self.dirpath = dirpath
         self.strict = check_flag(owner, "strict", strict)
         self.every_n = int_param(owner, "every_n", every_n, minimum=1)
+        self.tie_break = None if tie_break is None else check_key(owner, "tie_break", tie_break)
+        if self.tie_break == self.monitor:
+            raise ConfigError(
+                f"{owner}: `tie_break` must name another metric than `monitor`, got "
+                f"tie_break = {tie_break!r}; it orders checks whose {monitor!r} values are equal."
+            )
+        self.tie_break_mode = check_mode(owner, tie_break_mode, "tie_break_mode")
+        self.alpha, self.window = check_smoothing(owner, alpha, window)
 
     @property
     def table_size(self) -> int:
@@ -164,20 +207,27 @@ class ModelCheckpoint(Callback):
         if self.save_top_k <= 0:
             return jnp.full(jnp.shape(state.steps)[:-1], NO_STEP, jnp.int32)
 
-        def one(values: Array, steps: Array) -> Array:
-            evicted = steps[eviction_index(values, steps)]
+        def one(values: Array, steps: Array, ties: Array) -> Array:
+            evicted = steps[eviction_index(values, steps, None if self.tie_break is None else ties)]
             return jnp.where(steps[-1] >= 0, evicted, NO_STEP).astype(jnp.int32)
 
         flat_values = jnp.reshape(state.values, (-1, self.table_size))
         flat_steps = jnp.reshape(state.steps, (-1, self.table_size))
-        out = jax.vmap(one)(flat_values, flat_steps)
+        ties = state.values if state.tie_values is None else state.tie_values
+        flat_ties = jnp.reshape(ties, (-1, self.table_size))
+        out = jax.vmap(one)(flat_values, flat_steps, flat_ties)
         return jnp.reshape(out, jnp.shape(state.steps)[:-1])
+
+    @property
+    def smoothed(self) -> bool:
+        return self.alpha is not None or self.window > 0
 
     def action_names(self) -> ActionNames:
         ranks = self.rank_slots()
         last = (LAST_SLOT,) if self.save_last else ()
         return ActionNames(
             slots=ranks + last,
+            log=tuple(f"{s}/raw_value" for s in ranks) if self.smoothed else (),
             events=(f"{self.filename}/improved", f"{self.filename}/metric_missing"),
             slot_kinds=tuple((s, "best" if i == 0 else "top_k") for i, s in enumerate(ranks))
             + tuple((s, "last") for s in last),
@@ -190,6 +240,13 @@ class ModelCheckpoint(Callback):
             last_step=jnp.asarray(NO_STEP, jnp.int32),
             last_value=jnp.asarray(jnp.nan, jnp.float32),
             check_count=jnp.asarray(0, jnp.int32),
+            smoothing=smoothing_init(self.alpha, self.window),
+            raw_values=jnp.full((self.table_size,), jnp.nan, jnp.float32)
+            if self.smoothed
+            else None,
+            tie_values=jnp.full((self.table_size,), jnp.nan, jnp.float32)
+            if self.tie_break is not None
+            else None,
         )
 
     def __call__(
@@ -197,13 +254,31 @@ class ModelCheckpoint(Callback):
     ) -> tuple[ModelCheckpointState, Actions]:
         value = read_metric("ModelCheckpoint", metrics, self.monitor, strict=self.strict)
         missing = value is None
-        value = jnp.asarray(jnp.nan, jnp.float32) if value is None else value
+        raw = jnp.asarray(jnp.nan, jnp.float32) if value is None else value
         step = as_step("ModelCheckpoint", step)
         check_count, scheduled = count_check(state.check_count, self.every_n)
+        smoothing, value = state.smoothing, raw
+        if not missing:
+            smoothing, value = smooth(self.alpha, self.window, state.smoothing, raw)
+            smoothing = _where(scheduled, smoothing, state.smoothing)
+        tie_value = None
+        if self.tie_break is not None:
+            read = read_metric("ModelCheckpoint", metrics, self.tie_break, strict=self.strict)
+            tie_value = jnp.asarray(jnp.nan, jnp.float32) if read is None else read
+        carried = tuple(
+            (column, entry) for column, entry in ((state.raw_values, raw),) if column is not None
+        )
         if missing:
             values, steps, rank = state.values, state.steps, jnp.asarray(self.table_size)
+            tie_values, moved = state.tie_values, tuple(c for c, _ in carried)
         else:
-            values, steps, rank = insert_ranked(state.values, state.steps, value, step, self.mode)
+            tie = None if tie_value is None else (state.tie_values, tie_value, self.tie_break_mode)
+            values, steps, rank, moved = insert_ranked(
+                state.values, state.steps, value, step, self.mode, tie, carried
+            )
+            tie_values = None
+            if tie is not None:
+                tie_values, moved = moved[0], moved[1:]
         entered = scheduled & (rank < self.table_size)
         new_state = ModelCheckpointState(
             values=jnp.where(scheduled, values, state.values),
@@ -211,6 +286,9 @@ class ModelCheckpoint(Callback):
             last_step=jnp.where(scheduled, step, state.last_step),
             last_value=jnp.where(scheduled, value, state.last_value),
             check_count=check_count,
+            smoothing=smoothing,
+            raw_values=_where(scheduled, moved[0], state.raw_values) if moved else None,
+            tie_values=_where(scheduled, tie_values, state.tie_values),
         )
         # Whole-table operations, then one split into per-slot scalars: a large save_top_k
         # costs one vector op per rule, not one op per rank and rule.
@@ -223,6 +301,13 @@ class ModelCheckpoint(Callback):
         names = self.rank_slots() + ((LAST_SLOT,) if self.save_last else ())
         slots = dict(zip(names, _scalars(rank_steps), strict=True))
         slot_values = dict(zip(names, _scalars(rank_values), strict=True))
+        log = {}
+        if new_state.raw_values is not None:
+            raw_values = jnp.where(new_state.steps >= 0, new_state.raw_values, jnp.nan)
+            log = {
+                f"{n}/raw_value": v
+                for n, v in zip(self.rank_slots(), _scalars(raw_values), strict=True)
+            }
         keep_all = self.save_top_k == -1
         archive = scheduled & jnp.isfinite(value) if keep_all else jnp.asarray(False)
         events = {
@@ -237,8 +322,16 @@ class ModelCheckpoint(Callback):
             archive=archive,
             slots=slots,
             slot_values=slot_values,
+            log=log,
             events=events,
         )
+
+
+def _where(condition: Any, new: Any, old: Any) -> Any:
+    """`new` where `condition`, else `old`, leaf by leaf (None stays None)."""
+    if new is None or old is None:
+        return new
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
 def _scalars(vector: Array) -> list[Array]:

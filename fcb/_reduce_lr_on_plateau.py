@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._monitor import Mode, ThresholdMode
+from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init
 from ._validate import (
     as_step,
     check_flag,
@@ -39,6 +40,7 @@ class ReduceLROnPlateauState(eqx.Module):
             torch: `cooldown_counter`.
         num_reductions: how many times the rule has asked for a reduction.
         last_reduced_step: step of the latest reduction (-1 before the first).
+        smoothing: the running average of a smoothed monitor (None when not smoothed).
     """
 
     best: Float[Array, ""]
@@ -46,6 +48,7 @@ class ReduceLROnPlateauState(eqx.Module):
     cooldown_count: Int[Array, ""]
     num_reductions: Int[Array, ""]
     last_reduced_step: Int[Array, ""]
+    smoothing: SmoothingState | None = None
 
 
 class ReduceLROnPlateau(Callback):
@@ -90,8 +93,11 @@ class ReduceLROnPlateau(Callback):
     `strict=True`; with `strict=False` the check changes nothing and fires the
     `reduce_lr_on_plateau/metric_missing` event. The callback never stops training.
 
-    Numeric options (`factor`, `patience`, `threshold`, `cooldown`, `min_lr`, `eps`) are array
-    leaves: build the callback under `jax.vmap` to run many configurations at once.
+    Smoothing (`alpha=` / `window=`, as in [`fcb.EarlyStopping`][]): the rule follows the
+    smoothed metric, and decides as it would on the smoothed series.
+
+    Numeric options (`factor`, `patience`, `threshold`, `cooldown`, `min_lr`, `eps`, `alpha`)
+    are array leaves: build the callback under `jax.vmap` to run many configurations at once.
 
     >>> plateau = fcb.ReduceLROnPlateau("val_loss", factor=0.5, patience=1)
     >>> state, lr = plateau.init(), 0.1
@@ -133,12 +139,14 @@ class ReduceLROnPlateau(Callback):
     mode: Mode = eqx.field(static=True)
     threshold_mode: ThresholdMode = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
+    window: int = eqx.field(static=True)
     factor: Float[Array, "*batch"]
     patience: Int[Array, "*batch"]
     threshold: Float[Array, "*batch"]
     cooldown: Int[Array, "*batch"]
     min_lr: Float[Array, "*batch"]
     eps: Float[Array, "*batch"]
+    alpha: Float[Array, "*batch"] | None
 
     def __init__(
         self,
@@ -153,6 +161,8 @@ class ReduceLROnPlateau(Callback):
         eps: Any = 1e-8,
         *,
         strict: bool = True,
+        alpha: Any = None,
+        window: int | None = None,
     ):
         self.monitor = check_key(_OWNER, "monitor", monitor)
         self.mode = check_mode(_OWNER, mode)
@@ -177,6 +187,7 @@ class ReduceLROnPlateau(Callback):
         self.cooldown = int_param(_OWNER, "cooldown", cooldown, minimum=0)
         self.min_lr = float_param(_OWNER, "min_lr", min_lr, minimum=0.0)
         self.eps = float_param(_OWNER, "eps", eps, minimum=0.0)
+        self.alpha, self.window = check_smoothing(_OWNER, alpha, window)
 
     def action_names(self) -> ActionNames:
         return ActionNames(
@@ -203,6 +214,7 @@ class ReduceLROnPlateau(Callback):
             cooldown_count=jnp.zeros(shape, jnp.int32),
             num_reductions=jnp.zeros(shape, jnp.int32),
             last_reduced_step=jnp.full(shape, NO_STEP, jnp.int32),
+            smoothing=smoothing_init(self.alpha, self.window),
         )
 
     def __call__(
@@ -215,7 +227,9 @@ class ReduceLROnPlateau(Callback):
                 actions,
                 events={**actions.events, "reduce_lr_on_plateau/metric_missing": jnp.asarray(True)},
             )
+        smoothing, value = smooth(self.alpha, self.window, state.smoothing, value)
         new_state, reduce = self.update(state, value, as_step(_OWNER, step))
+        new_state = dataclasses.replace(new_state, smoothing=smoothing)
         return new_state, dataclasses.replace(
             actions,
             lr_scale=jnp.where(reduce, self.factor, actions.lr_scale),
@@ -244,5 +258,6 @@ class ReduceLROnPlateau(Callback):
             cooldown_count=jnp.where(reduce, self.cooldown, cooldown_count).astype(jnp.int32),
             num_reductions=(state.num_reductions + reduce).astype(jnp.int32),
             last_reduced_step=jnp.where(reduce, step, state.last_reduced_step).astype(jnp.int32),
+            smoothing=state.smoothing,
         )
         return new_state, reduce

@@ -63,42 +63,70 @@ def insert_ranked(
     value: Float[Array, ""],
     step: Int[Array, ""],
     mode: Mode,
-) -> tuple[Float[Array, " k"], Int[Array, " k"], Int[Array, ""]]:
+    tie: tuple[Float[Array, " k"], Float[Array, ""], Mode] | None = None,
+    carried: tuple[tuple[Array, Array], ...] = (),
+) -> tuple[Float[Array, " k"], Int[Array, " k"], Int[Array, ""], tuple[Array, ...]]:
     """Insert `(value, step)` into a best-first table of `k` entries (empty: step -1).
 
-    Returns the new table and the rank the value took (`k` when it did not enter). Lightning's
+    Returns the new table, the rank the value took (`k` when it did not enter) and the
+    `carried` columns moved the same way (each a `(column, new entry)` pair). Lightning's
     `ModelCheckpoint` rule: a value enters when it is finite and the table is not full, or it
     is strictly better than the worst entry; it then takes the place of the entry at
     `eviction_index` (the oldest of the entries tied at the worst value, Lightning's
     `kth_best_model_path`). Entries of equal value stay in the order they
     entered, oldest first, so the best is the oldest of the tied best. O(k), no loop.
+
+    With `tie = (tie_values, tie_value, tie_mode)` entries of equal value are ordered by a
+    second metric (strictly better first; a NaN second value counts as the worst), and only
+    entries equal in both keep the order they entered; the moved tie column comes first in
+    the returned columns.
     """
     k = values.shape[-1]
     occupied = steps >= 0
-    at_least_as_good = occupied & ~_monitor.improves(value, values, 0.0, mode)
+    if tie is None:
+        at_least_as_good = occupied & ~_monitor.improves(value, values, 0.0, mode)
+    else:
+        tie_values, tie_value, tie_mode = tie
+        tie_values, tie_value = tie_key(tie_values, tie_mode), tie_key(tie_value, tie_mode)
+        tie_at_least = ~_monitor.is_better(tie_value, tie_values, tie_mode)
+        at_least_as_good = occupied & (
+            _monitor.is_better(values, value, mode) | ((values == value) & tie_at_least)
+        )
+        carried = ((tie[0], tie[1]), *carried)
     rank = jnp.where(jnp.isfinite(value), jnp.sum(at_least_as_good), k).astype(jnp.int32)
     # The entered value goes to `rank`; the entries from there down to the freed place move
     # one rank down. The freed place is `evicted` (rank <= evicted: every entry at least as
     # good as the value is strictly better than the worst one, so it sits above `evicted`).
-    evicted = eviction_index(values, steps)
+    evicted = eviction_index(values, steps, None if tie is None else tie[0])
     index = jnp.arange(k)
-    previous_values = jnp.concatenate([values[:1], values[:-1]])
-    previous_steps = jnp.concatenate([steps[:1], steps[:-1]])
     shifted = (index > rank) & (index <= evicted)
-    new_values = jnp.where(
-        index == rank, value, jnp.where(shifted, previous_values, values)
-    ).astype(values.dtype)
-    new_steps = jnp.where(index == rank, step, jnp.where(shifted, previous_steps, steps)).astype(
-        steps.dtype
-    )
-    return new_values, new_steps, rank
+
+    def moved(column: Array, entry: Array) -> Array:
+        previous = jnp.concatenate([column[:1], column[:-1]])
+        return jnp.where(index == rank, entry, jnp.where(shifted, previous, column)).astype(
+            column.dtype
+        )
+
+    new_carried = tuple(moved(column, entry) for column, entry in carried)
+    return moved(values, value), moved(steps, step), rank, new_carried
 
 
-def eviction_index(values: Float[Array, " k"], steps: Int[Array, " k"]) -> Int[Array, ""]:
+def tie_key(values: Array, mode: Mode) -> Array:
+    """A tie-break value as it ranks: NaN (missing or not finite) is the worst."""
+    return jnp.where(jnp.isnan(values), _monitor.worst_value(mode), values)
+
+
+def eviction_index(
+    values: Float[Array, " k"], steps: Int[Array, " k"], tie_values: Array | None = None
+) -> Int[Array, ""]:
     """Where the next entry goes in a best-first table: the first empty place, or, when the
-    table is full, the first (oldest) of the entries tied with the worst value."""
+    table is full, the first (oldest) of the entries tied with the worst value (and, with a
+    tie-break column, with its tie value)."""
     if values.shape[-1] == 0:
         return jnp.asarray(0, jnp.int32)
     occupied = steps >= 0
     tied_worst = occupied & (values == values[-1])
+    if tie_values is not None:
+        same = (tie_values == tie_values[-1]) | (jnp.isnan(tie_values) & jnp.isnan(tie_values[-1]))
+        tied_worst = tied_worst & same
     return jnp.where(occupied[-1], jnp.argmax(tied_worst), jnp.sum(occupied)).astype(jnp.int32)

@@ -174,3 +174,42 @@ def test_no_retrace_over_a_long_run():
     for i in range(20):
         state, _ = check(state, jnp.float32(i % 3), jnp.int32(i))
     assert int(state.smoothing.count) == 20
+
+
+def _slots_and_events(callback, series):
+    _, actions = run(callback, {KEY: np.asarray(series, np.float32)}, jit=True)
+    return (
+        {k: np.asarray(v).tolist() for k, v in actions.slots.items()},
+        {k: np.asarray(v).tolist() for k, v in actions.events.items()},
+        np.asarray(actions.lr_scale).tolist(),
+    )
+
+
+SMOOTHED_CALLBACKS = {
+    "model_checkpoint": lambda **o: fcb.ModelCheckpoint(KEY, save_top_k=2, **o),
+    "best_checkpoint": lambda **o: fcb.BestCheckpoint(KEY, tolerances=(1, 3), **o),
+    "reduce_lr_on_plateau": lambda **o: fcb.ReduceLROnPlateau(KEY, patience=1, **o),
+}
+SERIES = [0.5, 0.75, 0.375, 0.625, 0.6875, 0.5, 0.4375, 0.75, 0.8125, 0.25]
+
+
+@pytest.mark.parametrize("make", SMOOTHED_CALLBACKS.values(), ids=SMOOTHED_CALLBACKS.keys())
+@pytest.mark.parametrize("options", [dict(alpha=0.5), dict(window=3)], ids=["ema", "window"])
+def test_smoothed_checkpoints_and_plateau_decide_as_on_the_averaged_series(make, options):
+    averaged = _ema(SERIES, options["alpha"]) if "alpha" in options else _window_mean(SERIES, 3)
+    assert _slots_and_events(make(**options), SERIES) == _slots_and_events(make(), averaged)
+    assert_jit_equivalent(make(**options), {KEY: np.asarray(SERIES)})
+    assert_resume_equivalent(make(**options), {KEY: np.asarray(SERIES)}, splits=[5])
+
+
+def test_checkpoint_slots_record_the_smoothed_and_the_raw_value():
+    ckpt = fcb.ModelCheckpoint(KEY, save_top_k=2, window=2)
+    _, actions = run(ckpt, {KEY: np.asarray(SERIES)})
+    best = int(actions.slots["best_model"][-1])
+    assert float(actions.slot_values["best_model"][-1]) == _window_mean(SERIES, 2)[best]
+    assert float(actions.log["best_model/raw_value"][-1]) == np.float32(SERIES[best])
+    cb = fcb.BestCheckpoint(KEY, alpha=0.5)
+    state, actions = run(cb, {KEY: np.asarray(SERIES)})
+    assert float(actions.log["best.val_loss/raw_value"][-1]) == np.float32(
+        SERIES[int(state.best_step)]
+    )
