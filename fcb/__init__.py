@@ -77,6 +77,7 @@ if TYPE_CHECKING:
         TerminateOnNaN as TerminateOnNaN,
         TerminateOnNaNState as TerminateOnNaNState,
     )
+    from ._time_limit import TimeLimit as TimeLimit, TimeLimitState as TimeLimitState
     from ._vram_drift import VRAMDrift as VRAMDrift, VRAMDriftState as VRAMDriftState
 
 _PUBLIC_MODULES = {
@@ -130,6 +131,8 @@ _PUBLIC_MODULES = {
     "state_dict": "._state_dict",
     "TerminateOnNaN": "._terminate_on_nan",
     "TerminateOnNaNState": "._terminate_on_nan",
+    "TimeLimit": "._time_limit",
+    "TimeLimitState": "._time_limit",
     "VRAMDrift": "._vram_drift",
     "VRAMDriftState": "._vram_drift",
 }
@@ -192,6 +195,8 @@ __all__ = [
     "StopReason",
     "TerminateOnNaN",
     "TerminateOnNaNState",
+    "TimeLimit",
+    "TimeLimitState",
     "VRAMDrift",
     "VRAMDriftState",
     "all_of",

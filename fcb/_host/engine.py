@@ -69,6 +69,11 @@ class Engine(Protocol):
         """Capture what the check's plan writes now; return the job that writes it."""
         ...
 
+    def snapshot(self, store: ManifestStore, check: Check) -> Callable[[], None]:
+        """`write`, with the state copied to host memory now whatever the writer: the loop
+        trains on before the job runs (a resume point captured at a batch hook)."""
+        ...
+
     def submit(self, job: Callable[[], None]) -> None:
         """Run a write-and-commit job now, or queue it for a background writer."""
         ...

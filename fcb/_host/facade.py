@@ -77,6 +77,18 @@ class SessionFacade:
             yield epoch
             epoch = max(epoch + 1, self.session.last_step + 1)
 
+    def on_train_batch_end(self, *, step: int, state: Any = None) -> None:
+        """A training step ended (`step`: the global step, the counter the checks are
+        given). Nearly free when nothing is due; on a preemption signal, a time limit or a
+        resume schedule (`preempt_on`, `fcb.TimeLimit`, `resume_every_steps` /
+        `resume_every_seconds`) the step becomes a resume point, committed at the next hook
+        (the step's check, if the loop makes one, comes first), and a signal or a time
+        limit stops the run (`should_stop`). `state`: what the adapter saves of the step
+        (orbax: the pytree or a function of the actions, as for a check)."""
+        if not self.session.started:
+            self.on_fit_start()
+        self.session.batch_end(step, state)
+
     def on_fit_start(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from .._core import Actions
+from .._core import Actions, StopReason
 from .._errors import CheckpointCorruptError
 from .._state_dict import json_number
 from .schema import (
@@ -32,6 +32,9 @@ from .schema import (
     seal,
     write_manifest as write_manifest,
 )
+
+RESUMABLE_STOPS = (StopReason.PREEMPTED, StopReason.TIME_LIMIT)
+"""Stops after which the run is resumable and a relaunch trains on."""
 
 Models = tuple[str, ...] | None
 """The submodules a slot saves (`None`: everything)."""
@@ -103,7 +106,10 @@ def plan_checkpoints(
         variants=variants,
         archive=archive,
         resume=RESUME_SLOT in slots and slots[RESUME_SLOT][0] == step,
-        stop_message=actions.stop_message() if bool(actions.stop) else "",
+        # a stop that a relaunch trains on from (a time limit) is not recorded as the end
+        stop_message=actions.stop_message()
+        if bool(actions.stop) and int(actions.stop_reason) not in RESUMABLE_STOPS
+        else "",
     )
 
 

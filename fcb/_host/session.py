@@ -31,18 +31,22 @@ from .._errors import CheckpointCorruptError, ConfigError
 from .._history import HistoryLog, check_record
 from .._runner import Runner
 from .._state_dict import state_dict as fcb_state_dict
+from .._time_limit import ELAPSED_SECONDS
 from .._validate import check_metrics_mapping
 from .engine import _HOST_INPUTS, Check, Engine, check_flag, checked_step
 from .existing import existing_run_source
+from .interrupts import Interrupts
 from .manifest import json_metrics, plan_checkpoints, read_manifest
 from .processes import ProcessGroup, check_reduction
+from .resume_points import ResumePoints
 from .rundir import find_history, find_run
 from .store import ManifestStore
 
 logger = logging.getLogger("fcb")
 
-class Session:
-    """One run's host side: the store, the processes, the step numbering, the history."""
+class Session(ResumePoints):
+    """One run's host side: the store, the processes, the step numbering, the history, the
+    resume points between checks."""
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class Session:
         log: Callable[[int, dict[str, float]], None] | None = None,
         history: bool = False,
         step_names: str = "",
+        interrupts: Interrupts | None = None,
     ):
         if isinstance(callbacks, (list, tuple)) and all(
             isinstance(c, Callback) for c in callbacks
@@ -91,6 +96,10 @@ class Session:
         self.stop_message = ""
         self.resumed_step: int | None = None
         self.summary: dict[str, float] = {}
+        self.interrupts = Interrupts(owner, preempt_on=()) if interrupts is None else interrupts
+        self._batch: tuple[int, Any] = (-1, None)
+        """The step and context of the last batch hook (for a save on an exception)."""
+        self._check_context: Any = None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -103,7 +112,9 @@ class Session:
         the trainer resumes the run itself."""
         self._probes = []
         for key, kind in sorted(set(self.runner.names.host_inputs)):
-            probe = self.engine.host_input(kind)
+            probe = self.interrupts.elapsed if kind == ELAPSED_SECONDS else (
+                self.engine.host_input(kind)
+            )
             if probe is None:
                 logger.info(
                     "fcb: this machine reports no memory statistics for %s; the callbacks "
@@ -152,6 +163,8 @@ class Session:
             self.last_step = self.resumed_step = resumed
         if stop_message:  # the run had already stopped: do not train on
             self._stop(stop_message)
+        self._batch, self._check_context = (-1, None), None
+        self.interrupts.start(self.callbacks, self.resumed_step)
         self.started = True
         self.processes.barrier("started")
 
@@ -222,7 +235,16 @@ class Session:
             step=step,
             evaluate=lambda request: self.engine.run_evaluation(request, context),
         )
-        return self._apply(actions, step, metrics, context, before)
+        # the check commits its step itself: a batch capture it follows is not needed
+        pending, self.interrupts.pending = self.interrupts.pending, None
+        try:
+            actions = self._apply(actions, step, metrics, context, before)
+        except BaseException:
+            self.interrupts.pending = pending
+            raise
+        self._check_context = context
+        self._after_check(actions, step, context, pending)
+        return actions
 
     def apply(
         self, actions: Actions, callbacks_state: Any, *, step: Any, context: Any = None,
@@ -331,6 +353,7 @@ class Session:
 
     def finalize(self) -> dict[str, float]:
         """The callbacks' end-of-run scalars: logged, recorded in the history, returned."""
+        self.flush_resume_point()
         actions = self.runner.finalize()
         self.summary = {k: float(v) for k, v in actions.log.items()}
         if self.history is not None:
@@ -341,6 +364,7 @@ class Session:
 
     def close(self) -> None:
         self.started = False
+        self.interrupts.close()
         if self.store is not None:
             store, self.store = self.store, None
             store.close()

@@ -15,33 +15,29 @@ from typing import Any
 import jax
 
 from .._core import Actions, Callback
-from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError
-from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
+from .._errors import CheckpointWriteError, ConfigError
+from .._host.engine import FREE_DEVICE_MEMORY, check_evaluate, check_flag, check_path
 from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
-from .._host.manifest import json_metrics
+from .._host.interrupts import Interrupts
 from .._host.processes import ProcessGroup
 from .._host.session import Session
 from .._host.store import ManifestStore
 from ._payload import (
     State,
     device_free_memory as device_free_memory,
-    host_copy,
     is_function,
     model_subset,
     read_resume_point,
     renamed,
-    step_meta,
-    union,
 )
 from ._processes import processes
 from ._store import (
     DEFAULT_TIMEOUT,
     OrbaxStore,
     check_timeout,
-    location,
-    models_cover,
 )
+from ._write import OrbaxWrites
 
 logger = logging.getLogger("fcb")
 
@@ -51,7 +47,7 @@ EvaluateFn = Callable[[Any], Mapping[str, Any]]
 _UNSET: Any = object()
 
 
-class OrbaxAdapter(SessionFacade):
+class OrbaxAdapter(OrbaxWrites, SessionFacade):
     """Run an fcb callback chain in a JAX training loop; keep checkpoints with orbax.
 
     Each `on_validation_end(metrics, step=..., state=...)` runs one check of the whole chain
@@ -147,6 +143,11 @@ class OrbaxAdapter(SessionFacade):
         timeout: float = DEFAULT_TIMEOUT,
         history: bool = False,
         learning_rate: Callable[[Any], Any] | None = None,
+        preempt_on: Any = ("SIGTERM",),
+        resume_every_steps: int | None = None,
+        resume_every_seconds: float | None = None,
+        save_on_exception: bool = False,
+        clock: Callable[[], float] | None = None,
         directory: str | os.PathLike[str] = _UNSET,
         resume: bool = _UNSET,
         async_save: bool = _UNSET,
@@ -163,8 +164,12 @@ class OrbaxAdapter(SessionFacade):
             background = check_flag(owner, "async_save", async_save)
         self.session = Session(  # the callbacks first: they are the first argument
             owner, callbacks, self, storage="orbax", reduce=reduce, log=log, history=history,
-            step_names="orbax step",
+            step_names="orbax step", interrupts=Interrupts(
+                owner, preempt_on=preempt_on, resume_every_steps=resume_every_steps,
+                resume_every_seconds=resume_every_seconds, clock=clock,
+            ),
         )
+        self.save_on_exception = check_flag(owner, "save_on_exception", save_on_exception)
         path = check_path(owner, "dirpath", None if dirpath is _UNSET else dirpath, optional=False)
         self.dirpath = os.path.abspath(str(path))
         resume_from = self.dirpath if resume is True else check_path(
@@ -312,41 +317,6 @@ class OrbaxAdapter(SessionFacade):
     def apply_lr(self, actions: Actions) -> None:
         """The loop applies the change (`fcb.scaled_lr`)."""
 
-    def write(self, store: ManifestStore, check: Check) -> Callable[[], None]:
-        """One orbax step per step: the union of what its slots need, copied to host now."""
-        assert isinstance(store, OrbaxStore)
-        step, plan = check.step, check.plan
-        if not plan.variants:
-            return lambda: None
-        if store.has(location(step)):
-            if not all(models_cover(store.stored_models(step), m) for m in plan.variants):
-                raise CheckpointCorruptError(
-                    f"step {step} is already saved (with {store.stored_models(step)}) and a "
-                    f"slot now asks for more of the model; checks must not repeat a step."
-                )
-            return lambda: None
-        context: State = check.context
-        state = context.after_actions(check.actions)
-        if state is None:
-            raise ConfigError(
-                f"{self.owner}: the callbacks keep step {step} (slots "
-                f"{sorted(n for n, (s, _, _) in plan.slots.items() if s == step)}) but no "
-                f"state was given; pass on_validation_end(..., state=pytree)."
-            )
-        if float(check.actions.lr_scale) != 1.0 and not context.after and not self._warned_lr:
-            self._warned_lr = True
-            logger.warning(
-                "fcb: step %d changes the learning rate, and the checkpoint holds the state "
-                "from before the change: a run resumed from it would train on at the old "
-                "rate. Pass state=lambda actions: {...} with the rate applied "
-                "(fcb.scaled_lr(lr, actions)).",
-                step,
-            )
-        models = union(plan.variants)
-        payload = host_copy(state if models is None else model_subset(state, models))
-        meta = step_meta(check, models, json_metrics(self.runner.host_metrics(check.metrics)))
-        return lambda: store.save(step, payload, meta, models)
-
     def submit(self, job: Callable[[], None]) -> None:
         job()  # orbax itself writes in the background
 
@@ -400,11 +370,15 @@ class OrbaxAdapter(SessionFacade):
     def on_exception(self, exception: BaseException | None = None) -> None:
         """Let the save in flight finish (it is a complete checkpoint); release the directory.
         A save that fails now is logged, not raised over the exception being handled."""
-        del exception
+        failed = False
         try:
             if self.store is not None:
                 self.store.settle()
         except CheckpointWriteError as error:
+            failed = True
             logger.warning("fcb: the last save was not committed: %s", error)
+        try:
+            if self.save_on_exception:
+                self.session.save_on_exception(exception, failed=failed)
         finally:
             self.session.close()

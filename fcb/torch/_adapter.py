@@ -13,7 +13,7 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import torch
 
-from .._core import Actions, Callback, scaled_lr_host
+from .._core import Actions, Callback
 from .._errors import (
     CheckpointWriteError,
     ConfigError,
@@ -22,6 +22,7 @@ from .._errors import (
 from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
 from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
+from .._host.interrupts import Interrupts
 from .._host.processes import ProcessGroup
 from .._host.session import Session
 from .._host.store import ManifestStore
@@ -29,6 +30,7 @@ from .._model_checkpoint import ModelCheckpoint
 from .._validate import check_metrics_mapping
 from ._distributed import ranks
 from ._load import load_checkpoint as load_checkpoint
+from ._lr import TorchLearningRates
 from ._payload import (
     adopt_files,
     check_parts,
@@ -58,7 +60,7 @@ class Trainer(Protocol):
 EvaluateFn = Callable[[torch.nn.Module], Mapping[str, Any]]
 
 
-class TorchAdapter(SessionFacade):
+class TorchAdapter(TorchLearningRates, SessionFacade):
     """Run an fcb callback chain in a Torch training loop and apply its actions.
 
     Give it a `trainer` (anything with `should_stop`, `default_root_dir`, `state_dict()` and
@@ -128,6 +130,11 @@ class TorchAdapter(SessionFacade):
         log: Callable[[int, dict[str, float]], None] | None = None,
         reduce: str | None = "mean",
         history: bool = False,
+        preempt_on: Any = ("SIGTERM",),
+        resume_every_steps: int | None = None,
+        resume_every_seconds: float | None = None,
+        save_on_exception: bool = False,
+        clock: Callable[[], float] | None = None,
     ):
         owner = self.owner
         if check_on not in ("validation_end", "train_epoch_end"):
@@ -141,8 +148,13 @@ class TorchAdapter(SessionFacade):
         self.existing_run = check_existing_run(owner, existing_run)
         dirpath = check_path(owner, "dirpath", dirpath)
         self.session = Session(
-            owner, callbacks, self, storage="torch", reduce=reduce, log=log, history=history
+            owner, callbacks, self, storage="torch", reduce=reduce, log=log, history=history,
+            interrupts=Interrupts(
+                owner, preempt_on=preempt_on, resume_every_steps=resume_every_steps,
+                resume_every_seconds=resume_every_seconds, clock=clock,
+            ),
         )
+        self.save_on_exception = check_flag(owner, "save_on_exception", save_on_exception)
         self.callbacks = callbacks
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.trainer = trainer
@@ -291,28 +303,6 @@ class TorchAdapter(SessionFacade):
             )
         return {k: number(self.owner, k, v) for k, v in results.items()}
 
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return [] if self.optimizer is None else [self.optimizer]
-
-    def _param_groups(self) -> list[dict[str, Any]]:
-        return [group for optimizer in self._optimizers() for group in optimizer.param_groups]
-
-    def learning_rates(self) -> list[float] | None:
-        return [float(group["lr"]) for group in self._param_groups()]
-
-    def learning_rates_after(self, actions: Actions, context: Any) -> list[float] | None:
-        return self.learning_rates()  # applied by the session before it asks
-
-    def set_learning_rates(self, rates: list[float] | None) -> None:
-        for group, rate in zip(self._param_groups(), rates or [], strict=True):
-            group["lr"] = rate
-
-    def apply_lr(self, actions: Actions) -> None:
-        if float(actions.lr_scale) == 1.0:
-            return
-        for group in self._param_groups():
-            group["lr"] = scaled_lr_host(float(group["lr"]), actions)
-
     def write(self, store: ManifestStore, check: Check) -> Callable[[], None]:
         """The step's files (one per variant of submodules), captured now: a host copy when
         the writer runs in the background."""
@@ -329,6 +319,15 @@ class TorchAdapter(SessionFacade):
 
         return write_all
 
+    def snapshot(self, store: ManifestStore, check: Check) -> Callable[[], None]:
+        self._copy_now = True
+        try:
+            return self.write(store, check)
+        finally:
+            self._copy_now = False
+
+    _copy_now = False
+
     def _step_writer(
         self, store: CheckpointStore, check: Check, models: tuple[str, ...] | None
     ) -> Callable[[], None]:
@@ -338,7 +337,10 @@ class TorchAdapter(SessionFacade):
 
     def _payload(self, check: Check, models: tuple[str, ...] | None) -> dict[str, Any]:
         writer = self._writer
-        copy = (lambda x: host_copy(x, writer.host_copy)) if writer is not None else (lambda x: x)
+        copy = (
+            (lambda x: host_copy(x, writer.host_copy)) if writer is not None
+            else host_copy if self._copy_now else (lambda x: x)
+        )
         return step_payload(self, check, models, copy)
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -398,10 +400,13 @@ class TorchAdapter(SessionFacade):
             self._close()
 
     def on_exception(self, exception: BaseException | None = None, *_: Any) -> None:
-        """Let pending writes finish (they are complete checkpoints) and release the directory."""
+        """Let pending writes finish (they are complete checkpoints), commit a resume point
+        with `save_on_exception=True`, and release the directory."""
         try:
             if self._writer is not None:
                 self._writer.wait()
+            if self.save_on_exception:
+                self.session.save_on_exception(exception, failed=bool(self._writer_error()))
         finally:
             self._close()
 
