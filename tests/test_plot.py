@@ -100,7 +100,33 @@ def test_the_zoom_covers_neither_the_curve_nor_the_star(tmp_path, capsys, figure
     assert not box.contains(*star)
     for marker in ax.lines:
         if marker.get_marker() == "^":
-            assert not box.contains(*ax.transData.transform(np.column_stack(marker.get_data()))[0])
+            at = marker.get_transform().transform(np.column_stack(marker.get_data()))[0]
+            assert not box.contains(*at)
+
+
+def test_markers_at_one_check_stay_visible(tmp_path, capsys, figures):
+    # the best check is kept by both tolerances: a star and two triangles at one step
+    run = _torch_run(tmp_path / "run", [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], fcb.chain(
+        fcb.EarlyStopping("val_loss", patience=5),
+        fcb.ModelCheckpoint("val_loss"),
+        fcb.BestCheckpoint("val_loss", tolerances=(2, 3)),
+    ))
+    figure = _plot_of(capsys, figures, str(run), "-o", str(tmp_path / "p.png"))
+    ax = figure.axes[0]
+    points = figure.dpi / 72
+
+    def centre(line):
+        return line.get_transform().transform(np.column_stack(line.get_data()))[0]
+
+    star = centre(_star(ax))
+    triangles = [centre(line) for line in ax.lines if line.get_marker() == "^"]
+    assert len(triangles) == 2
+    # star radius 10 points, triangle radius 5.5: no marker overlaps another
+    for triangle in triangles:
+        assert star[1] - triangle[1] >= 15 * points - 0.5, (star, triangle)
+    assert abs(triangles[0][1] - triangles[1][1]) >= 11 * points - 0.5, triangles
+    low, _ = ax.get_ylim()
+    assert min(t[1] for t in triangles) > ax.transData.transform((0, low))[1]  # inside
 
 
 def test_step_axes_have_integer_ticks(tmp_path, capsys, figures):

@@ -18,6 +18,10 @@ CURVE_TOP = 0.54
 height: the zoom above it covers neither the curve nor a marker."""
 DODGE = 0.12
 """Vertical lines at the same step are spread this many steps apart, so none hides another."""
+FIRST_DROP = 15.0
+"""Points from a kept check down to its tolerance triangle: clear of the best star there."""
+NEXT_DROP = 11.0
+"""Points between the triangles of tolerances that keep the same check."""
 TOLERANCE_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")
 
 
@@ -97,8 +101,10 @@ def run_figure(
                            f"stopped at step {stop['step']}: {short}"))
     lines = _dodged(lines)
 
-    def draw(axes: Any, offset: float, labels: bool) -> None:
-        """The curve and every marker; `offset` lifts the tolerance markers off the curve."""
+    def draw(axes: Any, labels: bool) -> None:
+        """The curve and every marker; the tolerance triangles hang a fixed number of points
+        under their check, so on any scale none covers the star or another triangle."""
+        from matplotlib.transforms import offset_copy
         def label(text: str) -> str | None:
             return text if labels else None
 
@@ -120,16 +126,24 @@ def run_figure(
             kept = slots[slot]["step"]
             value = value_at.get(kept, math.nan)
             # below the curve, pointing up at the kept check: visible even under the best star
-            below = value - offset * (i + 1)
-            axes.plot([kept, kept], [below, value], "-", color=color, lw=1, zorder=4)
-            axes.plot(kept, below, "^", color=color, ms=11, markeredgecolor="black", zorder=5,
+            drop = _drop(ranks[slot])
+            axes.annotate("", xy=(kept, value), xytext=(0, -drop), textcoords="offset points",
+                          arrowprops={"arrowstyle": "-", "color": color, "lw": 1}, zorder=4)
+            below = offset_copy(axes.transData, fig=axes.figure, y=-drop, units="points")
+            axes.plot(kept, value, "^", color=color, ms=11, markeredgecolor="black", zorder=5,
+                      transform=below, scalex=False, scaley=False,
                       label=label(f"patience {t} would keep step {kept}"))
         for line in lines:
             axes.axvline(line.step, color=line.color, ls=line.style, lw=line.width,
                          label=label(line.label))
 
-    offset = 0.04 * span
-    draw(ax, offset, labels=True)
+    kept_steps = [slots[s]["step"] for s in tolerance_slots]
+    # the triangles of tolerances keeping the same check hang one under the other
+    ranks = {s: kept_steps[:i].count(kept_steps[i]) for i, s in enumerate(tolerance_slots)}
+    deepest = max(ranks.values(), default=0)
+    draw(ax, labels=True)
+    kept_values = [value_at.get(slots[s]["step"], math.nan) for s in tolerance_slots]
+    kept_values = [v for v in kept_values if math.isfinite(v)]
     ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -138,8 +152,16 @@ def run_figure(
         if axes is not None:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     marked = best_steps + monitored_best + [slots[s]["step"] for s in tolerance_slots]
-    if marked and finite:
-        _zoom(ax, steps, values, min(marked), span, draw, len(tolerance_slots))
+    zoomed = bool(marked and finite) and _zoom(
+        ax, steps, values, min(marked), span, draw, deepest if tolerance_slots else None)
+    if kept_values:  # room under the lowest kept check for its triangles
+        bottom, top = ax.get_ylim()
+        reference = ax.dataLim.y1 if zoomed else top
+        fraction = CURVE_TOP if zoomed else 1.0
+        low = _room_below(min(kept_values), reference, _drop(deepest),
+                          _height_points(ax) * fraction)
+        if low < bottom:
+            ax.set_ylim(low, low + (reference - low) / fraction if zoomed else top)
     if lr_ax is not None:
         lr_ax.step(steps, lrs, where="post", color="tab:orange", lw=1.6)
         lr_ax.set_yscale("log")
@@ -152,31 +174,54 @@ def run_figure(
     return fig
 
 
+def _drop(index: int) -> float:
+    """Points from a kept check down to the `index`-th tolerance triangle's centre."""
+    return FIRST_DROP + NEXT_DROP * index
+
+
+def _height_points(axes: Any) -> float:
+    """The axes' height in points (before the final layout, which changes it a little)."""
+    height = axes.get_position().height * axes.figure.get_figheight() * 72.0
+    return float(height) * 0.85  # the layout's margins, with room to spare
+
+
+def _room_below(value: float, top: float, drop: float, height: float) -> float:
+    """The lowest y limit that leaves `drop` points (and a triangle) under `value` on axes
+    `height` points tall whose top is `top`."""
+    share = min((drop + 8.0) / max(height, 1.0), 0.6)
+    return (value - share * top) / (1.0 - share)
+
+
 def _zoom(
     ax: Any, steps: list[int], values: list[float], first_marked: int, span: float,
-    draw: Any, tolerances: int,
-) -> None:
+    draw: Any, deepest: int | None,
+) -> bool:
     """A zoom on the checks from just before the first marked one, when they are flat on
-    the main axes' scale; the main axes make room for it above everything they show."""
+    the main axes' scale; the main axes make room for it above everything they show.
+    Whether it was drawn."""
     from matplotlib.ticker import MaxNLocator
 
     first = max(first_marked - 3, steps[0])
     window = [v for s, v in zip(steps, values, strict=True) if s >= first and math.isfinite(v)]
     low, high = min(window), max(window)
     if high - low >= 0.3 * span:
-        return
+        return False
     bottom = ax.get_ylim()[0]  # every curve and marker drawn is within the data limits
     data_low, data_high = min(bottom, ax.dataLim.y0), ax.dataLim.y1
     ax.set_ylim(data_low, data_low + (data_high - data_low) / CURVE_TOP)
     zoom = ax.inset_axes(ZOOM_BOUNDS)
     pad = 0.1 * (high - low + 1e-12)
-    draw(zoom, 0.12 * (high - low + 1e-12), labels=False)
-    offset_room = 0.12 * (high - low + 1e-12) * (tolerances + 1)
+    draw(zoom, labels=False)
     zoom.set_xlim(first - 0.5, steps[-1] + 0.5)
-    zoom.set_ylim(low - offset_room, high + pad)
+    bottom = low - pad
+    if deepest is not None:  # room for the tolerance triangles
+        height = _height_points(ax) * ZOOM_BOUNDS[3]
+        bottom = min(bottom, _room_below(low, high + pad, _drop(deepest), height))
+    zoom.set_ylim(bottom, high + pad)
     zoom.xaxis.set_major_locator(MaxNLocator(integer=True))
     zoom.grid(alpha=0.3)
     zoom.text(0.02, 0.04, f"steps {first} to {steps[-1]}, zoomed", transform=zoom.transAxes,
               fontsize=8, va="bottom", color="0.3")
     zoom.tick_params(labelsize=8)
     ax.indicate_inset_zoom(zoom, edgecolor="0.4")
+    return True
