@@ -200,6 +200,35 @@ CASES = [
      r"expected a dict made by fcb\.state_dict .*got list\."),
     ("no state", _load(lambda d: d.pop("state")), fcb.StateDictError,
      r"the state dict has no 'state' with 'leaves'"),
+    ("state_dict with swapped arguments",
+     lambda: fcb.state_dict(fcb.EarlyStopping(KEY), fcb.EarlyStopping(KEY).init()),
+     fcb.StateDictError,
+     r"^fcb\.state_dict: the arguments are swapped \(got the callback EarlyStopping as state and "
+     r"an EarlyStoppingState as callback\); the call is fcb\.state_dict\(state, callback\)\.$"),
+    ("state_dict of a callback", lambda: fcb.state_dict(fcb.EarlyStopping(KEY)),
+     fcb.StateDictError,
+     r"got the callback EarlyStopping as state and None as callback; the call is "
+     r"fcb\.state_dict\(state, callback\)\. Pass the callback's state"),
+    ("load_state_dict with swapped arguments",
+     lambda: fcb.load_state_dict(_saved(), fcb.EarlyStopping(KEY)), fcb.StateDictError,
+     r"^fcb\.load_state_dict: the arguments are swapped \(got a state dict as callback and the "
+     r"callback EarlyStopping as state_dict\); the call is "
+     r"fcb\.load_state_dict\(callback, state_dict\)\.$"),
+    ("alpha and window", _es(alpha=0.5, window=3), fcb.ConfigError,
+     r"pass at most one of `alpha` \(exponential moving average\) and `window` \(window mean\), "
+     r"got alpha = 0\.5 and window = 3\."),
+    ("alpha above 1", _es(alpha=1.5), fcb.ConfigError,
+     r"`alpha` must be a number in \(0, 1\], got alpha = 1\.5\. alpha is the weight of the "
+     r"newest value"),
+    ("alpha 0", _es(alpha=0), fcb.ConfigError, r"`alpha` must be a finite number > 0\.0"),
+    ("window 0", _es(window=0), fcb.ConfigError,
+     r"`window` must be an integer >= 1 \(the number of recent values averaged\), got "
+     r"window = 0\."),
+    ("array window", _es(window=np.asarray([2, 3])), fcb.ConfigError,
+     r"`window` must be an integer >= 1 .* build one callback \(or one fcb\.grid\) per window"),
+    ("bad threshold_mode", _es(threshold_mode="relative"), fcb.ConfigError,
+     r"^EarlyStopping: `threshold_mode` must be 'abs' or 'rel', got "
+     r"threshold_mode = 'relative'\.$"),
     # --- composition ---
     ("chain of a non-callback", lambda: fcb.chain(fcb.EarlyStopping(KEY), 3), fcb.ConfigError,
      r"fcb\.chain: callback 1 \(int\) must be an fcb\.Callback, got int: 3\."),
@@ -209,6 +238,10 @@ CASES = [
      fcb.ConfigError, r"fcb\.named_chain: name 'val/es' must not contain '/'\."),
     ("duplicate event names", lambda: fcb.chain(fcb.EarlyStopping(KEY), fcb.EarlyStopping("b")),
      fcb.ConfigError, r"the event name 'early_stopping/improved' is emitted by both"),
+    ("all_of of one callback", lambda: fcb.all_of(fcb.EarlyStopping(KEY)), fcb.ConfigError,
+     r"fcb\.all_of: give at least two callbacks \(every one must hold to stop\), got 1\."),
+    ("all_of of a non-callback", lambda: fcb.all_of(fcb.EarlyStopping(KEY), "x"),
+     fcb.ConfigError, r"fcb\.all_of: callback 1 \(str\) must be an fcb\.Callback"),
 ]
 
 
@@ -245,7 +278,8 @@ def test_arrays_still_build_a_batch():
 
 def test_config_errors_name_the_owner():
     for name, build, error, _ in CASES:
-        if error is fcb.ConfigError and "chain" not in name and "event" not in name:
+        composition = ("chain", "event", "all_of")
+        if error is fcb.ConfigError and not any(word in name for word in composition):
             with pytest.raises(error, match=f"^{ES}"):
                 build()
 

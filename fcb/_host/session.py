@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from .._core import Actions, Callback
+from .._core import Actions, Callback, stop_message
 from .._errors import CheckpointCorruptError, ConfigError
 from .._history import HistoryLog, check_record
 from .._runner import Runner
@@ -299,7 +299,8 @@ class Session(ResumePoints):
         self.last_step = step
         self._report(actions, step, metrics, context)
         stopped, message = self.processes.agree_on_stop(
-            bool(actions.stop), actions.stop_message() if bool(actions.stop) else ""
+            bool(actions.stop),
+            stop_message(self.runner.callback, self.runner.state, actions) if actions.stop else "",
         )
         if stopped:
             self._stop(message)
