@@ -65,8 +65,8 @@ def _plot_replay(result: Any, path: str, source: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for axes in (left, right):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (left.xaxis, left.yaxis, right.xaxis):  # patience and checks are counts
+        axis.set_major_locator(MaxNLocator(integer=True))
     patience = np.asarray([c["patience"] for c in result.configs])
     deltas = sorted({c["min_delta"] for c in result.configs})
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(deltas)))
