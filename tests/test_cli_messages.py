@@ -19,6 +19,14 @@ def _command():
     return [sys.executable, "-m", "fcb.cli"]
 
 
+def _fresh_python(code):
+    """`code` run by a new interpreter (nothing imported yet): its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 def _run(capsys, *argv):
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -54,10 +62,8 @@ def test_help_imports_neither_jax_nor_numpy():
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'numpy', 'torch'}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "replay" in done.stdout and done.stdout.strip().endswith("[]"), done.stdout[-300:]
+    out = _fresh_python(probe)
+    assert "replay" in out and out.strip().endswith("[]"), out[-300:]
 
 
 def test_a_closed_pipe_ends_quietly(history):
@@ -176,8 +182,6 @@ def test_every_public_name_is_imported_on_first_use():
         "assert fcb.EarlyStopping.__module__ == 'fcb._early_stopping'\n"
         "print('ok')\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120)
-    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert _fresh_python(probe).strip() == "ok"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         fcb.Nope  # noqa: B018
