@@ -304,3 +304,31 @@ def test_bad_options_and_steps_are_named(tmp_path):
     with pytest.raises(fcb.ConfigError, match=r"step"):
         adapter.on_train_batch_end(step="6")
     adapter.on_fit_end()
+
+
+def test_a_compiled_loop_stops_between_chunks_at_a_signal_and_a_time_limit(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    clock = Clock()
+    callbacks = chain(fcb.TimeLimit(max_seconds=1e9))
+    adapter = fcb.orbax.OrbaxAdapter(callbacks, tmp_path, background=False, clock=clock)
+    adapter.on_fit_start()
+    check = jax.jit(lambda state, metrics, step: callbacks(state, metrics, step=step))
+    state = callbacks.init()
+    try:
+        for step in range(6):
+            metrics = {"val_loss": jnp.float32(1.0 / (step + 1)),
+                       "elapsed_seconds": jnp.float32(adapter.elapsed_seconds)}
+            state, actions = check(state, metrics, step)
+            if step == 3:  # the signal arrives while a chunk runs
+                os.kill(os.getpid(), signal.SIGTERM)
+            adapter.apply_actions(actions, step=step, callbacks_state=state,
+                                  state={"w": jnp.full(2, float(step))}, metrics=metrics)
+            if adapter.should_stop:
+                break
+    finally:
+        adapter.on_fit_end()
+    assert step == 3 and "received SIGTERM" in adapter.stop_message
+    assert manifest(tmp_path)["resume"]["step"] == 3 and manifest(tmp_path)["resume"][
+        "stop_message"] == ""

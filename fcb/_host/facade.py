@@ -77,6 +77,12 @@ class SessionFacade:
             yield epoch
             epoch = max(epoch + 1, self.session.last_step + 1)
 
+    @property
+    def elapsed_seconds(self) -> float:
+        """Seconds since the adapter started in this process: the time `fcb.TimeLimit`
+        reads (pass it into a compiled loop's metrics as `"elapsed_seconds"`)."""
+        return self.session.interrupts.elapsed()
+
     def on_train_batch_end(self, *, step: int, state: Any = None) -> None:
         """A training step ended (`step`: the global step, the counter the checks are
         given). Nearly free when nothing is due; on a preemption signal, a time limit or a

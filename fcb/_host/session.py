@@ -270,7 +270,10 @@ class Session(ResumePoints):
         step = self.next_step(step)
         before = self.runner.snapshot()
         self.runner.state = callbacks_state
-        return self._apply(actions, step, dict(metrics or {}), context, before)
+        actions = self._apply(actions, step, dict(metrics or {}), context, before)
+        self._check_context = context
+        self._after_check(actions, step, context, None)  # between chunks: signals, limits
+        return actions
 
     def _apply(
         self, actions: Actions, step: int, metrics: dict[str, Any], context: Any, before: Any
