@@ -115,6 +115,9 @@ class Interrupts:
         self._wake = math.inf
         """The elapsed seconds at which a time limit or schedule is next due."""
         self.pending: Pending | None = None
+        self.external: Callable[[int], bool] | None = None
+        """Another preemption notice an engine reads at each hook (orbax multi-process:
+        `CheckpointManager.reached_preemption`, JAX's preemption sync point)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -180,7 +183,7 @@ class Interrupts:
         """(preempted, time limit reached, schedule due) on this process at `step`."""
         elapsed = self.elapsed()
         return (
-            self.received is not None,
+            self.received is not None or (self.external is not None and self.external(step)),
             elapsed >= self.deadline,
             step >= self._next_step or elapsed >= self._next_time,
         )

@@ -229,6 +229,8 @@ class OrbaxAdapter(OrbaxWrites, SessionFacade):
         self.session.start(
             self.dirpath, resume_from=self.resume_from, existing_run=self.existing_run
         )
+        if self.session.processes.active and self.manager is not None:  # JAX's notice
+            self.session.interrupts.external = self.manager.reached_preemption
 
     # -- events ------------------------------------------------------------------------------
 
