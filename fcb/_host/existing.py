@@ -1,4 +1,4 @@
-"""What becomes of a run that an adapter's directory already holds: one rule, every adapter."""
+"""What becomes of a run an adapter's directory holds, and the state it resumes from."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import os
 from typing import Any
 
 from .._errors import ConfigError, RunExistsError
+from .._history import read_records
+from .._resume_change import resume_with_changes
 from .processes import ProcessGroup
-from .rundir import find_run
+from .rundir import find_history, find_run
 from .store import ManifestStore
 
 logger = logging.getLogger("fcb")
@@ -70,3 +72,22 @@ def existing_run_source(
     if existing_run == "error" and resumable:
         options = "existing_run='resume' to continue it, " + options
     raise RunExistsError(f"{owner}: {directory} holds {what}; {reason} Pass {options}")
+
+
+def resumed_state(
+    owner: str, callbacks: Any, saved: Any, source: str, step: int
+) -> tuple[Any, bool | None]:
+    """The callbacks' state a run resumes from, and whether it is stopped (`None`: as
+    saved): the saved state,
+    or, when a numeric setting changed since it was saved (a larger patience...), the state
+    the current settings would have had over the run's recorded checks (its history up to
+    `step`), which may un-stop the run. Each change and its effect is logged."""
+    found = find_history(source)
+    history = [] if found is None else [
+        record for record in read_records(found)
+        if "metrics" in record and record.get("step", -1) <= step
+    ]
+    state, report = resume_with_changes(callbacks, saved, history)
+    for line in report.lines:
+        logger.warning("fcb: %s resumes with changed settings: %s", owner, line)
+    return state, report.stopped if report.rebuilt else None

@@ -34,7 +34,7 @@ from .._state_dict import state_dict as fcb_state_dict
 from .._time_limit import ELAPSED_SECONDS
 from .._validate import check_metrics_mapping
 from .engine import _HOST_INPUTS, Check, Engine, check_flag, checked_step
-from .existing import existing_run_source
+from .existing import existing_run_source, resumed_state
 from .interrupts import Interrupts
 from .manifest import json_metrics, plan_checkpoints, read_manifest
 from .processes import ProcessGroup, check_reduction
@@ -189,15 +189,22 @@ class Session(ResumePoints):
                 f"was written there yet)."
             )
         callbacks_state, restore = self.engine.read_resume(source, record, manifest)
-        self.runner.load_state_dict(callbacks_state)
+        self.runner.state, stopped = resumed_state(
+            self.owner, self.callbacks, callbacks_state, source, int(record["step"])
+        )
         restore()
+        stop_message = str(record.get("stop_message") or "")
+        if stopped is False and stop_message:  # the changed settings would not have stopped
+            logger.warning("fcb: %s: the resumed run trains on (it had stopped: %s).",
+                           self.owner, stop_message)
+            stop_message = ""
 
         def adopt() -> None:
             if store is not None:  # the directory now holds exactly this point
                 files = {} if same else self.engine.adopt(store, source, record, manifest)
                 store.reset_to(record, files)
 
-        return int(record["step"]), str(record.get("stop_message") or ""), adopt
+        return int(record["step"]), stop_message, adopt
 
     # -- checks ------------------------------------------------------------------------------
 
