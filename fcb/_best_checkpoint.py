@@ -20,7 +20,7 @@ from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._errors import ConfigError
 from ._monitor import Mode, ThresholdMode
 from ._slots import MAX_FILENAME, check_filename, count_check, holds, key_as_name, tie_key
-from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init
+from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init, where_tree
 from ._validate import (
     INT32_MAX,
     as_step,
@@ -238,7 +238,7 @@ class BestCheckpoint(Callback):
                 value, state.best, self.min_delta, self.mode, self.threshold_mode
             )
             tie = None
-            if self.tie_break is not None:
+            if self.tie_break is not None and state.best_tie is not None:
                 read = read_metric("BestCheckpoint", metrics, self.tie_break, strict=self.strict)
                 tie = jnp.asarray(jnp.nan, jnp.float32) if read is None else read
                 wins = _monitor.is_better(
@@ -259,15 +259,13 @@ class BestCheckpoint(Callback):
                 best_step=jnp.where(improved, step, state.best_step),
                 tolerances=tolerances,
                 check_count=check_count,
-                smoothing=None
-                if smoothing is None
-                else jax.tree_util.tree_map(
-                    lambda new, old: jnp.where(scheduled, new, old), smoothing, state.smoothing
-                ),
+                smoothing=where_tree(scheduled, smoothing, state.smoothing),
                 best_raw=None
                 if state.best_raw is None
                 else jnp.where(improved, raw, state.best_raw),
-                best_tie=None if tie is None else jnp.where(improved, tie, state.best_tie),
+                best_tie=None
+                if tie is None or state.best_tie is None
+                else jnp.where(improved, tie, state.best_tie),
             )
         slots = {self.filename: new_state.best_step}
         slot_values = {self.filename: new_state.best}

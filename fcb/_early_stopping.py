@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float, Int
 from . import _monitor
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, StopReason
 from ._monitor import Mode, ThresholdMode
-from ._smoothing import SmoothingState, check_smoothing, keep, smooth, smoothing_init
+from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init, where_tree
 from ._validate import (
     as_step,
     check_flag,
@@ -203,7 +203,7 @@ class EarlyStopping(Callback):
             smoothing, value = smooth(self.alpha, self.window, state.smoothing, value)
             new_state, fired = self.update(state, value, as_step("EarlyStopping", step))
             new_state = dataclasses.replace(
-                new_state, smoothing=keep(state.stopped, state.smoothing, smoothing)
+                new_state, smoothing=where_tree(state.stopped, state.smoothing, smoothing)
             )
             event = "early_stopping/improved"
             if self.smoothed:

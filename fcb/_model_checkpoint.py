@@ -15,7 +15,7 @@ from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
 from ._monitor import Mode
 from ._slots import check_filename, count_check, eviction_index, insert_ranked
-from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init
+from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init, where_tree
 from ._validate import as_step, check_flag, check_key, check_mode, int_param, read_metric
 
 LAST_SLOT = "last"
@@ -260,7 +260,7 @@ class ModelCheckpoint(Callback):
         smoothing, value = state.smoothing, raw
         if not missing:
             smoothing, value = smooth(self.alpha, self.window, state.smoothing, raw)
-            smoothing = _where(scheduled, smoothing, state.smoothing)
+            smoothing = where_tree(scheduled, smoothing, state.smoothing)
         tie_value = None
         if self.tie_break is not None:
             read = read_metric("ModelCheckpoint", metrics, self.tie_break, strict=self.strict)
@@ -272,7 +272,9 @@ class ModelCheckpoint(Callback):
             values, steps, rank = state.values, state.steps, jnp.asarray(self.table_size)
             tie_values, moved = state.tie_values, tuple(c for c, _ in carried)
         else:
-            tie = None if tie_value is None else (state.tie_values, tie_value, self.tie_break_mode)
+            tie = None
+            if tie_value is not None and state.tie_values is not None:
+                tie = (state.tie_values, tie_value, self.tie_break_mode)
             values, steps, rank, moved = insert_ranked(
                 state.values, state.steps, value, step, self.mode, tie, carried
             )
@@ -287,8 +289,8 @@ class ModelCheckpoint(Callback):
             last_value=jnp.where(scheduled, value, state.last_value),
             check_count=check_count,
             smoothing=smoothing,
-            raw_values=_where(scheduled, moved[0], state.raw_values) if moved else None,
-            tie_values=_where(scheduled, tie_values, state.tie_values),
+            raw_values=where_tree(scheduled, moved[0], state.raw_values) if moved else None,
+            tie_values=where_tree(scheduled, tie_values, state.tie_values),
         )
         # Whole-table operations, then one split into per-slot scalars: a large save_top_k
         # costs one vector op per rule, not one op per rank and rule.
@@ -325,13 +327,6 @@ class ModelCheckpoint(Callback):
             log=log,
             events=events,
         )
-
-
-def _where(condition: Any, new: Any, old: Any) -> Any:
-    """`new` where `condition`, else `old`, leaf by leaf (None stays None)."""
-    if new is None or old is None:
-        return new
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
 def _scalars(vector: Array) -> list[Array]:

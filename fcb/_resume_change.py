@@ -235,6 +235,7 @@ def resume_with_changes(
             f"with the current config, as fcb.load_state_dict does"
         )
         return saved_state, ResumeReport((line,), False, was_stopped, was_stopped)
+    assert saved_callback is not None  # reason is None
     rebuilt = _replay(callback, checks)
     lines = []
     pairs = zip(_members(saved_callback, saved_state), _members(callback, rebuilt), strict=True)

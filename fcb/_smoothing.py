@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -113,12 +114,8 @@ def smooth(
     return new_state, jnp.where(finite, mean, value).astype(jnp.float32)
 
 
-def keep(frozen: Any, old: SmoothingState | None, new: SmoothingState | None):
-    """`old` where `frozen` (a stopped callback), else `new`."""
-    if old is None or new is None:
+def where_tree(condition: Any, new: Any, old: Any) -> Any:
+    """`new` where `condition`, else `old`, leaf by leaf; None (no smoothing state) stays None."""
+    if new is None or old is None:
         return new
-    return SmoothingState(
-        average=jnp.where(frozen, old.average, new.average),
-        recent=jnp.where(jnp.expand_dims(frozen, -1), old.recent, new.recent),
-        count=jnp.where(frozen, old.count, new.count),
-    )
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
