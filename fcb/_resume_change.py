@@ -24,7 +24,7 @@ import numpy as np
 from ._chain import Chain, NamedChain
 from ._combinators import AllOf
 from ._core import Callback
-from ._errors import StateDictError
+from ._errors import MetricShapeError, MetricTypeError, MissingMetricError, StateDictError
 from ._state_dict import (
     _flatten_config,
     _warn_config_changes,
@@ -226,8 +226,13 @@ def resume_with_changes(
     reason = None
     if saved_callback is None or _flatten_config(encode_config(saved_callback)) != before:
         reason = "a changed option is not a numeric setting"
-    elif not _equal(_replay(saved_callback, checks), saved_state):
-        reason = f"the {len(checks)} recorded checks do not reproduce the saved state"
+    else:
+        try:
+            reproduced = _equal(_replay(saved_callback, checks), saved_state)
+        except (MissingMetricError, MetricTypeError, MetricShapeError) as error:
+            reproduced, reason = False, f"the history cannot be replayed: {error}"
+        if not reproduced and reason is None:
+            reason = f"the {len(checks)} recorded checks do not reproduce the saved state"
     if reason is not None:
         _warn_config_changes(callback, saved_config)
         line = (

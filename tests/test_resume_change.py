@@ -141,3 +141,17 @@ def test_resume_with_changes_in_a_grid_member_and_smoothing():
         history,
         splits=[3, 6],
     )
+
+
+def test_a_history_without_the_monitored_metric_is_not_trusted():
+    before = fcb.EarlyStopping(KEY, patience=2)
+    state, saved = _saved(before, STOPPED[:4])
+    with pytest.warns(fcb.ConfigChangedWarning):
+        loaded, report = fcb.resume_with_changes(
+            fcb.EarlyStopping(KEY, patience=5), saved, [{"loss": 1.0}] * 4
+        )
+    chex.assert_trees_all_equal(loaded, state)
+    assert (
+        "the history cannot be replayed: EarlyStopping: the monitored metric 'val_loss'"
+        in (report.lines[0])
+    )
