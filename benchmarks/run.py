@@ -62,6 +62,7 @@ BENCHMARKS = [
     Benchmark("B8", "b8_growth"),
     Benchmark("B9", "b9_replay_scale"),
     Benchmark("B10", "b10_compile_cache"),
+    Benchmark("B11", "batch_hook"),
 ]
 
 
