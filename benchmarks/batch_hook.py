@@ -19,7 +19,6 @@ Run: python benchmarks/batch_hook.py [--quick]
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import tempfile
@@ -44,7 +43,7 @@ def callbacks() -> fcb.Callback:
 
 
 @contextmanager
-def torch_adapter(dirpath: str) -> Iterator[Callable[..., None]]:
+def torch_adapter(dirpath: str) -> Iterator[Callable[[int, int], None]]:
     import torch
 
     import fcb.torch
@@ -55,14 +54,20 @@ def torch_adapter(dirpath: str) -> Iterator[Callable[..., None]]:
         dirpath=dirpath,
     )
     adapter.on_fit_start()
+    hook = adapter.on_train_batch_end
+
+    def loop(first: int, calls: int) -> None:
+        for step in range(first, first + calls):
+            hook(step=step)
+
     try:
-        yield adapter.on_train_batch_end
+        yield loop
     finally:
         adapter.on_fit_end()
 
 
 @contextmanager
-def orbax_adapter(dirpath: str) -> Iterator[Callable[..., None]]:
+def orbax_adapter(dirpath: str) -> Iterator[Callable[[int, int], None]]:
     import jax.numpy as jnp
 
     import fcb.orbax
@@ -70,33 +75,41 @@ def orbax_adapter(dirpath: str) -> Iterator[Callable[..., None]]:
     params = {"w": jnp.zeros((4, 1)), "b": jnp.zeros((1,))}
     adapter = fcb.orbax.OrbaxAdapter(callbacks(), dirpath)
     adapter.on_fit_start(like=params)
+    hook = adapter.on_train_batch_end
+
+    def loop(first: int, calls: int) -> None:
+        for step in range(first, first + calls):
+            hook(step=step, state=params)  # as an orbax loop calls it
+
     try:
-        yield functools.partial(adapter.on_train_batch_end, state=params)
+        yield loop
     finally:
         adapter.on_fit_end()
 
 
-def measure(hook: Callable[..., None], calls: int, repeats: int) -> tuple[float, float]:
-    """(hook loop, bare loop) nanoseconds per iteration, best of `repeats`."""
+def bare_loop(first: int, calls: int) -> None:
+    for _step in range(first, first + calls):  # the same loop, binding the step too
+        pass
+
+
+def measure(
+    loop: Callable[[int, int], None], calls: int, repeats: int
+) -> tuple[float, float]:
+    """(hook loop, bare loop) nanoseconds per iteration, best of `repeats`; `loop(first,
+    calls)` calls the hook at the steps `first` to `first + calls - 1`."""
     next_step = [0]  # the global step goes on rising from one repeat to the next
 
-    def with_hook() -> float:
-        first = next_step[0]
-        next_step[0] += calls
-        start = time.perf_counter_ns()
-        for step in range(first, first + calls):
-            hook(step=step)
-        return (time.perf_counter_ns() - start) / calls
+    def timed(run_loop: Callable[[int, int], None]) -> Callable[[], float]:
+        def once() -> float:
+            first = next_step[0]
+            next_step[0] += calls
+            start = time.perf_counter_ns()
+            run_loop(first, calls)
+            return (time.perf_counter_ns() - start) / calls
 
-    def bare() -> float:
-        first = next_step[0]
-        next_step[0] += calls
-        start = time.perf_counter_ns()
-        for _step in range(first, first + calls):  # the same loop, binding the step too
-            pass
-        return (time.perf_counter_ns() - start) / calls
+        return once
 
-    times = interleaved({"hook": with_hook, "bare": bare}, repeats=repeats)
+    times = interleaved({"hook": timed(loop), "bare": timed(bare_loop)}, repeats=repeats)
     return min(times["hook"]), min(times["bare"])
 
 
@@ -106,8 +119,8 @@ def run(quick: bool = False) -> list[Row]:
     for id, name, adapter in (
         ("B11", "TorchAdapter", torch_adapter), ("B11o", "OrbaxAdapter", orbax_adapter)
     ):
-        with tempfile.TemporaryDirectory() as dirpath, adapter(dirpath) as hook:
-            hooked, bare = measure(hook, calls, repeats)
+        with tempfile.TemporaryDirectory() as dirpath, adapter(dirpath) as loop:
+            hooked, bare = measure(loop, calls, repeats)
         cost = hooked - bare
         rows.append(
             Row(
