@@ -54,7 +54,7 @@ def test_one_line_per_check_and_a_summary(tmp_path):
     assert checks[0]["metrics"] == {"val_loss": pytest.approx(0.9), "train_loss": 1.0}
     assert checks[2]["lr"] == [pytest.approx(0.05)]  # the plateau halved it at step 2
     assert "best.val_loss/improved" in checks[3]["events"]
-    assert checks[-1]["stop"].startswith("the monitored metric did not improve")
+    assert checks[-1]["stop"].startswith("val_loss did not improve for 3 checks (patience=3")
     assert all(r["stop"] is None for r in checks[:-1])
     assert summary["summary"]["best.val_loss.tolerance=1/stopped_step"] == 2.0
     assert summary["step"] == 6  # the summary follows the run's last check

@@ -287,12 +287,17 @@ class Session(ResumePoints):
     ) -> Actions:
         rates = self.engine.learning_rates()
         error = None
+        # the stop named with its metric, settings and values: the history, the manifest's
+        # resume record and `stop_message` all say the same
+        said = stop_message(self.runner.callback, self.runner.state, actions) if bool(
+            actions.stop
+        ) else ""
         try:
             # The learning rate changes before the save, so a checkpoint of this step holds
             # the rate the run continues with (resuming there must not undo the cut).
             self.engine.apply_lr(actions)
             if self.store is not None:
-                self._write(actions, step, metrics, context)
+                self._write(actions, step, metrics, context, said)
             else:
                 self.engine.follow(actions, step)
         except BaseException as failure:
@@ -307,22 +312,23 @@ class Session(ResumePoints):
                 self.store.abandon()
             raise
         self.last_step = step
-        self._report(actions, step, metrics, context)
-        stopped, message = self.processes.agree_on_stop(
-            bool(actions.stop),
-            stop_message(self.runner.callback, self.runner.state, actions) if actions.stop else "",
-        )
+        self._report(actions, step, metrics, context, said)
+        stopped, message = self.processes.agree_on_stop(bool(actions.stop), said)
         if stopped:
             self._stop(message)
         return actions
 
-    def _write(self, actions: Actions, step: int, metrics: dict[str, Any], context: Any):
+    def _write(
+        self, actions: Actions, step: int, metrics: dict[str, Any], context: Any, said: str
+    ):
         store = self.store
         assert store is not None
         current = {name: s["step"] for name, s in store.latest_manifest["slots"].items()}
         plan = plan_checkpoints(actions, step, dict(self.runner.names.slot_models), current)
         if plan is None:
             return
+        if plan.stop_message:
+            plan = plan._replace(stop_message=said)
         store.finish()  # the previous check's write is committed first
         callbacks_state = self.runner.state_dict()
         write = self.engine.write(
@@ -336,7 +342,7 @@ class Session(ResumePoints):
         self.engine.submit(job)
 
     def _report(
-        self, actions: Actions, step: int, metrics: Mapping[str, Any], context: Any
+        self, actions: Actions, step: int, metrics: Mapping[str, Any], context: Any, said: str
     ) -> None:
         for name, fired in actions.events.items():
             if bool(fired):
@@ -351,7 +357,7 @@ class Session(ResumePoints):
                     metrics,
                     lr=self.engine.learning_rates_after(actions, context),
                     events=[name for name, fired in actions.events.items() if bool(fired)],
-                    stop=actions.stop_message() if bool(actions.stop) else None,
+                    stop=said or None,
                 )
             )
 
