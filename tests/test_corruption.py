@@ -395,10 +395,11 @@ def test_orphan_step_file_from_a_crash_is_deleted_at_open_and_never_loaded(run):
 
 
 def test_new_run_over_an_old_one_never_reuses_its_checkpoints(run, caplog):
-    """With existing_run="start_over", a new run replaces the old one: its own step 0 is written (the
-    old run's step 0 is not taken for it), the old run's names and files are gone, and the
-    old manifest was replaced by an empty one before any new file was written, so a kill
-    in between cannot leave a manifest whose record does not match its file."""
+    """With existing_run="start_over", a new run replaces the old one: its own step 0 is
+    written (the old run's step 0 is not taken for it), the old run's names and files are
+    gone, and the old manifest was replaced by an empty one before any new file was
+    written, so a kill in between cannot leave a manifest whose record does not match its
+    file."""
     old = manifest(run)
     seen = []
     original = fcb.torch.CheckpointStore.write

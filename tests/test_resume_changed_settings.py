@@ -12,7 +12,10 @@ import fcb.torch
 LOSSES = [0.9, 0.7, 0.72, 0.71, 0.74, 0.69, 0.75, 0.76, 0.77, 0.78, 0.79, 0.8]
 
 
-def run(dirpath, patience, epochs=len(LOSSES)):
+EPOCHS = len(LOSSES)
+
+
+def run(dirpath, patience, epochs=EPOCHS):
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     callbacks = fcb.chain(

@@ -134,6 +134,13 @@ class ProcessGroup:
             return flag
         return bool(self._gather([int(flag)]).any())
 
+    def any_each(self, flags: Sequence[bool]) -> tuple[bool, ...]:
+        """`any` of each flag, in one collective."""
+        if not self.active:
+            return tuple(flags)
+        rows = self._gather([int(f) for f in flags])
+        return tuple(bool(rows[:, i].any()) for i in range(rows.shape[1]))
+
     def gather_text(self, text: str | None) -> list[str | None]:
         """Every process's text (or None), in process order (a collective)."""
         if not self.active:

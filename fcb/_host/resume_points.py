@@ -62,7 +62,7 @@ class ResumePoints:
     def _agreed_reason(self: Any, step: int) -> str | None:
         flags = self.interrupts.reasons(step)
         if self.processes.active:
-            flags = tuple(self.processes.any(flag) for flag in flags)
+            flags = self.processes.any_each(flags)
         return reason_of(flags)
 
     def _resume_job(
