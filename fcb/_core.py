@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
@@ -344,6 +345,21 @@ class Callback(eqx.Module):
         again ([`fcb.all_of`][] uses it for a member whose condition held alone). Callbacks
         that latch a stop override it; the default returns `state`."""
         return state
+
+    def __repr__(self) -> str:
+        # A concrete scalar setting prints as its value (`patience=3`), not `i32[]`: a
+        # member of an `fcb.grid` says which configuration it is.
+        def shown(leaf: Any) -> Any:
+            if isinstance(leaf, (jnp.ndarray, np.ndarray)) and np.ndim(leaf) == 0:
+                try:
+                    value = np.asarray(leaf)
+                except Exception:  # a tracer: no value to show
+                    return leaf
+                # float32's shortest digits (0.001, not 0.0010000000474974513)
+                return float(str(value[()])) if value.dtype.kind == "f" else value.item()
+            return leaf
+
+        return eqx.tree_pformat(jax.tree_util.tree_map(shown, self))
 
     def no_actions(self) -> Actions:
         """Inactive actions carrying this callback's declared names."""

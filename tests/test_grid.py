@@ -196,3 +196,10 @@ def test_grid_of_a_batch_with_mismatched_axes():
         fcb.Grid(batch, [{"patience": 1}, {"patience": 2}, {"p": 3}])
     with pytest.raises(fcb.ConfigError, match=r"must be an fcb.Callback"):
         fcb.Grid({"patience": np.arange(3)})
+
+
+def test_a_member_prints_its_settings():
+    grid = fcb.grid(fcb.EarlyStopping, patience=[1, 2], min_delta=[0.0, 1e-3])
+    text = repr(grid[3])
+    assert "patience=2," in text and "min_delta=0.001," in text and "i32[]" not in text
+    assert "patience=i32[4]" in repr(grid.callback)  # a batch still shows its shape
