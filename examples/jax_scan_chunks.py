@@ -5,6 +5,9 @@ for every check, the actions, the callbacks' state and the state training contin
 Between chunks, `fcb.orbax.OrbaxAdapter.apply_actions` writes what the slots keep (with
 orbax), records the manifest and sets the stop flag. Once the chain stops, the rest of the
 chunk idles. The result is the run an eager loop gives: same stop, same checkpoints.
+A SIGTERM received while a chunk runs (a preemption) is seen between chunks, at the first
+of its checks: that check becomes the resume point and the loop ends; the same command,
+launched again, resumes there.
 
 Run: python examples/jax_scan_chunks.py
 """
@@ -125,6 +128,8 @@ def run_chunked(data, directory, k=8, patience=5) -> tuple[fcb.orbax.OrbaxAdapte
                 state=check.state,
                 metrics=check.metrics,
             )
+            if adapter.should_stop:  # a stop, or a preemption signal received meanwhile:
+                break  # the run resumes from this check; the chunk's later ones are redone
     adapter.on_fit_end()
     return adapter, chunks
 
