@@ -276,8 +276,8 @@ def recorded_points(tmp_path, disk):
         check(adapter, step)
     disk.reset()
     check(adapter, FAULTY)
+    points, phases = disk.points()  # the check's own operations (not the close's)
     adapter.on_fit_end()
-    points, phases = disk.points()
     disk.reset()
     return points, phases
 

@@ -209,6 +209,8 @@ def test_resume_every_steps_and_seconds_keep_one_rolling_resume_point(tmp_path):
 def test_signal_handlers_are_chained_and_put_back(tmp_path):
     calls = []
     previous = signal.signal(signal.SIGUSR1, lambda number, frame: calls.append(number))
+    mine = signal.getsignal(signal.SIGUSR1)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         adapter = fcb.torch.TorchAdapter(chain(), dirpath=str(tmp_path),
                                          preempt_on=("SIGTERM", "SIGUSR1"))
@@ -220,10 +222,20 @@ def test_signal_handlers_are_chained_and_put_back(tmp_path):
         adapter.on_train_batch_end(step=1)  # no check at step 0: committed, stopped
         assert adapter.should_stop and "received SIGUSR1" in adapter.stop_message
         adapter.on_fit_end()
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        assert signal.getsignal(signal.SIGUSR1) is not adapter.session.interrupts._handle
+        assert signal.getsignal(signal.SIGTERM) == sigterm
+        assert signal.getsignal(signal.SIGUSR1) is mine
         os.kill(os.getpid(), signal.SIGUSR1)
         assert calls == [signal.SIGUSR1] * 2
+        # an adapter dropped without closing: its handler passes the signal on
+        abandoned = fcb.torch.TorchAdapter(chain(), dirpath=str(tmp_path / "b"),
+                                           preempt_on=("SIGUSR1",))
+        abandoned.on_fit_start()
+        del abandoned
+        import gc
+
+        gc.collect()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert calls == [signal.SIGUSR1] * 3
     finally:
         signal.signal(signal.SIGUSR1, previous)
 
@@ -332,3 +344,19 @@ def test_a_compiled_loop_stops_between_chunks_at_a_signal_and_a_time_limit(tmp_p
     assert step == 3 and "received SIGTERM" in adapter.stop_message
     assert manifest(tmp_path)["resume"]["step"] == 3 and manifest(tmp_path)["resume"][
         "stop_message"] == ""
+
+
+def test_a_handler_left_by_an_adapter_that_never_closed_lets_sigterm_end_the_process(tmp_path):
+    script = (
+        "import gc, os, signal, time, fcb, fcb.torch\n"
+        f"a = fcb.torch.TorchAdapter(fcb.ModelCheckpoint(), dirpath={str(tmp_path)!r})\n"
+        "a.on_fit_start()\n"
+        "del a\n"
+        "gc.collect()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(20)\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stderr[-2000:])

@@ -139,6 +139,7 @@ class Interrupts:
         self._install()
 
     def _install(self) -> None:
+        self._closed, self._previous = False, {}
         if not self.signals or threading.current_thread() is not threading.main_thread():
             if self.signals:
                 logger.info("fcb: not the main thread: no preemption handler is installed.")
@@ -148,23 +149,40 @@ class Interrupts:
             signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame: Any) -> None:
+        signum = signal.Signals(number)
+        previous = self._previous.get(signum)
+        if self._closed or (self.session is not None and self.session() is None):
+            # closed, or left by an adapter that never closed: the signal does what it did
+            # before this adapter (when the system called this handler itself)
+            if callable(previous):
+                previous(number, frame)
+            elif signal.getsignal(signum) == self._handle:
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+                if previous in (None, signal.SIG_DFL):
+                    signal.raise_signal(signum)
+            return
         if self.received is None:
-            self.received = signal.Signals(number).name
+            self.received = signum.name
             logger.warning(
                 "fcb: received %s; a resumable checkpoint is written at the next hook.",
                 self.received,
             )
-        previous = self._previous.get(signal.Signals(number))
         if callable(previous):  # chain to the handler we replaced (SIG_DFL would kill us)
             previous(number, frame)
 
+    _closed = False
+    session: Callable[[], Any] | None = None
+    """A weak reference to the session (set by it): a handler outliving it passes signals on."""
+
     def close(self) -> None:
-        """Put back the handlers replaced at `start`."""
-        previous, self._previous = self._previous, {}
+        """Put back the handlers replaced at `start`; a handler another adapter installed
+        since stays (it chains to ours, which from now on passes the signal on)."""
+        self._closed = True
         if threading.current_thread() is not threading.main_thread():
             return
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number, handler in self._previous.items():
+            if signal.getsignal(number) == self._handle:
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
     # -- at each hook ------------------------------------------------------------------------
 

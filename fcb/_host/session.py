@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -97,6 +98,7 @@ class Session(ResumePoints):
         self.resumed_step: int | None = None
         self.summary: dict[str, float] = {}
         self.interrupts = Interrupts(owner, preempt_on=()) if interrupts is None else interrupts
+        self.interrupts.session = weakref.ref(self)
         self._batch: tuple[int, Any] = (-1, None)
         """The step and context of the last batch hook (for a save on an exception)."""
         self._check_context: Any = None
