@@ -95,7 +95,9 @@ class DecisionsOnlyAdapter(InMemoryAdapter):
         super().on_fit_start(*args, **kwargs)
         session = self.session
 
-        def record_slots(actions: Any, step: int, metrics: Any, context: Any) -> None:
+        def record_slots(
+            actions: Any, step: int, metrics: Any, context: Any, said: str = ""
+        ) -> None:
             store = session.store
             current = {name: s["step"] for name, s in store.manifest["slots"].items()}
             plan = plan_checkpoints(actions, step, dict(session.runner.names.slot_models), current)

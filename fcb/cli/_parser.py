@@ -168,7 +168,9 @@ def main(
         if before_run is not None:
             before_run()
         run: Callable[[argparse.Namespace], int] = args.run
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that has gone is handled below
+        return code
     except UsageError as error:
         _fail(args, str(error), error.prog)
         return USAGE_EXIT
