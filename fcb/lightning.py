@@ -184,6 +184,7 @@ class FcbCallback(pl.Callback):
         self.adapter = _LightningAdapter(
             callbacks, dirpath=dirpath, evaluate=evaluate, history=history, log=log,
             reduce=reduce, existing_run=existing_run,
+            preempt_on=(),  # Lightning handles SIGTERM itself (SIGTERMException on every rank)
         )
 
     @property

@@ -168,6 +168,7 @@ def test_time_limit_between_checks_commits_at_the_next_hook(tmp_path):
     adapter.on_fit_end()
     assert manifest(tmp_path)["resume"]["step"] == 24
     assert table(tmp_path) == {"best_model": 9, "last": 24}
+    assert manifest(tmp_path)["slots"]["best_model"]["value"] == 1.0  # kept, not lost
 
 
 def test_resume_every_steps_and_seconds_keep_one_rolling_resume_point(tmp_path):

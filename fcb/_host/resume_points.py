@@ -10,6 +10,7 @@ from typing import Any
 
 from .._core import Actions, StopReason
 from .._errors import CheckpointError, ConfigError
+from .._state_dict import decode_number
 from .engine import Check, checked_step
 from .interrupts import PREEMPTED, TIME_LIMIT, Pending, reason_of, stop_message, stop_reason
 from .manifest import RESUME_SLOT, Plan
@@ -18,10 +19,11 @@ logger = logging.getLogger("fcb")
 
 
 def resume_plan(manifest: dict[str, Any], step: int) -> Plan:
-    """Keep every slot as it is, and make `step` the resume point (the `last` slot)."""
+    """Keep every slot as it is (step, value, models), and make `step` the resume point
+    (the `last` slot; no check measured it, so its value is NaN)."""
     slots = {
         name: (
-            int(slot["step"]), math.nan,
+            int(slot["step"]), float(decode_number(slot["value"])),
             None if slot.get("models") is None else tuple(slot["models"]),
         )
         for name, slot in manifest["slots"].items()
