@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 from ._errors import (
@@ -148,6 +148,27 @@ def verify(path: str, expected: dict[str, Any]) -> None:
         raise CheckpointCorruptError(
             f"{path} does not match its recorded CRC-32 checksum (its bytes changed)."
         )
+
+
+def shard_checksums(directory: str) -> dict[str, dict[str, int]]:
+    """The size and CRC-32 of every file of a sharded checkpoint's directory (flat)."""
+    return {
+        name: file_checksum(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+    }
+
+
+def verify_location(path: str, expected: Mapping[str, Any]) -> int:
+    """`verify` of one location the manifest lists: a file, or a sharded checkpoint's
+    directory (every shard file it records); returns its size in bytes."""
+    shards = expected.get("shards")
+    if shards is None:
+        verify(path, dict(expected))
+        return int(expected["size"])
+    if not os.path.isdir(path):
+        raise CheckpointCorruptError(f"{path} is missing (the manifest records it).")
+    for name, record in sorted(shards.items()):
+        verify(os.path.join(path, name), record)
+    return sum(int(record["size"]) for record in shards.values())
 
 
 def link_atomic(target: str, link: str) -> None:

@@ -312,6 +312,22 @@ FILE_FIELDS = {"torch": ("size", "crc32"), "orbax": ("step", "models")}
 the file's own record when present)."""
 
 
+def _check_shards(path: str, entry: str, shards: Any) -> None:
+    if not isinstance(shards, dict) or not shards:
+        raise CheckpointCorruptError(
+            f"{path}: {entry}['shards'] must be a non-empty JSON object (file name -> size and "
+            f"CRC-32), got {_shown(shards)}."
+        )
+    for name, record in shards.items():
+        where = f"{entry}['shards'][{name!r}]"
+        confined(path, f"a key of {entry}['shards']", name, name_only=True)
+        _check_object(path, where, record, ("size", "crc32"))
+        _check_int(path, f"{where}['size']", record["size"], 0, 2**63 - 1,
+                   "a size in bytes from 0 to 2**63 - 1")
+        _check_int(path, f"{where}['crc32']", record["crc32"], 0, 2**32 - 1,
+                   "a CRC-32 from 0 to 2**32 - 1")
+
+
 def _check_slots(path: str, where: str, slots: Any, storage: str) -> None:
     if not isinstance(slots, dict):
         raise CheckpointCorruptError(
@@ -342,7 +358,12 @@ def _check_structure(path: str, manifest: dict[str, Any], storage: str) -> None:
     for relative, record in manifest["files"].items():
         entry = f"files[{relative!r}]"
         confined(path, "a key of 'files'", relative)
-        _check_object(path, entry, record, FILE_FIELDS.get(storage, ()))
+        shards = record.get("shards") if isinstance(record, dict) else None
+        # a sharded step (a directory) records each of its files instead of one size and CRC
+        _check_object(path, entry, record, ("shards",) if shards is not None and storage ==
+                      "torch" else FILE_FIELDS.get(storage, ()))
+        if shards is not None:
+            _check_shards(path, entry, shards)
         if "step" in record:
             _check_step(path, f"{entry}['step']", record["step"])
         if "size" in record:

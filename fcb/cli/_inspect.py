@@ -187,14 +187,13 @@ def _step_file_of(directory: str, link_path: str) -> str | None:
 
 
 def _check_torch_file(path: str, record: Mapping[str, Any]) -> int:
-    from .._files import verify
+    from .._files import verify_location
 
-    if "size" not in record or "crc32" not in record:
+    if "shards" not in record and ("size" not in record or "crc32" not in record):
         raise CheckpointCorruptError(
             f"the manifest records no size and checksum for {path} (edited by hand?)."
         )
-    verify(path, dict(record))
-    return int(record["size"])
+    return verify_location(path, record)
 
 
 def _check_orbax_step(path: str, record: Mapping[str, Any]) -> int:

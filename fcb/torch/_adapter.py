@@ -7,6 +7,7 @@ evaluation on a module, the background writer); the check sequence is the shared
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
@@ -31,18 +32,12 @@ from .._validate import check_metrics_mapping
 from ._distributed import ranks
 from ._load import load_checkpoint as load_checkpoint
 from ._lr import TorchLearningRates
-from ._payload import (
-    adopt_files,
-    check_parts,
-    close_all,
-    number,
-    open_resume_point,
-    read_resume_point,
-    restore_payload,
-    step_payload,
-)
+from ._payload import check_parts, close_all, number
+from ._sharded import ShardedStore
+from ._sharded_payload import check_sharded_option, sharded_choice
 from ._store import CheckpointStore
-from ._writer import BackgroundWriter, host_copy
+from ._writer import BackgroundWriter
+from ._writes import TorchWrites
 
 
 @runtime_checkable
@@ -60,7 +55,7 @@ class Trainer(Protocol):
 EvaluateFn = Callable[[torch.nn.Module], Mapping[str, Any]]
 
 
-class TorchAdapter(TorchLearningRates, SessionFacade):
+class TorchAdapter(TorchWrites, TorchLearningRates, SessionFacade):
     """Run an fcb callback chain in a Torch training loop and apply its actions.
 
     Give it a `trainer` (anything with `should_stop`, `default_root_dir`, `state_dict()` and
@@ -106,6 +101,13 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
     the fit appends the callbacks' summary. `fcb.replay` and `fcb plot` read it. A new run
     starts a new history; a resumed run keeps the lines up to its resume point.
 
+    Sharded models (DTensor parameters: FSDP2 `fully_shard`, tensor parallel; FSDP1) are
+    saved with `torch.distributed.checkpoint`: every rank writes its shards into the step's
+    directory `steps/step-NNNNNNNN/`, and rank 0 commits the manifest once all are durable
+    (`sharded=None`, the default, decides from the model and the run being resumed;
+    `sharded=True` saves even an unsharded model so; `sharded=False` with a sharded model is a
+    `ConfigError`). `fcb.torch.load_checkpoint` reads such a step whole in one process.
+
     Steps: `step=` names the check (and its checkpoint); each check's step must be larger
     than the last. Without it, a check is the previous step + 1 (the first is 0).
     """
@@ -135,6 +137,7 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
         resume_every_seconds: float | None = None,
         save_on_exception: bool = False,
         clock: Callable[[], float] | None = None,
+        sharded: bool | None = None,
     ):
         owner = self.owner
         if check_on not in ("validation_end", "train_epoch_end"):
@@ -163,6 +166,8 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
         self.background = check_flag(owner, "background", background)
         self.resume_from = resume_from
         self._dirpath = dirpath
+        self.sharded = check_sharded_option(owner, sharded)
+        self._sharded = bool(sharded)
         self._writer: BackgroundWriter | None = None
         self._stashed: dict[str, Any] = {}
         self._snapshot: dict[str, IO[bytes]] = {}
@@ -223,6 +228,10 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
             self.trainer = trainer
         self._check_model_names()
         resuming = getattr(self.trainer, "ckpt_path", None)  # the trainer resumes itself
+        self._sharded = sharded_choice(
+            self.owner, self.sharded, self.model,
+            [self.dirpath] * (self.existing_run == "resume") + [self.resume_from or ""],
+        )
         try:
             self.session.start(
                 self.dirpath, resume_from=self.resume_from, existing_run=self.existing_run,
@@ -231,7 +240,10 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
         finally:
             close_all(self._snapshot)
             self._snapshot = {}
-        if self.store is not None and self.background and self._writer is None:
+        if (
+            self.store is not None and self.background and self._writer is None
+            and not self._sharded  # a sharded store saves asynchronously itself
+        ):
             self._writer = BackgroundWriter()
 
     # -- events ------------------------------------------------------------------------------
@@ -273,6 +285,8 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
         return ranks()
 
     def open_store(self, processes: ProcessGroup) -> ManifestStore | None:
+        if self._sharded:  # every rank writes its shards
+            return ShardedStore(self.dirpath, processes=processes, background=self.background)
         # only rank 0 touches the directory; every rank learns whether that worked
         return CheckpointStore(self.dirpath, suffix=self.suffix) if processes.is_primary else None
 
@@ -303,46 +317,6 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
             )
         return {k: number(self.owner, k, v) for k, v in results.items()}
 
-    def write(self, store: ManifestStore, check: Check) -> Callable[[], None]:
-        """The step's files (one per variant of submodules), captured now: a host copy when
-        the writer runs in the background."""
-        assert isinstance(store, CheckpointStore)
-        writes = [
-            self._step_writer(store, check, models)
-            for models in check.plan.variants
-            if not store.has(store.step_file(check.step, models))
-        ]
-
-        def write_all() -> None:
-            for write in writes:
-                write()
-
-        return write_all
-
-    def snapshot(self, store: ManifestStore, check: Check) -> Callable[[], None]:
-        self._copy_now = True
-        try:
-            return self.write(store, check)
-        finally:
-            self._copy_now = False
-
-    _copy_now = False
-
-    def _step_writer(
-        self, store: CheckpointStore, check: Check, models: tuple[str, ...] | None
-    ) -> Callable[[], None]:
-        payload = self._payload(check, models)
-        relative = store.step_file(check.step, models)
-        return lambda: store.write(relative, check.step, models, payload)
-
-    def _payload(self, check: Check, models: tuple[str, ...] | None) -> dict[str, Any]:
-        writer = self._writer
-        copy = (
-            (lambda x: host_copy(x, writer.host_copy)) if writer is not None
-            else host_copy if self._copy_now else (lambda x: x)
-        )
-        return step_payload(self, check, models, copy)
-
     def submit(self, job: Callable[[], None]) -> None:
         if self._writer is None:
             job()
@@ -355,22 +329,6 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
     def settle(self) -> None:
         if self._writer is not None:
             self._writer.wait()
-
-    def read_resume(
-        self, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
-    ) -> tuple[Any, Callable[[], None]]:
-        """Read the resume point from a snapshot of its files: the run in `source` may be
-        being written (`record` and `manifest` follow the snapshot, see
-        `open_resume_point`)."""
-        self._snapshot = open_resume_point(source, record, manifest)  # type: ignore[arg-type]
-        payload, callbacks_state = read_resume_point(source, record, manifest, self._snapshot)
-        return callbacks_state, lambda: restore_payload(self, payload)
-
-    def adopt(
-        self, store: ManifestStore, source: str, record: Mapping[str, Any],
-        manifest: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        return adopt_files(store, source, record, manifest, self._snapshot)
 
     def stopped(self) -> None:
         if self.trainer is not None:
@@ -386,10 +344,13 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
         return error
 
     def wait(self) -> None:
-        """Block until every background write is done; raise the first write error."""
+        """Block until every background write is done and committed; raise the first
+        write error."""
         if self._writer is not None:
             self._writer.wait()
         self.group.agree_on_error(self._writer_error())
+        if self.store is not None:  # a sharded async save in flight commits now
+            self.store.finish()
 
     def on_fit_end(self, trainer: Any = None, *_: Any) -> dict[str, float]:
         """Wait for writes, finalize the callbacks (summary scalars), release the directory."""
@@ -405,6 +366,12 @@ class TorchAdapter(TorchLearningRates, SessionFacade):
         try:
             if self._writer is not None:
                 self._writer.wait()
+            if (  # one process: nothing else to wait for in a collective
+                isinstance(self.store, ShardedStore) and self.store._in_flight()
+                and not self.group.active
+            ):
+                with contextlib.suppress(Exception):  # a complete step is worth committing
+                    self.store.finish()
             if self.save_on_exception:
                 self.session.save_on_exception(exception, failed=bool(self._writer_error()))
         finally:

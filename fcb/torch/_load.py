@@ -78,22 +78,41 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     `path` is a slot's name (`best_model.pt`, `last.pt`...) or a step file; the run's
     manifest (beside it, or one directory up for a step file) must list it, and its size and
-    CRC-32 must match the record. A run being written is read as one snapshot: the manifest
+    CRC-32 must match the record. A sharded run's slot (`best_model`, a directory) or step
+    directory is read whole: every shard file checked, the model's and optimizer's state as
+    plain tensors (the optimizer's keyed by parameter name, as
+    `torch.distributed.checkpoint.state_dict.get_state_dict` gives it), in one process
+    without a process group. A run being written is read as one snapshot: the manifest
     first, then the file it lists, read again when a commit raced the read.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and find_run(path) is not None:
         raise _not_a_file(path)
     manifest_dir = _manifest_dir(path)
     relative = os.path.relpath(os.path.abspath(path), manifest_dir)
 
-    def read(manifest: dict[str, Any]) -> tuple[str, dict[str, Any], IO[bytes]]:
-        slot = manifest["slots"].get(os.path.splitext(os.path.basename(path))[0])
+    def listed(manifest: dict[str, Any]) -> str:
+        name = os.path.basename(os.path.normpath(path))
+        slot = next((s for s in manifest["slots"].values() if s.get("link") == name), None)
         record_key = slot["file"] if slot else relative
         if record_key not in manifest["files"]:
             raise CheckpointCorruptError(
                 f"{path} is not listed in {manifest_dir}/{MANIFEST_NAME}."
             )
+        return record_key
+
+    if os.path.isdir(path):  # a sharded step (or a slot's link to one): read whole
+        from ._sharded_payload import load_sharded
+
+        def read_sharded(manifest: dict[str, Any]) -> dict[str, Any]:
+            record_key = listed(manifest)
+            return load_sharded(os.path.join(manifest_dir, record_key),
+                                manifest["files"][record_key])
+
+        return read_live(manifest_dir, "torch", read_sharded)
+
+    def read(manifest: dict[str, Any]) -> tuple[str, dict[str, Any], IO[bytes]]:
+        record_key = listed(manifest)
         return record_key, manifest["files"][record_key], open_listed(
             manifest_dir, manifest, record_key
         )

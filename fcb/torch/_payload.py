@@ -70,16 +70,7 @@ def step_payload(
     """The checkpoint of `check.step`: fcb's record, and the state dicts of the adapter's
     `parts` (model, or only its submodules `models`; optimizer, scheduler, trainer, RNG),
     each passed through `copy` (a host copy for a background write)."""
-    payload: dict[str, Any] = {
-        "fcb": {
-            "format": CHECKPOINT_FORMAT,
-            "version": 1,
-            "step": check.step,
-            # compact JSON: a pickled nested dict would be several times larger
-            "callbacks": json.dumps(check.callbacks, separators=(",", ":")),
-            "slots": {name: s for name, (s, _, _) in check.plan.slots.items()},
-        }
-    }
+    payload: dict[str, Any] = {"fcb": fcb_record(check)}
     if parts.model is not None:
         if models:
             payload["model"] = {n: copy(parts._submodule(n).state_dict()) for n in models}
@@ -97,6 +88,19 @@ def step_payload(
     check_loadable(parts.owner, check.step, payload, describe_entry)
     payload["rng"] = rng_state()
     return payload
+
+
+def fcb_record(check: Check) -> dict[str, Any]:
+    """fcb's own record in the checkpoint of `check.step`: the step, the callbacks' state
+    and the slot table (what a resume reads besides the model)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "step": check.step,
+        # compact JSON: a pickled nested dict would be several times larger
+        "callbacks": json.dumps(check.callbacks, separators=(",", ":")),
+        "slots": {name: s for name, (s, _, _) in check.plan.slots.items()},
+    }
 
 
 def describe_entry(entry: str, path: str) -> str:

@@ -12,13 +12,14 @@ from typing import IO, Any, cast
 import torch
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
-from .._files import atomic_write, atomic_write_path, fsync_dir, link_atomic, verify
+from .._files import atomic_write, atomic_write_path, fsync_dir, link_atomic, verify_location
 from .._host.manifest import (
     MANIFEST_NAME as MANIFEST_NAME,
     RESUME_SLOT as RESUME_SLOT,
     Models,
     read_manifest as _read_manifest,
 )
+from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR, ManifestStore
 
 SUFFIX = ".pt"
@@ -60,8 +61,10 @@ class CheckpointStore(ManifestStore):
 
     storage = "torch"
 
-    def __init__(self, directory: str, *, suffix: str = SUFFIX):
-        super().__init__(directory)
+    def __init__(
+        self, directory: str, *, suffix: str = SUFFIX, processes: ProcessGroup | None = None
+    ):
+        super().__init__(directory, processes=processes)
         self.suffix = suffix
         self._leftover: set[str] = set()
         """Files and names to delete that a failed deletion left behind (retried)."""
@@ -119,7 +122,7 @@ class CheckpointStore(ManifestStore):
         for slot in self.manifest["slots"].values():
             link = self.path(slot["link"])
             try:
-                link_atomic(self.path(slot["file"]), link)
+                self._point(self.path(slot["file"]), link)
             except (CheckpointWriteError, OSError) as error:
                 # A name must never serve another step's checkpoint: drop it until repaired
                 # (load_checkpoint finds the slot's file through the manifest meanwhile).
@@ -138,6 +141,10 @@ class CheckpointStore(ManifestStore):
             fsync_dir(self.directory)
         except OSError as error:
             logger.warning("fcb: could not sync the directory %s (%s).", self.directory, error)
+
+    def _point(self, target: str, link: str) -> None:
+        """Make the slot name `link` lead to the step location `target`."""
+        link_atomic(target, link)
 
     def _remove(self, relative: str) -> bool:
         """Delete one file or name; False (and a warning) when the disk refuses."""
@@ -167,4 +174,4 @@ class CheckpointStore(ManifestStore):
 
     def verify_all(self) -> None:
         for relative, record in self.manifest["files"].items():
-            verify(self.path(relative), record)
+            verify_location(self.path(relative), record)

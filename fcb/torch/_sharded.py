@@ -1,0 +1,296 @@
+"""A crash-safe store of sharded Torch checkpoints: one `torch.distributed.checkpoint` (DCP)
+directory per step, written by every rank, committed by rank 0 once all shards are durable.
+
+A step's directory `steps/step-NNNNNNNN/` holds DCP's files (`.metadata`, one `__R_0.distcp`
+per rank), `fcb.pt` (fcb's record of the step, the scheduler's and the trainer's state) and
+`rng-R.pt` (each rank's random generators). It is written under a temporary name and renamed
+by rank 0 after DCP's own collective has confirmed every rank's shards; only then does the
+manifest (which records every file's size and CRC-32) list it. Slot names (`best_model`,
+`last`, ...) are symbolic links to the step directories. The commit order is the shared one
+(`fcb._host.store`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from typing import IO, Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from .._errors import CheckpointCorruptError, CheckpointWriteError
+from .._files import TMP_PREFIX, atomic_write, fsync_dir, shard_checksums, temp_path
+from .._host.manifest import Models
+from .._host.processes import ProcessGroup
+from .._host.store import STEPS_DIR
+from ._store import _STEP_FILE, CheckpointStore
+
+RECORD_FILE = "fcb.pt"
+"""Rank 0's file of a sharded step: fcb's record, the scheduler's and trainer's state."""
+
+_STEP_DIR = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?$")
+
+
+def rng_file(rank: int) -> str:
+    """The file of a sharded step holding rank `rank`'s random generators."""
+    return f"rng-{rank}.pt"
+
+
+def step_dir(step: int, models: Models) -> str:
+    """The directory, relative to the store, of sharded `step` (optionally a subset)."""
+    variant = "" if not models else "." + "+".join(models)
+    return f"{STEPS_DIR}/step-{step:08d}{variant}"
+
+
+def is_sharded(record: Mapping[str, Any]) -> bool:
+    """Whether a manifest's file record is a sharded step (a directory of shards)."""
+    return "shards" in record
+
+
+def _write_error(error: BaseException | None, what: str) -> BaseException | None:
+    """An `OSError` (or DCP's wrapping of one) as a `CheckpointWriteError` naming `what`."""
+    if error is None or isinstance(error, CheckpointWriteError):
+        return error
+    if isinstance(error, (OSError, RuntimeError, ValueError)) or type(error).__name__ == (
+        "CheckpointException"
+    ):
+        wrapped = CheckpointWriteError(
+            f"could not write the sharded checkpoint {what}: {_reason(error)}; the previous "
+            f"checkpoints are intact."
+        )
+        wrapped.__cause__ = error
+        return wrapped
+    return error
+
+
+def _reason(error: BaseException) -> str:
+    """The first operating-system reason inside `error` (DCP gathers each rank's failure)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, Mapping) and failures:
+        rank, failure = sorted(failures.items())[0]
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {_reason(inner) if isinstance(inner, BaseException) else inner}"
+    text = getattr(error, "strerror", None)
+    if text and getattr(error, "errno", None):
+        return f"{text} (errno {errno.errorcode.get(error.errno, error.errno)})"  # type: ignore
+    return str(error)
+
+
+class ShardedStore(CheckpointStore):
+    """Sharded steps of one run (see the module docstring); every rank opens it.
+
+    `background=True` saves with DCP's `async_save` over a process group of its own: the
+    loop waits only while the state is staged in host memory, and the step is committed at
+    the next check (or `finish`), after its shards are durable.
+    """
+
+    def __init__(
+        self, directory: str, *, processes: ProcessGroup | None = None, background: bool = False
+    ):
+        super().__init__(directory, suffix="", processes=processes)
+        self.background = background
+        self._group: Any = None
+        self._flight: tuple[Any, str, dict[str, Any]] | None = None
+        """The async save in flight: its future, its location and its record."""
+
+    def location(self, step: int, models: Models) -> str:
+        return step_dir(step, models)
+
+    step_file = location
+
+    def _slot_extra(self, name: str, models: Models) -> dict[str, Any]:
+        return {"link": name}
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _partial(self, relative: str) -> str:
+        steps, name = os.path.split(self.path(relative))
+        return os.path.join(steps, f"{TMP_PREFIX}{name}")
+
+    def write_sharded(
+        self,
+        relative: str,
+        step: int,
+        models: Models,
+        state: dict[str, Any],
+        files: Mapping[str, Any],
+    ) -> None:
+        """Write one sharded step (a collective: every rank calls it): `state` through DCP,
+        and this rank's own `files` (name -> object, `torch.save`d) beside it."""
+        self.check_owned()
+        final, partial = self.path(relative), self._partial(relative)
+
+        def prepare() -> None:  # neither a killed attempt's files nor an unlisted step's stay
+            for leftover in (partial, final):
+                if os.path.lexists(leftover):
+                    _remove_tree(leftover)
+            os.makedirs(partial)
+
+        # on_primary agrees (a collective): no rank writes before the directory exists
+        self._agreed(lambda: self.processes.on_primary(prepare), relative)
+
+        def own_files() -> None:
+            for name, obj in files.items():
+                atomic_write(os.path.join(partial, name),
+                             lambda f, obj=obj: torch.save(obj, cast(IO[bytes], f)))
+
+        self._agreed(own_files, relative)
+        record: dict[str, Any] = {"step": step, "models": models}
+        writer = dcp.FileSystemWriter(partial, sync_files=True)
+        if self.background:
+            future = self._agreed(
+                lambda: dcp.async_save(state, storage_writer=writer, process_group=self._group),
+                relative,
+            )
+            self._flight = (future, relative, record)
+        else:
+            self._agreed(lambda: dcp.save(state, storage_writer=writer), relative)
+            self._seal(relative, record)
+        self.record_write(relative, record)
+        self.files_written += 1
+
+    def _agreed(self, action: Callable[[], Any], relative: str) -> Any:
+        """`action()` on this rank; a failure on any rank raises on every rank."""
+        result, error = None, None
+        try:
+            result = action()
+        except BaseException as failure:
+            error = _write_error(failure, self.path(relative))
+        self.processes.agree_on_error(error)
+        return result
+
+    def _seal(self, relative: str, record: dict[str, Any]) -> None:
+        """After every rank's shards are written: rank 0 records each file's size and
+        CRC-32, makes the directory durable and gives it its step's name."""
+        final, partial = self.path(relative), self._partial(relative)
+
+        def seal() -> None:
+            shards = shard_checksums(partial)
+            fsync_dir(partial)
+            os.replace(partial, final)
+            fsync_dir(os.path.dirname(final))
+            record["shards"] = shards
+            self.bytes_written += sum(s["size"] for s in shards.values())
+
+        self._agreed(lambda: self.processes.on_primary(seal), relative)
+
+    def _in_flight(self) -> bool:
+        return self._flight is not None
+
+    def _wait_written(self) -> None:
+        if self._flight is None:
+            return
+        (future, relative, record), self._flight = self._flight, None
+        self._agreed(future.result, relative)
+        self._seal(relative, record)
+
+    # -- backend operations ------------------------------------------------------------------
+
+    def _open_backend(self) -> None:
+        if self.background and dist.is_available() and dist.is_initialized():
+            # async saves run their collectives in a thread: on a group of their own, never
+            # interleaved with the loop's (metric reduction, stop agreement)
+            self._group = dist.new_group(backend="gloo")
+        for relative, record in self.manifest["files"].items():
+            if not is_sharded(record):
+                raise CheckpointCorruptError(
+                    f"{self.directory} holds a run of single-file checkpoints ({relative}); a "
+                    f"sharded model cannot resume it. Resume it with the model unsharded "
+                    f"(sharded=False), or start a new run (existing_run='start_over' or "
+                    f"another dirpath)."
+                )
+
+    def _close_backend(self) -> None:
+        if self._flight is not None:
+            with contextlib.suppress(Exception):
+                self._flight[0].result()
+            self._flight = None
+        if self._group is not None:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(self._group)
+            self._group = None
+
+    def _repair(self) -> None:
+        super()._repair()
+        if self.processes.is_primary:  # the directories of writes a kill interrupted
+            steps = os.path.join(self.directory, STEPS_DIR)
+            for name in os.listdir(steps):
+                if name.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(steps, name)):
+                    _remove_tree(os.path.join(steps, name))
+
+    def _check_listed(self, relative: str, record: Mapping[str, Any]) -> None:
+        path = self.path(relative)
+        if not os.path.isdir(path):
+            raise CheckpointCorruptError(f"{path} is listed in {self.manifest_path} but missing.")
+        for name, shard in record.get("shards", {}).items():
+            super()._check_listed(f"{relative}/{name}", shard)
+
+    def _on_disk(self) -> set[str]:
+        steps = os.path.join(self.directory, STEPS_DIR)
+        return {
+            f"{STEPS_DIR}/{name}"
+            for name in os.listdir(steps)
+            if (_STEP_DIR.match(name) and os.path.isdir(os.path.join(steps, name)))
+            or _STEP_FILE.match(name)
+        }
+
+    def _installed(self, old: Mapping[str, Any]) -> None:
+        if self.processes.is_primary:
+            super()._installed(old)
+
+    def _delete(self, locations: set[str], files: Mapping[str, Any]) -> None:
+        if self.processes.is_primary:
+            super()._delete(locations, files)
+
+    def _point(self, target: str, link: str) -> None:
+        symlink_atomic(target, link)
+
+    def _remove(self, relative: str) -> bool:
+        path = self.path(relative)
+        if os.path.isdir(path) and not os.path.islink(path):
+            try:
+                _remove_tree(path)
+            except OSError:
+                return super()._remove(relative)  # warns, and is retried
+            return True
+        partial = self._partial(relative)
+        if os.path.isdir(partial):
+            with contextlib.suppress(OSError):
+                _remove_tree(partial)
+        return super()._remove(relative)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a step directory: renamed first, so a kill mid-deletion leaves a temporary
+    name (removed at the next open), never a step directory with files missing."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    doomed = temp_path(path)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def symlink_atomic(target: str, link: str) -> None:
+    """Make the name `link` a relative symbolic link to the directory `target`, replaced in
+    one rename (a reader sees the old step or the new one)."""
+    relative = os.path.relpath(target, os.path.dirname(link))
+    if os.path.islink(link) and os.readlink(link) == relative:
+        return
+    tmp = temp_path(link)
+    try:
+        os.symlink(relative, tmp)
+        os.replace(tmp, link)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CheckpointWriteError(
+            f"could not point {link} at {target}: {error.strerror or error}; the manifest is "
+            f"authoritative and the next run repairs the name."
+        ) from error

@@ -1,0 +1,236 @@
+"""What a sharded Torch checkpoint holds, how it is resumed, and how one process reads it whole.
+
+The model's and optimizer's state go through `torch.distributed.checkpoint.state_dict`
+(`get_state_dict` / `set_state_dict`: FSDP2 and tensor-parallel DTensors, FSDP1, or plain
+modules alike; the optimizer's state is keyed by parameter name), so a step saved by N ranks
+resumes on M ranks: DCP reshards. Without a process group the same calls read the step whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from .._errors import CheckpointCorruptError, ConfigError
+from .._files import verify_location
+from .._host.engine import Check
+from ._load import CHECKPOINT_FORMAT, torch_load
+from ._loadable import check_loadable
+from ._payload import describe_entry, fcb_record, rng_state, set_rng_state
+from ._sharded import RECORD_FILE, ShardedStore, is_sharded, rng_file
+
+_NOT_WHOLE = (
+    "{owner}: the model holds sharded parameters (DTensor: FSDP2 fully_shard, tensor "
+    "parallel, or FSDP1), which a single-file checkpoint cannot hold whole: rank 0 would save "
+    "only its own shards. Leave `sharded` at None (sharded models are saved with "
+    "torch.distributed.checkpoint) or pass sharded=True."
+)
+
+
+def holds_sharded_state(model: Any) -> bool:
+    """Whether `model` holds state that only `torch.distributed.checkpoint` saves whole:
+    DTensor parameters or buffers, or an FSDP1 wrapper."""
+    if model is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:  # pragma: no cover - every supported torch has it
+        FSDP1 = ()  # type: ignore[assignment,misc]
+    if any(isinstance(m, FSDP1) for m in model.modules()):
+        return True
+    tensors = [*model.parameters(), *model.buffers()]
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def check_sharded_option(owner: str, sharded: Any) -> bool | None:
+    if sharded is not None and not isinstance(sharded, bool):
+        raise ConfigError(
+            f"{owner}: `sharded` must be None (decide from the model and the run), True or "
+            f"False, got sharded = {sharded!r}."
+        )
+    return sharded
+
+
+def sharded_choice(owner: str, sharded: bool | None, model: Any, runs: list[str]) -> bool:
+    """Whether the adapter saves sharded: when asked, or (`None`) when the model is sharded
+    or the run it resumes (in one of `runs`) was; a sharded model with `sharded=False` is a
+    `ConfigError`, never a partial save."""
+    holds = holds_sharded_state(model)
+    if sharded is False and holds:
+        raise ConfigError(_NOT_WHOLE.format(owner=owner))
+    if sharded is not None:
+        return sharded
+    return holds or any(_run_is_sharded(run) for run in runs)
+
+
+def _run_is_sharded(directory: str) -> bool:
+    """Whether the run in `directory` (if any) was saved sharded (a resume 2 -> 1 process
+    into an unsharded model reads it through DCP)."""
+    from .._host.rundir import find_run
+    from ._store import read_manifest
+
+    run = find_run(directory)
+    if run is None:
+        return False
+    try:
+        files = read_manifest(run)["files"]
+    except Exception:
+        return False  # the store's open reports what is wrong with it
+    return any(is_sharded(record) for record in files.values())
+
+
+def _model_state(parts: Any, models: tuple[str, ...] | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if models:
+        return {"model": {n: get_model_state_dict(parts._submodule(n)) for n in models}}
+    if parts.optimizer is None:
+        return {"model": get_model_state_dict(parts.model)}
+    model_state, optimizer_state = get_state_dict(parts.model, parts.optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def sharded_step(
+    parts: Any, check: Check, models: tuple[str, ...] | None, rank: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DCP state of `check.step` and this rank's own files beside it (rank 0: fcb's
+    record, the scheduler's and trainer's state; every rank: its random generators)."""
+    state = _model_state(parts, models)
+    files: dict[str, Any] = {rng_file(rank): rng_state()}
+    if rank == 0:
+        record: dict[str, Any] = {"fcb": fcb_record(check)}
+        if models:
+            record["models"] = list(models)
+        else:
+            if parts.scheduler is not None:
+                record["scheduler"] = parts.scheduler.state_dict()
+            if parts.trainer is not None and hasattr(parts.trainer, "state_dict"):
+                record["trainer"] = parts.trainer.state_dict()
+            check_loadable(parts.owner, check.step, record, describe_entry)
+        files[RECORD_FILE] = record
+    return state, files
+
+
+def step_record(path: str) -> dict[str, Any]:
+    """Rank 0's record file of the sharded step at `path`, checked to be fcb's."""
+    record = torch_load(os.path.join(path, RECORD_FILE))
+    meta = record.get("fcb", {}) if isinstance(record, dict) else {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointCorruptError(f"{path} is not a sharded fcb checkpoint.")
+    return record
+
+
+def read_sharded_resume(
+    parts: Any, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
+) -> tuple[Any, Callable[[], None]]:
+    """The callbacks' state of a sharded resume point and the restore of the model,
+    optimizer, scheduler, trainer and RNG (on any number of ranks; DCP reshards)."""
+    path = os.path.join(source, record["file"])
+    parts.group.on_primary(lambda: verify_location(path, manifest["files"][record["file"]]))
+    saved = step_record(path)
+    meta = saved["fcb"]
+    if meta.get("step") != record["step"]:
+        raise CheckpointCorruptError(
+            f"{path} holds step {meta.get('step')!r}, the manifest records step "
+            f"{record['step']} (another step's files copied over it?)."
+        )
+
+    def restore() -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        # loaded into copies: a resume point that does not fit leaves the model as it was
+        target = _copies(_model_state(parts, None))
+        try:
+            dcp.load(target, checkpoint_id=path)
+        except Exception as error:
+            raise ConfigError(
+                f"the resume point {path} does not fit the model given "
+                f"({type(parts.model).__name__}): {error}. Build the model (and optimizer) the "
+                f"run was saved with."
+            ) from error
+        set_state_dict(
+            parts.model, [] if parts.optimizer is None else parts.optimizer,
+            model_state_dict=target["model"], optim_state_dict=target.get("optimizer", {}),
+        )
+        for part, key in ((parts.scheduler, "scheduler"), (parts.trainer, "trainer")):
+            if part is not None and key in saved:
+                part.load_state_dict(saved[key])
+        own = os.path.join(path, rng_file(parts.group.index))
+        if os.path.exists(own):  # a rank the saving run did not have keeps its generators
+            set_rng_state(torch_load(own))
+
+    return json.loads(meta["callbacks"]), restore
+
+
+def _copies(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copies(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_copies(v) for v in state]
+    return state
+
+
+def adopt_sharded(
+    store: ShardedStore, source: str, record: Mapping[str, Any], manifest: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Resuming into another directory: the resume point's step directories are brought
+    over (their files hard-linked, copied where links fail); the old run keeps its own."""
+    store.start_over()
+    adopted: dict[str, Any] = {}
+
+    def bring() -> None:
+        for slot in record["slots"].values():
+            relative = slot["file"]
+            if relative in adopted:
+                continue
+            partial = store._partial(relative)
+            os.makedirs(partial, exist_ok=True)
+            for name in manifest["files"][relative]["shards"]:
+                origin, copy = os.path.join(source, relative, name), os.path.join(partial, name)
+                try:
+                    os.link(origin, copy)
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(origin, copy)
+            os.replace(partial, store.path(relative))
+            adopted[relative] = manifest["files"][relative]
+
+    store.processes.on_primary(bring)
+    if not store.processes.is_primary:
+        adopted = {s["file"]: manifest["files"][s["file"]] for s in record["slots"].values()}
+    return adopted
+
+
+def load_sharded(path: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole checkpoint of a sharded step in this process (plain tensors on the CPU):
+    the same entries as a single-file checkpoint (`fcb`, `model`, `optimizer` keyed by
+    parameter name, `scheduler`, `trainer`), its files checked against `record` first."""
+    # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does: the planner
+    # rebuilds the whole state from the step's metadata (public `load` copies the dict)
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    verify_location(path, record)
+    whole: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            whole, storage_reader=dcp.FileSystemReader(path),
+            planner=_EmptyStateDictLoadPlanner(), no_dist=True,
+        )
+    except Exception as error:
+        raise CheckpointCorruptError(f"{path} cannot be read as a sharded checkpoint: {error}")
+    saved = step_record(path)
+    payload = {"fcb": saved["fcb"], **whole}
+    payload.update({k: v for k, v in saved.items() if k != "fcb"})
+    return payload
+
