@@ -20,7 +20,7 @@ from .._errors import (
     ConfigError,
     MetricTypeError,
 )
-from .._host.engine import FREE_DEVICE_MEMORY, Check, check_evaluate, check_flag, check_path
+from .._host.engine import FREE_DEVICE_MEMORY, check_evaluate, check_flag, check_path
 from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
 from .._host.interrupts import Interrupts

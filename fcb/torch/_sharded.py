@@ -135,10 +135,12 @@ class ShardedStore(CheckpointStore):
         # on_primary agrees (a collective): no rank writes before the directory exists
         self._agreed(lambda: self.processes.on_primary(prepare), relative)
 
+        def save(obj: Any) -> Callable[[Any], None]:
+            return lambda f: torch.save(obj, cast(IO[bytes], f))
+
         def own_files() -> None:
             for name, obj in files.items():
-                atomic_write(os.path.join(partial, name),
-                             lambda f, obj=obj: torch.save(obj, cast(IO[bytes], f)))
+                atomic_write(os.path.join(partial, name), save(obj))
 
         self._agreed(own_files, relative)
         record: dict[str, Any] = {"step": step, "models": models}

@@ -228,7 +228,9 @@ def load_sharded(path: str, record: Mapping[str, Any]) -> dict[str, Any]:
             planner=_EmptyStateDictLoadPlanner(), no_dist=True,
         )
     except Exception as error:
-        raise CheckpointCorruptError(f"{path} cannot be read as a sharded checkpoint: {error}")
+        raise CheckpointCorruptError(
+            f"{path} cannot be read as a sharded checkpoint: {error}"
+        ) from error
     saved = step_record(path)
     payload = {"fcb": saved["fcb"], **whole}
     payload.update({k: v for k, v in saved.items() if k != "fcb"})

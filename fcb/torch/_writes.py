@@ -8,8 +8,13 @@ from typing import IO, Any
 
 from .._host.engine import Check
 from .._host.store import ManifestStore
-from ._payload import adopt_files, open_resume_point, read_resume_point, restore_payload
-from ._payload import step_payload
+from ._payload import (
+    adopt_files,
+    open_resume_point,
+    read_resume_point,
+    restore_payload,
+    step_payload,
+)
 from ._sharded import ShardedStore, is_sharded
 from ._sharded_payload import _copies, adopt_sharded, read_sharded_resume, sharded_step
 from ._store import CheckpointStore
