@@ -47,7 +47,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     parser = _Parser(
         prog="fcb",
-        description="Functional, pure-state training callbacks: demo, inspect, replay, plot.",
+        description="Functional, pure-state training callbacks: demo, inspect, export, replay, "
+        "plot.",
     )
     parser.add_argument("--version", action="version", version=f"fcb {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -73,6 +74,17 @@ def _parser() -> _Parser:
     )
     inspect.add_argument("run_dir", metavar="RUN_DIR")
     inspect.set_defaults(run=_subcommand("inspect"))
+
+    export = commands.add_parser(
+        "export", help="write one slot of a Torch run (sharded too) as a plain torch.save file",
+        description="Reads the slot whole (every shard checked against the manifest) and "
+        "writes it as one file that torch.load(..., weights_only=True) reads anywhere.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--slot", default=None,
+                        help="the slot to export (default: the run's only best slot)")
+    export.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write")
+    export.set_defaults(run=_subcommand("export"))
 
     rep = commands.add_parser(
         "replay", help="replay EarlyStopping configurations over a recorded history",

@@ -8,6 +8,14 @@ from ._adapter import (
     Trainer as Trainer,
     load_checkpoint as load_checkpoint,
 )
+from ._load import export_checkpoint as export_checkpoint
 from ._store import CheckpointStore as CheckpointStore, read_manifest as read_manifest
 
-__all__ = ["CheckpointStore", "TorchAdapter", "Trainer", "load_checkpoint", "read_manifest"]
+__all__ = [
+    "CheckpointStore",
+    "TorchAdapter",
+    "Trainer",
+    "export_checkpoint",
+    "load_checkpoint",
+    "read_manifest",
+]

@@ -129,3 +129,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"step's file copied over it, its record edited?)."
         )
     return payload
+
+
+def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> str:
+    """Write the checkpoint at `path` (a slot's name or a step, single-file or sharded) as
+    one plain `torch.save` file `out` (atomically), read whole and checked as
+    [`load_checkpoint`][fcb.torch.load_checkpoint] reads it; returns `out`.
+
+    A sharded slot becomes a file any process loads with `torch.load(out,
+    weights_only=True)`, without a process group or the run directory."""
+    from .._files import atomic_write
+
+    payload = load_checkpoint(path)
+    out = os.fspath(out)
+    if os.path.isdir(out):
+        raise ConfigError(
+            f"export_checkpoint: `out` must be a file path, got the directory {out}; pass e.g. "
+            f"{os.path.join(out, 'model.pt')}."
+        )
+    atomic_write(out, lambda f: torch.save(payload, f))  # type: ignore[arg-type]
+    return out

@@ -121,8 +121,31 @@ class ShardedStore(CheckpointStore):
         state: dict[str, Any],
         files: Mapping[str, Any],
     ) -> None:
-        """Write one sharded step (a collective: every rank calls it): `state` through DCP,
-        and this rank's own `files` (name -> object, `torch.save`d) beside it."""
+        """Write one sharded step (a collective: every rank calls it): `state` through DCP
+        (asynchronously with `background=True`), and this rank's own `files` (name ->
+        object, `torch.save`d) beside it."""
+
+        def save(partial: str) -> Any:
+            writer = dcp.FileSystemWriter(partial, sync_files=True)
+            if self.background:
+                return dcp.async_save(state, storage_writer=writer, process_group=self._group,
+                                      no_dist=_one_process())
+            dcp.save(state, storage_writer=writer, no_dist=_one_process())
+            return None
+
+        self.write_with_save(relative, step, models, save, files)
+
+    def write_with_save(
+        self,
+        relative: str,
+        step: int,
+        models: Models,
+        save: Callable[[str], Any],
+        files: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write one sharded step with `save(directory)`, called on every rank (e.g. a
+        Lightning Trainer's `save_checkpoint` under a sharded strategy; it may return the
+        future of an asynchronous save), and this rank's own `files` into the directory."""
         self.check_owned()
         final, partial = self.path(relative), self._partial(relative)
 
@@ -130,29 +153,21 @@ class ShardedStore(CheckpointStore):
             for leftover in (partial, final):
                 if os.path.lexists(leftover):
                     _remove_tree(leftover)
-            os.makedirs(partial)
+            if files:
+                os.makedirs(partial)
 
-        # on_primary agrees (a collective): no rank writes before the directory exists
+        def save_files() -> None:
+            for name, obj in (files or {}).items():
+                atomic_write(os.path.join(partial, name), _saver(obj))
+
+        # on_primary agrees (a collective): no rank writes before the directory is ready
         self._agreed(lambda: self.processes.on_primary(prepare), relative)
-
-        def save(obj: Any) -> Callable[[Any], None]:
-            return lambda f: torch.save(obj, cast(IO[bytes], f))
-
-        def own_files() -> None:
-            for name, obj in files.items():
-                atomic_write(os.path.join(partial, name), save(obj))
-
-        self._agreed(own_files, relative)
+        self._agreed(save_files, relative)
+        future = self._agreed(lambda: save(partial), relative)
         record: dict[str, Any] = {"step": step, "models": models}
-        writer = dcp.FileSystemWriter(partial, sync_files=True)
-        if self.background:
-            future = self._agreed(
-                lambda: dcp.async_save(state, storage_writer=writer, process_group=self._group),
-                relative,
-            )
+        if future is not None:
             self._flight = (future, relative, record)
         else:
-            self._agreed(lambda: dcp.save(state, storage_writer=writer), relative)
             self._seal(relative, record)
         self.record_write(relative, record)
         self.files_written += 1
@@ -266,6 +281,15 @@ class ShardedStore(CheckpointStore):
             with contextlib.suppress(OSError):
                 _remove_tree(partial)
         return super()._remove(relative)
+
+
+def _one_process() -> bool:
+    """No process group: DCP saves and loads in this process alone (and says nothing)."""
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _saver(obj: Any) -> Callable[[Any], None]:
+    return lambda f: torch.save(obj, cast(IO[bytes], f))
 
 
 def _remove_tree(path: str) -> None:

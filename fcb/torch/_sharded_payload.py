@@ -22,7 +22,7 @@ from .._host.engine import Check
 from ._load import CHECKPOINT_FORMAT, torch_load
 from ._loadable import check_loadable
 from ._payload import describe_entry, fcb_record, rng_state, set_rng_state
-from ._sharded import RECORD_FILE, ShardedStore, is_sharded, rng_file
+from ._sharded import RECORD_FILE, ShardedStore, _one_process, is_sharded, rng_file
 
 _NOT_WHOLE = (
     "{owner}: the model holds sharded parameters (DTensor: FSDP2 fully_shard, tensor "
@@ -148,7 +148,7 @@ def read_sharded_resume(
         # loaded into copies: a resume point that does not fit leaves the model as it was
         target = _copies(_model_state(parts, None))
         try:
-            dcp.load(target, checkpoint_id=path)
+            dcp.load(target, checkpoint_id=path, no_dist=_one_process())
         except Exception as error:
             raise ConfigError(
                 f"the resume point {path} does not fit the model given "
