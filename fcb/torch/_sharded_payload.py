@@ -231,6 +231,10 @@ def load_sharded(path: str, record: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointCorruptError(
             f"{path} cannot be read as a sharded checkpoint: {error}"
         ) from error
+    lightning_meta = os.path.join(path, "meta.pt")
+    if not os.path.exists(os.path.join(path, RECORD_FILE)) and os.path.exists(lightning_meta):
+        # a Lightning strategy's sharded checkpoint: the rest of its dict is in meta.pt
+        return {**torch_load(lightning_meta), **whole}
     saved = step_record(path)
     payload = {"fcb": saved["fcb"], **whole}
     payload.update({k: v for k, v in saved.items() if k != "fcb"})
