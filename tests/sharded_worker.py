@@ -74,17 +74,23 @@ def main(config: dict) -> int:
         best=fcb.BestCheckpoint("val_loss", tolerances=(2,)),
         last=fcb.ModelCheckpoint("val_loss", save_top_k=0, save_last=True),
     )
+    if config.get("refuse"):  # a sharded model never goes to a single-file store
+        try:
+            fcb.torch.TorchAdapter(chain, model=model, optimizer=optimizer, sharded=False,
+                                   dirpath=os.path.join(out, "refused")).on_fit_start()
+        except fcb.ConfigError as error:
+            with open(os.path.join(out, "refused.txt"), "w") as f:
+                f.write(str(error))
     adapter = fcb.torch.TorchAdapter(
         chain, model=model, optimizer=optimizer, dirpath=config["dirpath"],
         background=config.get("background", False), history=True,
     )
     adapter.on_fit_start()
-    if rank == 0 and adapter.resumed_step is not None:
+    if adapter.resumed_step is not None:  # full_tensor() is a collective: every rank
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        torch.save({"model": full(model_state), "optimizer": full(optimizer_state)},
-                   os.path.join(out, "resumed.pt"))
-    else:
-        get_state_dict(model, optimizer)  # a collective: every rank takes part
+        resumed = {"model": full(model_state), "optimizer": full(optimizer_state)}
+        if rank == 0:
+            torch.save(resumed, os.path.join(out, "resumed.pt"))
     # the batch of every epoch is split over the ranks the same way whatever the world size
     per_rank = 64 // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)

@@ -162,13 +162,17 @@ class ShardedStore(CheckpointStore):
 
         # on_primary agrees (a collective): no rank writes before the directory is ready
         self._agreed(lambda: self.processes.on_primary(prepare), relative)
-        self._agreed(save_files, relative)
-        future = self._agreed(lambda: save(partial), relative)
         record: dict[str, Any] = {"step": step, "models": models}
-        if future is not None:
-            self._flight = (future, relative, record)
-        else:
-            self._seal(relative, record)
+        try:
+            self._agreed(save_files, relative)
+            future = self._agreed(lambda: save(partial), relative)
+            if future is not None:
+                self._flight = (future, relative, record)
+            else:
+                self._seal(relative, record)
+        except BaseException:
+            self._discard(partial)
+            raise
         self.record_write(relative, record)
         self.files_written += 1
 
@@ -197,6 +201,12 @@ class ShardedStore(CheckpointStore):
 
         self._agreed(lambda: self.processes.on_primary(seal), relative)
 
+    def _discard(self, partial: str) -> None:
+        """Delete what a failed write left (a kill leaves it to the next open)."""
+        if self.processes.is_primary and os.path.lexists(partial):
+            with contextlib.suppress(OSError):
+                _remove_tree(partial)
+
     def _in_flight(self) -> bool:
         return self._flight is not None
 
@@ -204,8 +214,12 @@ class ShardedStore(CheckpointStore):
         if self._flight is None:
             return
         (future, relative, record), self._flight = self._flight, None
-        self._agreed(future.result, relative)
-        self._seal(relative, record)
+        try:
+            self._agreed(future.result, relative)
+            self._seal(relative, record)
+        except BaseException:
+            self._discard(self._partial(relative))
+            raise
 
     # -- backend operations ------------------------------------------------------------------
 
