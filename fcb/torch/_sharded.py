@@ -2,12 +2,12 @@
 directory per step, written by every rank, committed by rank 0 once all shards are durable.
 
 A step's directory `steps/step-NNNNNNNN/` holds DCP's files (`.metadata`, one `__R_0.distcp`
-per rank), `fcb.pt` (fcb's record of the step, the scheduler's and the trainer's state) and
-`rng-R.pt` (each rank's random generators). It is written under a temporary name and renamed
-by rank 0 after DCP's own collective has confirmed every rank's shards; only then does the
-manifest (which records every file's size and CRC-32) list it. Slot names (`best_model`,
-`last`, ...) are symbolic links to the step directories. The commit order is the shared one
-(`fcb._host.store`).
+per rank), `fcb.pt` (fcb's record of the step, the scheduler's and the trainer's state, rank
+0's random generators) and `rng-R.pt` (the random generators of each other rank). It is
+written under a temporary name and renamed by rank 0 after DCP's own collective has
+confirmed every rank's shards; only then does the manifest (which records every file's size
+and CRC-32) list it. Slot names (`best_model`, `last`, ...) are symbolic links to the step
+directories. The commit order is the shared one (`fcb._host.store`).
 """
 
 from __future__ import annotations
@@ -18,27 +18,28 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
-from typing import IO, Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
-from .._files import TMP_PREFIX, atomic_write, fsync_dir, shard_checksums, temp_path
+from .._files import TMP_PREFIX, fsync_dir, shard_checksums, temp_path
 from .._host.manifest import Models
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR
 from ._store import _STEP_FILE, CheckpointStore
 
 RECORD_FILE = "fcb.pt"
-"""Rank 0's file of a sharded step: fcb's record, the scheduler's and trainer's state."""
+"""Rank 0's file of a sharded step: fcb's record, the scheduler's and trainer's state, rank
+0's random generators."""
 
 _STEP_DIR = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?$")
 
 
 def rng_file(rank: int) -> str:
-    """The file of a sharded step holding rank `rank`'s random generators."""
+    """The file of a sharded step holding the random generators of rank `rank` > 0."""
     return f"rng-{rank}.pt"
 
 
@@ -146,26 +147,32 @@ class ShardedStore(CheckpointStore):
         """Write one sharded step with `save(directory)`, called on every rank (e.g. a
         Lightning Trainer's `save_checkpoint` under a sharded strategy; it may return the
         future of an asynchronous save), and this rank's own `files` into the directory."""
-        self.check_owned()
         final, partial = self.path(relative), self._partial(relative)
 
-        def prepare() -> None:  # neither a killed attempt's files nor an unlisted step's stay
-            for leftover in (partial, final):
+        def prepare() -> None:
+            self._lock.check()  # the directory is still this store's (`check_owned`)
+            for leftover in (partial, final):  # a killed attempt's files, an unlisted step's
                 if os.path.lexists(leftover):
                     _remove_tree(leftover)
             if files:
                 os.makedirs(partial)
 
-        def save_files() -> None:
+        def save_all() -> Any:
+            # DCP's save agrees on its own failures (every rank raises); this rank's files
+            # come after it, inside the directory that becomes the step in one rename
+            future = save(partial)
             for name, obj in (files or {}).items():
-                atomic_write(os.path.join(partial, name), _saver(obj))
+                with open(os.path.join(partial, name), "wb") as f:
+                    torch.save(obj, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            return future
 
         # on_primary agrees (a collective): no rank writes before the directory is ready
-        self._agreed(lambda: self.processes.on_primary(prepare), relative)
+        self.processes.on_primary(lambda: self._agreed_locally(prepare, relative))
         record: dict[str, Any] = {"step": step, "models": models}
         try:
-            self._agreed(save_files, relative)
-            future = self._agreed(lambda: save(partial), relative)
+            future = self._agreed(save_all, relative)
             if future is not None:
                 self._flight = (future, relative, record)
             else:
@@ -175,6 +182,16 @@ class ShardedStore(CheckpointStore):
             raise
         self.record_write(relative, record)
         self.files_written += 1
+
+    def _agreed_locally(self, action: Callable[[], Any], relative: str) -> Any:
+        """`action()`, its disk failure as a `CheckpointWriteError` (no collective)."""
+        try:
+            return action()
+        except BaseException as failure:
+            error = _write_error(failure, self.path(relative))
+            if error is None or error is failure:
+                raise
+            raise error from failure
 
     def _agreed(self, action: Callable[[], Any], relative: str) -> Any:
         """`action()` on this rank; a failure on any rank raises on every rank."""
@@ -199,7 +216,7 @@ class ShardedStore(CheckpointStore):
             record["shards"] = shards
             self.bytes_written += sum(s["size"] for s in shards.values())
 
-        self._agreed(lambda: self.processes.on_primary(seal), relative)
+        self.processes.on_primary(lambda: self._agreed_locally(seal, relative))
 
     def _discard(self, partial: str) -> None:
         """Delete what a failed write left (a kill leaves it to the next open)."""
@@ -300,10 +317,6 @@ class ShardedStore(CheckpointStore):
 def _one_process() -> bool:
     """No process group: DCP saves and loads in this process alone (and says nothing)."""
     return not (dist.is_available() and dist.is_initialized())
-
-
-def _saver(obj: Any) -> Callable[[Any], None]:
-    return lambda f: torch.save(obj, cast(IO[bytes], f))
 
 
 def _remove_tree(path: str) -> None:

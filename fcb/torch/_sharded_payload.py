@@ -103,9 +103,11 @@ def sharded_step(
     """The DCP state of `check.step` and this rank's own files beside it (rank 0: fcb's
     record, the scheduler's and trainer's state; every rank: its random generators)."""
     state = _model_state(parts, models)
-    files: dict[str, Any] = {rng_file(rank): rng_state()}
+    if rank:
+        return state, {rng_file(rank): rng_state()}
+    files: dict[str, Any] = {}
     if rank == 0:
-        record: dict[str, Any] = {"fcb": fcb_record(check)}
+        record: dict[str, Any] = {"fcb": fcb_record(check), "rng": rng_state()}
         if models:
             record["models"] = list(models)
         else:
@@ -162,8 +164,11 @@ def read_sharded_resume(
         for part, key in ((parts.scheduler, "scheduler"), (parts.trainer, "trainer")):
             if part is not None and key in saved:
                 part.load_state_dict(saved[key])
-        own = os.path.join(path, rng_file(parts.group.index))
-        if os.path.exists(own):  # a rank the saving run did not have keeps its generators
+        rank = parts.group.index
+        own = os.path.join(path, rng_file(rank))
+        if rank == 0 and "rng" in saved:
+            set_rng_state(saved["rng"])
+        elif rank and os.path.exists(own):  # a rank the saving run had not: left as it is
             set_rng_state(torch_load(own))
 
     return json.loads(meta["callbacks"]), restore
@@ -237,6 +242,6 @@ def load_sharded(path: str, record: Mapping[str, Any]) -> dict[str, Any]:
         return {**torch_load(lightning_meta), **whole}
     saved = step_record(path)
     payload = {"fcb": saved["fcb"], **whole}
-    payload.update({k: v for k, v in saved.items() if k != "fcb"})
+    payload.update({k: v for k, v in saved.items() if k not in ("fcb", "rng")})
     return payload
 
