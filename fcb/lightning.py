@@ -31,6 +31,8 @@ from ._host.manifest import MANIFEST_NAME, read_manifest
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._loadable import check_loadable
 from .torch._payload import rng_state, set_rng_state
+from .torch._sharded import ShardedStore
+from .torch._sharded_payload import sharded_choice
 from .torch._store import CheckpointStore
 
 
@@ -43,9 +45,49 @@ class _LightningAdapter(TorchAdapter):
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return list(getattr(self.trainer, "optimizers", []) or [])
 
+    def on_fit_start(self, trainer: Any = None, *_: Any) -> None:
+        """Under a sharded strategy every rank writes its shards of each step (a sharded
+        store on every rank), whatever the LightningModule's parameters look like (FSDP1
+        keeps them in its flat parameters, outside the module)."""
+        if trainer is not None:
+            self.trainer = trainer
+        strategy = _sharded_strategy(self.owner, self.trainer)
+        if strategy is not None:
+            wanted = sorted({n for _, models in self.runner.names.slot_models for n in models})
+            if wanted:
+                raise ConfigError(
+                    f"{self.owner}: the callbacks save the submodules {wanted} (model_names) "
+                    f"on their own, but under {strategy} the Trainer saves only the whole "
+                    f"sharded model. Drop model_names (save the whole model: "
+                    f"fcb.torch.load_checkpoint reads it whole in one process, submodules "
+                    f"included), or train with an unsharded strategy (e.g. 'ddp')."
+                )
+        elif sharded_choice(
+            self.owner, self.sharded, self.model,
+            [self.dirpath] * (self.existing_run == "resume") + [self.resume_from or ""],
+        ):
+            strategy_name = type(getattr(self.trainer, "strategy", None)).__name__
+            raise ConfigError(
+                f"{self.owner}: the LightningModule holds sharded parameters (DTensor or "
+                f"FSDP), or the run in {self.dirpath} was saved sharded, but the Trainer's "
+                f"strategy ({strategy_name}) writes single-file checkpoints, which cannot "
+                f"hold a sharded model whole. Train with pl.strategies.ModelParallelStrategy "
+                f"or FSDPStrategy(state_dict_type='sharded'), or start a new run "
+                f"(existing_run='start_over' or another dirpath)."
+            )
+        saved = self.sharded
+        self.sharded = True if strategy is not None else saved
+        try:
+            super().on_fit_start(trainer)
+        finally:
+            self.sharded = saved
+
     def follow(self, actions: Actions, step: int) -> None:
         # Trainer.save_checkpoint ends in a barrier on every rank, so the other ranks call it
         # as often as rank 0 does for a full checkpoint of this step; only rank 0 writes.
+        # (A sharded store is open on every rank: there, every rank writes and never follows.)
+        if self._sharded:
+            return
         slot_models = dict(actions.slot_models)
         full = bool(actions.archive) or any(
             int(held) == step and not slot_models.get(name) for name, held in actions.slots.items()
@@ -61,13 +103,17 @@ class _LightningAdapter(TorchAdapter):
         if models:  # a subset of submodules: the Trainer cannot save that, torch.save does
             return super()._step_writer(store, check, models)
         step = check.step
+        relative = store.step_file(step, None)
 
         def write() -> None:
             self.saving_step = step  # FcbCallback.state_dict records it in the checkpoint
             try:
-                store.write_with(
-                    store.step_file(step, None), step, None, lambda path: self._save(path, step)
-                )
+                if isinstance(store, ShardedStore):  # every rank saves its shards into it
+                    store.write_with_save(
+                        relative, step, None, lambda partial: self._save(partial, step)
+                    )
+                else:
+                    store.write_with(relative, step, None, lambda path: self._save(path, step))
             finally:
                 self.saving_step = None
 
@@ -75,19 +121,29 @@ class _LightningAdapter(TorchAdapter):
 
     def _save(self, path: str, step: int) -> None:
         """`Trainer.save_checkpoint(path)`, refusing a checkpoint that no weights-only load
-        (Lightning's own `Trainer.fit(ckpt_path=...)` included) could read back."""
+        (Lightning's own `Trainer.fit(ckpt_path=...)` included) could read back. Under a
+        sharded strategy every rank calls it (the strategy's save is a collective: DCP's
+        shards and rank 0's `meta.pt` in the directory `path`, which it creates)."""
         trainer = self.trainer
         connector = getattr(trainer, "_checkpoint_connector", None)
         if connector is None or trainer.model is None:
             trainer.save_checkpoint(path)  # another Trainer: nothing to check before writing
             return
         checkpoint = connector.dump_checkpoint(False)  # what save_checkpoint writes
+        checked = checkpoint
+        if self._sharded:  # the model's and optimizers' shards go through DCP, not pickle
+            checked = {
+                k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")
+            }
         try:
-            check_loadable(self.owner, step, checkpoint, _describe)
+            check_loadable(self.owner, step, checked, _describe)
         except CheckpointWriteError as error:
             refused: CheckpointWriteError | None = error
         else:
             refused = None
+        if self._sharded:  # every rank enters the collective save, or none does
+            self.group.agree_on_error(refused)
+        if refused is None:
             trainer.strategy.save_checkpoint(checkpoint, path)
         trainer.strategy.barrier("Trainer.save_checkpoint")  # every rank passes it, as before
         if refused is not None:
@@ -112,11 +168,12 @@ class _LightningAdapter(TorchAdapter):
             )
         step = self.loaded.get("step")
         if step is not None and step != record["step"]:
+            last = os.path.join(source, "last" + ("" if self._sharded else self.suffix))
             raise ConfigError(
                 f"FcbCallback: Lightning resumed from the checkpoint of step {step}, but the "
                 f"run's resume point in {source} is step {record['step']} (its `last` slot); "
                 f"resuming from another slot would leave later checkpoints in the run. Pass "
-                f"ckpt_path={os.path.join(source, 'last' + self.suffix)!r}."
+                f"ckpt_path={last!r}."
             )
         return self.loaded["callbacks"], lambda: None
 
@@ -129,6 +186,36 @@ _ENTRIES = {
     "optimizer_states": "an optimizer's state_dict()",
     "lr_schedulers": "a scheduler's state_dict()",
 }
+
+
+def _sharded_strategy(owner: str, trainer: Any) -> str | None:
+    """The name of the Trainer's strategy when it saves sharded checkpoints (a directory of
+    DCP shards written by every rank, `meta.pt` beside them), None for a strategy that
+    saves one file; a sharded strategy set to gather the whole model is a `ConfigError`."""
+    strategy = getattr(trainer, "strategy", None)
+    model_parallel = getattr(pl.strategies, "ModelParallelStrategy", None)
+    if model_parallel is not None and isinstance(strategy, model_parallel):
+        if not getattr(strategy, "_save_distributed_checkpoint", True):
+            raise ConfigError(
+                f"{owner}: ModelParallelStrategy(save_distributed_checkpoint=False) gathers "
+                f"the whole model on rank 0 for each checkpoint; fcb saves sharded models "
+                f"sharded (every rank writes its shards; fcb.torch.load_checkpoint and `fcb "
+                f"export` read a step whole in one process). Pass "
+                f"save_distributed_checkpoint=True (the default)."
+            )
+        return type(strategy).__name__
+    fsdp = getattr(pl.strategies, "FSDPStrategy", None)
+    if fsdp is not None and isinstance(strategy, fsdp):
+        kind = getattr(strategy, "_state_dict_type", "sharded")
+        if kind != "sharded":
+            raise ConfigError(
+                f"{owner}: FSDPStrategy(state_dict_type={kind!r}) gathers the whole model on "
+                f"rank 0 for each checkpoint; fcb saves sharded models sharded (every rank "
+                f"writes its shards; fcb.torch.load_checkpoint and `fcb export` read a step "
+                f"whole in one process). Pass FSDPStrategy(state_dict_type='sharded')."
+            )
+        return f"{type(strategy).__name__}(state_dict_type='sharded')"
+    return None
 
 
 def _describe(entry: str, path: str) -> str:
@@ -162,6 +249,15 @@ class FcbCallback(pl.Callback):
     generators (torch, CUDA, NumPy, Python's `random`; put back at the start of the first
     epoch trained after the resume), so a run resumed from an epoch-end checkpoint trains
     exactly as the uninterrupted one.
+
+    Under Lightning's sharded strategies (`ModelParallelStrategy`, FSDP2; `FSDPStrategy` with
+    `state_dict_type="sharded"`) each checkpointed step is the strategy's own sharded save,
+    written by every rank into the step's directory `steps/step-NNNNNNNN/` (slot names are
+    links to it), as [`fcb.torch.TorchAdapter`][] saves a sharded model; the same
+    `ckpt_path=fcb.lightning.resume_path(dirpath)` resumes it, and
+    `fcb.torch.load_checkpoint` reads a slot whole in one process. A strategy set to gather
+    the whole model for its checkpoints, and `model_names` (submodule variants), are refused
+    there with a `ConfigError`.
     """
 
     def __init__(
@@ -194,13 +290,33 @@ class FcbCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapter.trainer = trainer
         self.adapter.model = pl_module
+        self._pending = True
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            # a sharded strategy (FSDP, ModelParallelStrategy) restores `ckpt_path`, this
+            # callback's state included, after on_fit_start: the run opens once it has
+            return
+        self._start(trainer)
+
+    _pending = False
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        if not self._pending:
+            return
+        self._pending = False
         if self.adapter.loaded is not None:  # Trainer.fit(ckpt_path=...) of an fcb checkpoint
             self.adapter.resume_from = self.adapter.dirpath
         self.adapter.on_fit_start(trainer)
 
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._start(trainer)
         step = trainer.current_epoch if self.step == "epoch" else trainer.global_step
         self.adapter.on_validation_end(dict(trainer.callback_metrics), step=step, trainer=trainer)
 
