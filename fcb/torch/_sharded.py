@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
-from .._files import TMP_PREFIX, fsync_dir, shard_checksums, temp_path
+from .._files import TMP_PREFIX, file_checksum, fsync_dir, temp_path
 from .._host.manifest import Models
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR
@@ -35,6 +36,8 @@ RECORD_FILE = "fcb.pt"
 """Rank 0's file of a sharded step: fcb's record, the scheduler's and trainer's state, rank
 0's random generators."""
 
+_RANK_FILE = re.compile(r"^(?:__(\d+)_.*|rng-(\d+)\.pt)$")
+"""The files of a sharded step one rank writes (DCP's shards, its generators)."""
 _STEP_DIR = re.compile(r"^step-(\d+)(\.[A-Za-z0-9._+=-]+)?$")
 
 
@@ -99,6 +102,8 @@ class ShardedStore(CheckpointStore):
         self._group: Any = None
         self._flight: tuple[Any, str, dict[str, Any]] | None = None
         """The async save in flight: its future, its location and its record."""
+
+    sync_names = False  # a lost re-pointing is repaired at `open`: no fsync per commit
 
     def location(self, step: int, models: Models) -> str:
         return step_dir(step, models)
@@ -204,16 +209,36 @@ class ShardedStore(CheckpointStore):
         return result
 
     def _seal(self, relative: str, record: dict[str, Any]) -> None:
-        """After every rank's shards are written: rank 0 records each file's size and
-        CRC-32, makes the directory durable and gives it its step's name."""
+        """After every rank's shards are written: each rank checksums the files it wrote
+        (DCP's `__R_*`, its `rng-R.pt`; rank 0 the rest), in parallel; rank 0 records them,
+        makes the directory durable and gives it its step's name."""
         final, partial = self.path(relative), self._partial(relative)
+        rank = self.processes.index
+
+        def writer(name: str) -> int:
+            match = _RANK_FILE.match(name)
+            return int(match.group(1) or match.group(2)) if match else 0
+
+        def mine() -> dict[str, dict[str, int]]:
+            return {
+                name: file_checksum(os.path.join(partial, name))
+                for name in sorted(os.listdir(partial))
+                if writer(name) == rank
+            }
+
+        local = self._agreed(mine, relative)
+        gathered = self.processes.gather_text(json.dumps(local))
 
         def seal() -> None:
-            shards = shard_checksums(partial)
+            shards: dict[str, Any] = {}
+            for text in gathered:
+                shards.update(json.loads(text or "{}"))
+            missing = sorted(set(os.listdir(partial)) - set(shards))
+            shards.update({name: file_checksum(os.path.join(partial, name)) for name in missing})
             fsync_dir(partial)
             os.replace(partial, final)
             fsync_dir(os.path.dirname(final))
-            record["shards"] = shards
+            record["shards"] = dict(sorted(shards.items()))
             self.bytes_written += sum(s["size"] for s in shards.values())
 
         self.processes.on_primary(lambda: self._agreed_locally(seal, relative))

@@ -60,6 +60,8 @@ class CheckpointStore(ManifestStore):
     """
 
     storage = "torch"
+    sync_names = True
+    """Whether re-pointed names are made durable at once (they are repaired at `open`)."""
 
     def __init__(
         self, directory: str, *, suffix: str = SUFFIX, processes: ProcessGroup | None = None
@@ -137,6 +139,8 @@ class CheckpointStore(ManifestStore):
                     _reason(error),
                 )
         self._delete(old_links - current, {})
+        if not self.sync_names:
+            return
         try:
             fsync_dir(self.directory)
         except OSError as error:
