@@ -63,6 +63,7 @@ BENCHMARKS = [
     Benchmark("B9", "b9_replay_scale"),
     Benchmark("B10", "b10_compile_cache"),
     Benchmark("B11", "batch_hook"),
+    Benchmark("B12", "b12_sharded_save", ([], ["--saves", "2", "--width", "256"])),
 ]
 
 
