@@ -41,14 +41,23 @@ class HistoryLog:
     def __init__(self, directory: str):
         self.path = os.path.join(directory, HISTORY_NAME)
 
-    def start(self, resumed_step: int | None, source: str | None = None) -> None:
+    def start(
+        self, resumed_step: int | None, source: str | None = None,
+        resumed_line: Mapping[str, Any] | None = None,
+    ) -> None:
         """A new run starts an empty history; a resumed run keeps the checks up to its step
-        (read from `source`, the resumed run's history, when it lives elsewhere)."""
+        (read from `source`, the resumed run's history, when it lives elsewhere), and gets
+        back the resume point's own line (`resumed_line`, from the manifest) when a kill
+        after its commit kept it from being appended."""
         kept = []
         if resumed_step is not None:
             for record in read_records(source or self.path, decode=False):
                 if "metrics" in record and record.get("step", -1) <= resumed_step:
                     kept.append(record)
+            if resumed_line is not None and resumed_line.get("step") == resumed_step and not (
+                kept and kept[-1].get("step") == resumed_step
+            ):
+                kept.append(dict(resumed_line))
         data = b"".join(_line(r) for r in kept)
         atomic_write(self.path, lambda f: f.write(data))
 

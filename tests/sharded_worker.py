@@ -118,6 +118,8 @@ def main(config: dict) -> int:
         adapter.on_exception(error)
         dist.destroy_process_group()
         return 3
+    with open(os.path.join(out, f"fsyncs-{rank}.txt"), "w") as f:
+        f.write(str(calls["fsync"]))
     if rank == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"stopped": adapter.should_stop, "last_step": adapter.session.last_step,

@@ -151,6 +151,21 @@ def test_a_new_run_starts_a_new_history_and_a_resume_keeps_its_prefix(tmp_path):
     assert steps == [0, 1, 2, 3, 4, 5, 6, 6]  # the summary carries the last check's step
 
 
+def test_a_line_lost_between_the_commit_and_the_append_comes_back_on_resume(tmp_path):
+    """A kill after a check's manifest is committed and before its history line is appended:
+    the resumed history holds that check's line (the manifest's resume record carries it)."""
+    _fit(tmp_path, LOSSES, crash_after=4)
+    path = tmp_path / "history.jsonl"
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 4
+    path.write_text("\n".join(lines[:-1]) + "\n")  # what the kill lost
+    _fit(tmp_path, LOSSES, resume=True)
+    records = read_records(str(path), decode=False)
+    assert [r.get("step") for r in records] == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert json.dumps(records[4], sort_keys=True) == json.dumps(json.loads(lines[-1]),
+                                                                  sort_keys=True)
+
+
 def test_replay_reads_the_recorded_history(tmp_path):
     _fit(tmp_path, LOSSES)
     rows = read_rows(tmp_path)

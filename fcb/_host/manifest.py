@@ -78,6 +78,9 @@ class Plan(NamedTuple):
     """The current step becomes the resume point (`last` holds it)."""
     stop_message: str
     """Non-empty when the check stopped the run (recorded with the resume point)."""
+    history: dict[str, Any] | None = None
+    """The check's history line, recorded with the resume point: a kill between the commit
+    and the history's append must not leave a resumed history without it."""
 
 
 def plan_checkpoints(
@@ -153,6 +156,7 @@ def next_manifest(
     callbacks: Any,
     resume: bool,
     stop_message: str = "",
+    history: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest after a check (its file table is trimmed by `with_files`)."""
     new = dict(manifest)
@@ -166,6 +170,7 @@ def next_manifest(
             "file": slots[RESUME_SLOT]["file"],
             "slots": slots,
             "stop_message": stop_message,  # non-empty: the run had stopped at this step
+            **({"history": dict(history)} if history is not None else {}),
         }
     return new
 

@@ -89,6 +89,7 @@ class Session(ResumePoints):
         self.processes = ProcessGroup()
         self.store: ManifestStore | None = None
         self.history: HistoryLog | None = None
+        self._resumed_line: dict[str, Any] | None = None
         self.started = False
         self.last_step = -1
         """The step of the last check that happened (-1: none yet)."""
@@ -113,6 +114,7 @@ class Session(ResumePoints):
         `EXISTING_RUN`): resume from `resume_from` if given, else by `existing_run`; `keep`:
         the trainer resumes the run itself."""
         self._probes = []
+        self._resumed_line = None
         for key, kind in sorted(set(self.runner.names.host_inputs)):
             probe = self.interrupts.elapsed if kind == ELAPSED_SECONDS else (
                 self.engine.host_input(kind)
@@ -153,7 +155,7 @@ class Session(ResumePoints):
             if self.record_history and self.processes.is_primary:
                 self.history = HistoryLog(dirpath)
                 source = None if resume_from is None else find_history(resume_from)
-                self.history.start(resumed, source)
+                self.history.start(resumed, source, self._resumed_line)
             adopt()
         except BaseException:  # nothing is kept of a failed start: not the lock either
             self.runner.restore(before)
@@ -191,6 +193,7 @@ class Session(ResumePoints):
                 f"was written there yet)."
             )
         callbacks_state, restore = self.engine.read_resume(source, record, manifest)
+        self._resumed_line = record.get("history")
         self.runner.state, stopped = resumed_state(
             self.owner, self.callbacks, callbacks_state, source, int(record["step"])
         )
@@ -331,6 +334,8 @@ class Session(ResumePoints):
             return
         if plan.stop_message:
             plan = plan._replace(stop_message=said)
+        if plan.resume and self.record_history:
+            plan = plan._replace(history=self._history_line(actions, step, metrics, context, said))
         store.finish()  # the previous check's write is committed first
         callbacks_state = self.runner.state_dict()
         write = self.engine.write(
@@ -353,15 +358,18 @@ class Session(ResumePoints):
         if self.log is not None and actions.log:
             self.log(step, {k: float(v) for k, v in actions.log.items()})
         if self.history is not None:
-            self.history.append(
-                check_record(
-                    step,
-                    metrics,
-                    lr=self.engine.learning_rates_after(actions, context),
-                    events=[name for name, fired in actions.events.items() if bool(fired)],
-                    stop=said or None,
-                )
-            )
+            self.history.append(self._history_line(actions, step, metrics, context, said))
+
+    def _history_line(
+        self, actions: Actions, step: int, metrics: Mapping[str, Any], context: Any, said: str
+    ) -> dict[str, Any]:
+        return check_record(
+            step,
+            metrics,
+            lr=self.engine.learning_rates_after(actions, context),
+            events=[name for name, fired in actions.events.items() if bool(fired)],
+            stop=said or None,
+        )
 
     def _stop(self, message: str) -> None:
         self.should_stop = True

@@ -228,6 +228,7 @@ class ManifestStore:
         callbacks: Any,
         resume: bool,
         stop_message: str = "",
+        history: Mapping[str, Any] | None = None,
     ) -> None:
         """Record the check of `event_step` (a `Plan`'s fields): the slot table, whether the
         step joins the archive, whether it is the resume point, and the callbacks' state.
@@ -243,6 +244,7 @@ class ManifestStore:
             callbacks=callbacks,
             resume=resume,
             stop_message=stop_message,
+            history=history,
         )
         if self._in_flight():
             self._pending = (manifest, files)
@@ -258,6 +260,7 @@ class ManifestStore:
             callbacks=callbacks,
             resume=plan.resume,
             stop_message=plan.stop_message,
+            history=plan.history,
         )
 
     def finish(self) -> None:
