@@ -18,15 +18,16 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
-from .._files import TMP_PREFIX, file_checksum, fsync_dir, temp_path
+from .._files import TMP_PREFIX, ChecksumWriter, crc32, file_checksum, fsync_dir, temp_path
 from .._host.manifest import Models
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR
@@ -100,8 +101,10 @@ class ShardedStore(CheckpointStore):
         super().__init__(directory, suffix="", processes=processes)
         self.background = background
         self._group: Any = None
-        self._flight: tuple[Any, str, dict[str, Any]] | None = None
-        """The async save in flight: its future, its location and its record."""
+        self._flight: tuple[Any, str, dict[str, Any], dict[str, Any]] | None = None
+        """The async save in flight: its future, its location, its record, the checksums
+        of the files written so far."""
+        self._known: dict[str, dict[str, int]] = {}
 
     sync_names = False  # a lost re-pointing is repaired at `open`: no fsync per commit
 
@@ -133,6 +136,7 @@ class ShardedStore(CheckpointStore):
 
         def save(partial: str) -> Any:
             writer = dcp.FileSystemWriter(partial, sync_files=True)
+            writer.fs = _ChecksummingFileSystem(self._known)  # no read-back to checksum
             if self.background:
                 return dcp.async_save(state, storage_writer=writer, process_group=self._group,
                                       no_dist=_one_process())
@@ -153,6 +157,7 @@ class ShardedStore(CheckpointStore):
         Lightning Trainer's `save_checkpoint` under a sharded strategy; it may return the
         future of an asynchronous save), and this rank's own `files` into the directory."""
         final, partial = self.path(relative), self._partial(relative)
+        self._known = {}
 
         def prepare() -> None:
             self._lock.check()  # the directory is still this store's (`check_owned`)
@@ -167,10 +172,10 @@ class ShardedStore(CheckpointStore):
             # come after it, inside the directory that becomes the step in one rename
             future = save(partial)
             for name, obj in (files or {}).items():
-                with open(os.path.join(partial, name), "wb") as f:
-                    torch.save(obj, f)
-                    f.flush()
-                    os.fsync(f.fileno())
+                with open(os.path.join(partial, name), "wb") as raw:
+                    f = ChecksumWriter(raw)
+                    torch.save(obj, cast(IO[bytes], f))  # synced with the rest at `_seal`
+                self._known[name] = {"size": f.size, "crc32": f.crc32}
             return future
 
         # on_primary agrees (a collective): no rank writes before the directory is ready
@@ -179,9 +184,9 @@ class ShardedStore(CheckpointStore):
         try:
             future = self._agreed(save_all, relative)
             if future is not None:
-                self._flight = (future, relative, record)
+                self._flight = (future, relative, record, self._known)
             else:
-                self._seal(relative, record)
+                self._seal(relative, record, self._known)
         except BaseException:
             self._discard(partial)
             raise
@@ -208,7 +213,9 @@ class ShardedStore(CheckpointStore):
         self.processes.agree_on_error(error)
         return result
 
-    def _seal(self, relative: str, record: dict[str, Any]) -> None:
+    def _seal(
+        self, relative: str, record: dict[str, Any], known: Mapping[str, dict[str, int]]
+    ) -> None:
         """After every rank's shards are written: each rank checksums the files it wrote
         (DCP's `__R_*`, its `rng-R.pt`; rank 0 the rest), in parallel; rank 0 records them,
         makes the directory durable and gives it its step's name."""
@@ -220,11 +227,21 @@ class ShardedStore(CheckpointStore):
             return int(match.group(1) or match.group(2)) if match else 0
 
         def mine() -> dict[str, dict[str, int]]:
-            return {
-                name: file_checksum(os.path.join(partial, name))
-                for name in sorted(os.listdir(partial))
-                if writer(name) == rank
-            }
+            # durable before anything refers to them: the files this rank wrote besides
+            # DCP's shards (DCP syncs those), and a Lightning strategy's meta.pt
+            for name in sorted(os.listdir(partial)):
+                if writer(name) == rank and not name.startswith("__"):
+                    with open(os.path.join(partial, name), "rb") as f:
+                        os.fsync(f.fileno())
+            sums = {}
+            for name in sorted(os.listdir(partial)):
+                if writer(name) == rank:
+                    path = os.path.join(partial, name)
+                    record = known.get(name)  # computed as it was written
+                    if record is None or record["size"] != os.path.getsize(path):
+                        record = file_checksum(path)
+                    sums[name] = record
+            return sums
 
         local = self._agreed(mine, relative)
         gathered = self.processes.gather_text(json.dumps(local))
@@ -255,10 +272,10 @@ class ShardedStore(CheckpointStore):
     def _wait_written(self) -> None:
         if self._flight is None:
             return
-        (future, relative, record), self._flight = self._flight, None
+        (future, relative, record, known), self._flight = self._flight, None
         try:
             self._agreed(future.result, relative)
-            self._seal(relative, record)
+            self._seal(relative, record, known)
         except BaseException:
             self._discard(self._partial(relative))
             raise
@@ -337,6 +354,55 @@ class ShardedStore(CheckpointStore):
             with contextlib.suppress(OSError):
                 _remove_tree(partial)
         return super()._remove(relative)
+
+
+class _Checksummed:
+    """A stream DCP writes one file through: its size and CRC-32 are computed on the way
+    (a file written anywhere but at its end is read back instead)."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.size, self.crc32, self.sequential = raw, 0, 0, True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        written = self.raw.write(view)
+        done = len(view) if written is None else written
+        self.crc32 = crc32(view[:done], self.crc32)
+        self.size += done
+        return done
+
+    def seek(self, *args: Any) -> int:
+        self.sequential = False
+        return int(self.raw.seek(*args))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+class _ChecksummingFileSystem(FileSystem):
+    """DCP's local file system, recording each written file's size and CRC-32 in `known`
+    (by file name, following DCP's rename of its `.metadata`)."""
+
+    def __init__(self, known: dict[str, dict[str, int]]):
+        super().__init__()
+        self.known = known
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            tracked = _Checksummed(stream)
+            yield tracked
+        if tracked.sequential:
+            self.known[os.path.basename(path)] = {"size": tracked.size, "crc32": tracked.crc32}
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        super().rename(path, new_path)
+        record = self.known.pop(os.path.basename(path), None)
+        if record is not None:
+            self.known[os.path.basename(new_path)] = record
 
 
 def _one_process() -> bool:
