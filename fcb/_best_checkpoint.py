@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,15 +13,23 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from . import _monitor
+from ._best_checkpoint_checks import check_model_names, check_tolerances, resolve_mode
 from ._chain import Chain
 from ._core import NO_STEP, ActionNames, Actions, Callback, Metrics, StepLike, merge_actions
 from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._errors import ConfigError
 from ._monitor import Mode, ThresholdMode
-from ._slots import MAX_FILENAME, check_filename, count_check, holds, key_as_name, tie_key
+from ._slots import (
+    MAX_FILENAME,
+    check_filename,
+    count_check,
+    holds,
+    key_as_name,
+    loaded_slot,
+    tie_key,
+)
 from ._smoothing import SmoothingState, check_smoothing, smooth, smoothing_init, where_tree
 from ._validate import (
-    INT32_MAX,
     as_step,
     check_flag,
     check_key,
@@ -136,9 +143,9 @@ class BestCheckpoint(Callback):
     ):
         owner = "BestCheckpoint"
         self.metric_key = check_key(owner, "metric_key", metric_key)
-        self.mode = _resolve_mode(owner, mode, higher_is_better)
-        self.tolerances = _check_tolerances(owner, tolerances)
-        self.model_names = _check_model_names(owner, model_names)
+        self.mode = resolve_mode(owner, mode, higher_is_better)
+        self.tolerances = check_tolerances(owner, tolerances)
+        self.model_names = check_model_names(owner, model_names)
         if filename is None:  # the default names the metric: a bad name is the metric's
             try:
                 filename = check_filename(owner, "filename", f"best.{key_as_name(metric_key)}")
@@ -297,12 +304,58 @@ class BestCheckpoint(Callback):
     def evaluated(
         self, state: BestCheckpointState, request: str, results: Metrics, *, step: StepLike
     ) -> tuple[BestCheckpointState, Actions]:
-        """Pass the evaluation of a new best model to the nested callbacks (prefixed keys)."""
+        """Pass the evaluation of a new best model to the nested callbacks (prefixed keys).
+
+        A request `"loaded:<slot>"` is the post-training pass's evaluation of one of this
+        callback's slots: `evaluated_slot` answers it."""
+        slot = loaded_slot(request)
+        if slot is not None:
+            if slot in (self.filename, *self.tolerance_slots()):
+                return self.evaluated_slot(state, slot, results, step=step)
+            return state, self.no_actions()
         if request != self.filename or not self.children.callbacks:
             return state, self.no_actions()
         prefixed = {f"{self.child_prefix}/{k}": v for k, v in results.items()}
         children, child_actions = self.children(state.children, prefixed, step=step)
         return dataclasses.replace(state, children=children), self._with_children(child_actions)
+
+    def evaluated_slot(
+        self, state: BestCheckpointState, slot: str, results: Metrics, *, step: StepLike
+    ) -> tuple[BestCheckpointState, Actions]:
+        """Pass the evaluation of a loaded slot (after training) to the nested callbacks.
+
+        The nested callbacks see `results` with keys prefixed `best=<metric_key>/`,
+        unconditionally; only their state changes (not the best and tolerance bookkeeping),
+        and the actions ask for no save (`save`, `archive`, `slots`, `evaluate` empty; `log`,
+        `events`, `stop` are the children's, prefixed). Jittable (`slot` is static).
+
+        >>> child = fcb.EarlyStopping("best=val_loss/acc", "max")
+        >>> cb = fcb.BestCheckpoint("val_loss", callbacks=[child])
+        >>> state, _ = cb(cb.init(), {"val_loss": 0.5}, step=0)
+        >>> state, actions = cb.evaluated_slot(state, "best.val_loss", {"acc": 0.5}, step=0)
+        >>> float(state.children[0].best), bool(actions.save), int(state.best_step)
+        (0.5, False, 0)
+        """
+        slots = (self.filename, *self.tolerance_slots())
+        if slot not in slots:
+            raise ConfigError(
+                f"BestCheckpoint: `slot` must be one of this callback's slots {list(slots)}, "
+                f"got slot = {slot!r}; pass one of them."
+            )
+        if not self.children.callbacks:
+            return state, self.no_actions()
+        prefixed = {f"{self.child_prefix}/{k}": v for k, v in results.items()}
+        children, child_actions = self.children(state.children, prefixed, step=step)
+        actions = self._with_children(child_actions)
+        actions = dataclasses.replace(
+            actions,
+            save=jnp.asarray(False),
+            archive=jnp.asarray(False),
+            slots={},
+            slot_values={},
+            evaluate={},
+        )
+        return dataclasses.replace(state, children=children), actions
 
     def finalize(self, state: BestCheckpointState) -> tuple[BestCheckpointState, Actions]:
         children, child_actions = self.children.finalize(state.children)
@@ -320,62 +373,3 @@ class BestCheckpoint(Callback):
 
     def _with_children(self, child_actions: Actions) -> Actions:
         return merge_actions([child_actions], prefixes=[self.child_prefix])
-
-
-def _resolve_mode(owner: str, mode: Any, higher_is_better: Any) -> Mode:
-    if higher_is_better is None:
-        return check_mode(owner, "min" if mode is None else mode)
-    if not isinstance(higher_is_better, bool):
-        raise ConfigError(
-            f"{owner}: `higher_is_better` must be True or False, got "
-            f"higher_is_better = {higher_is_better!r}."
-        )
-    implied: Mode = "max" if higher_is_better else "min"
-    if mode is not None and mode != implied:
-        raise ConfigError(
-            f"{owner}: mode = {mode!r} contradicts higher_is_better = {higher_is_better!r}; "
-            f"pass only one of them."
-        )
-    return implied
-
-
-def _check_tolerances(owner: str, tolerances: Any) -> tuple[int, ...]:
-    if isinstance(tolerances, (str, bytes)) or not isinstance(tolerances, Sequence):
-        raise ConfigError(
-            f"{owner}: `tolerances` must be a sequence of integers, got "
-            f"tolerances = {tolerances!r}."
-        )
-    values = tuple(tolerances)
-    for t in values:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-            raise ConfigError(
-                f"{owner}: every tolerance must be an integer >= 0, got {t!r} in "
-                f"tolerances = {values!r}."
-            )
-        if t > INT32_MAX:
-            raise ConfigError(
-                f"{owner}: every tolerance must be at most {INT32_MAX} (2**31 - 1: fcb keeps "
-                f"it as int32), got {t!r} in tolerances = {values!r}."
-            )
-    if any(b <= a for a, b in itertools.pairwise(values)):
-        raise ConfigError(
-            f"{owner}: `tolerances` must be strictly increasing (sorted, no duplicates), got "
-            f"tolerances = {values!r}; pass {tuple(sorted(set(values)))!r}."
-        )
-    return tuple(int(t) for t in values)
-
-
-def _check_model_names(owner: str, model_names: Any) -> tuple[str, ...] | None:
-    if model_names is None:
-        return None
-    if isinstance(model_names, str):
-        model_names = (model_names,)
-    names = tuple(model_names)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(
-            f"{owner}: `model_names` must be None or non-empty submodule names, got "
-            f"model_names = {model_names!r}."
-        )
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{owner}: `model_names` has duplicates: {names!r}.")
-    return names

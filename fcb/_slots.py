@@ -130,3 +130,17 @@ def eviction_index(
         same = (tie_values == tie_values[-1]) | (jnp.isnan(tie_values) & jnp.isnan(tie_values[-1]))
         tied_worst = tied_worst & same
     return jnp.where(occupied[-1], jnp.argmax(tied_worst), jnp.sum(occupied)).astype(jnp.int32)
+
+
+LOADED = "loaded:"
+"""The prefix of a request that evaluates a loaded slot after training."""
+
+
+def loaded_request(slot: str) -> str:
+    """The request name under which the post-training pass evaluates `slot`."""
+    return LOADED + slot
+
+
+def loaded_slot(request: str) -> str | None:
+    """The slot a post-training request names (None for a request made during training)."""
+    return request[len(LOADED):] if request.startswith(LOADED) else None

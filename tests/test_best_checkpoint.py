@@ -1,5 +1,6 @@
 """BestCheckpoint: overall best, tolerance slots, nested callbacks, every_n, resume."""
 
+import dataclasses
 import json
 import math
 
@@ -286,3 +287,43 @@ def test_best_follows_the_min_delta_margin_and_replay_reports_the_margin_free_be
     result = fcb.replay(fcb.BestCheckpoint("val_loss", min_delta=0.02), {"val_loss": [1.0, 0.99]})
     assert result.best_step.tolist() == [1] and result.best_value.tolist() == [np.float32(0.99)]
     assert result.slots["best.val_loss"].tolist() == [0]
+
+
+def _evaluated_slot_setup():
+    child = fcb.EarlyStopping("best=val_loss/acc", "max", patience=1)
+    cb = fcb.BestCheckpoint("val_loss", tolerances=(1,), callbacks=[child])
+    state = cb.init()
+    for step, loss in enumerate([0.5, 0.4, 0.6, 0.7]):
+        state, _ = cb(state, {"val_loss": loss}, step=step)
+    return cb, state
+
+
+@pytest.mark.parametrize("slot", ["best.val_loss", "best.val_loss.tolerance=1"])
+def test_evaluated_slot_changes_only_the_children_and_asks_no_save(slot):
+    cb, state = _evaluated_slot_setup()
+    new, actions = cb.evaluated_slot(state, slot, {"acc": 0.7}, step=1)
+    assert float(new.children[0].best) == pytest.approx(0.7)
+    assert bool(actions.save) is False and bool(actions.archive) is False
+    assert actions.slots == {} and actions.evaluate == {}
+    parent = lambda s: dataclasses.replace(s, children=())  # noqa: E731
+    chex_equal = jax.tree_util.tree_map(np.array_equal, parent(new), parent(state))
+    assert all(jax.tree_util.tree_leaves(chex_equal))
+
+
+def test_evaluated_slot_jit_parity_and_chain_routing():
+    cb, state = _evaluated_slot_setup()
+    eager = cb.evaluated_slot(state, "best.val_loss", {"acc": 0.3}, step=1)
+    jitted = jax.jit(lambda s, r: cb.evaluated_slot(s, "best.val_loss", r, step=1))(
+        state, {"acc": jnp.float32(0.3)}
+    )
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chained = fcb.chain(cb)
+    routed, _ = chained.evaluated((state,), "loaded:best.val_loss", {"acc": 0.3}, step=1)
+    assert float(routed[0].children[0].best) == pytest.approx(0.3)
+
+
+def test_evaluated_slot_unknown_slot_is_a_config_error():
+    cb, state = _evaluated_slot_setup()
+    with pytest.raises(fcb.ConfigError, match=r"best\.val_loss\.tolerance=1.*got slot = .last."):
+        cb.evaluated_slot(state, "last", {"acc": 0.3}, step=1)
