@@ -291,7 +291,7 @@ class FcbCallback(pl.Callback):
         self.adapter.trainer = trainer
         self.adapter.model = pl_module
         self._pending = True
-        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+        if getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", False):
             # a sharded strategy (FSDP, ModelParallelStrategy) restores `ckpt_path`, this
             # callback's state included, after on_fit_start: the run opens once it has
             return

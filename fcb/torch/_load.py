@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -147,5 +147,5 @@ def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str])
             f"export_checkpoint: `out` must be a file path, got the directory {out}; pass e.g. "
             f"{os.path.join(out, 'model.pt')}."
         )
-    atomic_write(out, lambda f: torch.save(payload, f))  # type: ignore[arg-type]
+    atomic_write(out, lambda f: torch.save(payload, cast(IO[bytes], f)))
     return out

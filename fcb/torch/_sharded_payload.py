@@ -37,12 +37,9 @@ def holds_sharded_state(model: Any) -> bool:
     DTensor parameters or buffers, or an FSDP1 wrapper."""
     if model is None:
         return False
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     from torch.distributed.tensor import DTensor
 
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    except ImportError:  # pragma: no cover - every supported torch has it
-        FSDP1 = ()  # type: ignore[assignment,misc]
     if any(isinstance(m, FSDP1) for m in model.modules()):
         return True
     tensors = [*model.parameters(), *model.buffers()]
