@@ -23,8 +23,6 @@ from typing import IO, Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import FileSystem
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
 from .._files import TMP_PREFIX, ChecksumWriter, crc32, file_checksum, fsync_dir, temp_path
@@ -135,8 +133,10 @@ class ShardedStore(CheckpointStore):
         object, `torch.save`d) beside it."""
 
         def save(partial: str) -> Any:
+            import torch.distributed.checkpoint as dcp  # imported when a sharded step is saved
+
             writer = dcp.FileSystemWriter(partial, sync_files=True)
-            writer.fs = _ChecksummingFileSystem(self._known)  # no read-back to checksum
+            writer.fs = _checksumming_file_system(self._known)  # no read-back to checksum
             if self.background:
                 return dcp.async_save(state, storage_writer=writer, process_group=self._group,
                                       no_dist=_one_process())
@@ -379,30 +379,30 @@ class _Checksummed:
         return getattr(self.raw, name)
 
 
-class _ChecksummingFileSystem(FileSystem):
+def _checksumming_file_system(known: dict[str, dict[str, int]]) -> Any:
     """DCP's local file system, recording each written file's size and CRC-32 in `known`
     (by file name, following DCP's rename of its `.metadata`)."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    def __init__(self, known: dict[str, dict[str, int]]):
-        super().__init__()
-        self.known = known
+    class ChecksummingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                tracked = _Checksummed(stream)
+                yield tracked
+            if tracked.sequential:
+                known[os.path.basename(path)] = {"size": tracked.size, "crc32": tracked.crc32}
 
-    @contextlib.contextmanager
-    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            tracked = _Checksummed(stream)
-            yield tracked
-        if tracked.sequential:
-            self.known[os.path.basename(path)] = {"size": tracked.size, "crc32": tracked.crc32}
+        def rename(self, path: Any, new_path: Any) -> None:
+            super().rename(path, new_path)
+            record = known.pop(os.path.basename(path), None)
+            if record is not None:
+                known[os.path.basename(new_path)] = record
 
-    def rename(self, path: Any, new_path: Any) -> None:
-        super().rename(path, new_path)
-        record = self.known.pop(os.path.basename(path), None)
-        if record is not None:
-            self.known[os.path.basename(new_path)] = record
+    return ChecksummingFileSystem()
 
 
 def _one_process() -> bool:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from .._errors import CheckpointCorruptError, ConfigError
 from .._files import verify_location
@@ -35,15 +35,16 @@ _NOT_WHOLE = (
 def holds_sharded_state(model: Any) -> bool:
     """Whether `model` holds state that only `torch.distributed.checkpoint` saves whole:
     DTensor parameters or buffers, or an FSDP1 wrapper."""
-    if model is None:
+    # neither kind can exist before its module is imported (and importing them costs seconds)
+    tensor, fsdp = (sys.modules.get(f"torch.distributed.{m}") for m in ("tensor", "fsdp"))
+    if model is None or (tensor is None and fsdp is None):
         return False
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(m, FSDP1) for m in model.modules()):
+    if fsdp is not None and any(
+        isinstance(m, fsdp.FullyShardedDataParallel) for m in model.modules()
+    ):
         return True
     tensors = [*model.parameters(), *model.buffers()]
-    return any(isinstance(t, DTensor) for t in tensors)
+    return tensor is not None and any(isinstance(t, tensor.DTensor) for t in tensors)
 
 
 def check_sharded_option(owner: str, sharded: Any) -> bool | None:
@@ -142,6 +143,7 @@ def read_sharded_resume(
         )
 
     def restore() -> None:
+        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         # loaded into copies: a resume point that does not fit leaves the model as it was
@@ -219,6 +221,7 @@ def load_sharded(path: str, record: Mapping[str, Any]) -> dict[str, Any]:
     parameter name, `scheduler`, `trainer`), its files checked against `record` first."""
     # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does: the planner
     # rebuilds the whole state from the step's metadata (public `load` copies the dict)
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
