@@ -14,8 +14,6 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-
 from .._errors import CheckpointCorruptError, ConfigError
 from .._files import verify_location
 from .._host.engine import Check
@@ -23,6 +21,7 @@ from ._load import CHECKPOINT_FORMAT, torch_load
 from ._loadable import check_loadable
 from ._payload import describe_entry, fcb_record, rng_state, set_rng_state
 from ._sharded import RECORD_FILE, ShardedStore, _one_process, is_sharded, rng_file
+from ._writer import host_copy
 
 _NOT_WHOLE = (
     "{owner}: the model holds sharded parameters (DTensor: FSDP2 fully_shard, tensor "
@@ -174,13 +173,8 @@ def read_sharded_resume(
 
 
 def _copies(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: _copies(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_copies(v) for v in state]
-    return state
+    """A copy of a state dict whose tensors share nothing (DTensors stay DTensors)."""
+    return host_copy(state, lambda tensor: tensor.detach().clone())
 
 
 def adopt_sharded(
