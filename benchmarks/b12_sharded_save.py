@@ -59,13 +59,20 @@ def worker(args: argparse.Namespace) -> None:
     sync, background = adapter("fcb", False), adapter("fcb-bg", True)
     fcb_times, direct_times, blocked = [], [], []
     previous = None
-    for i in range(args.saves + 1):  # the first pair warms up
+    def settle(seconds: float = 0.1) -> None:
+        # each timed part starts on a quiet machine: fcb deletes a replaced step's files in
+        # the background, which must not slow the direct save timed next
+        time.sleep(seconds)
         dist.barrier()
+
+    for i in range(args.saves + 1):  # the first pair warms up
+        settle()
         start = time.perf_counter()
         sync.on_validation_end({"val_loss": 1.0 / (i + 1)}, step=i)
         dist.barrier()
         fcb_time = time.perf_counter() - start
 
+        settle()
         start = time.perf_counter()
         model_state, optimizer_state = get_state_dict(model, optimizer)
         target = os.path.join(base, "direct", f"step-{i}")
@@ -77,8 +84,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         direct_time = time.perf_counter() - start
 
-        time.sleep(max(2 * fcb_time, 0.2))  # the previous background save has finished
-        dist.barrier()
+        settle()
         start = time.perf_counter()
         background.on_validation_end({"val_loss": 1.0 / (i + 1)}, step=i)
         blocked_time = time.perf_counter() - start

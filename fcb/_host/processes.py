@@ -18,6 +18,11 @@ import numpy as np
 
 from .._errors import CheckpointWriteError, ConfigError
 
+INLINE_BYTES = 252
+"""Texts up to this many bytes (UTF-8) are gathered in one collective."""
+_DONE, _FAILED = "+", "!"
+"""How `gather_results` marks a process's result and a process's failure."""
+
 REDUCTIONS = ("mean", "sum", "max", "min")
 """How metrics are reduced over processes; `None` means the user already reduced them."""
 
@@ -142,19 +147,41 @@ class ProcessGroup:
         return tuple(bool(rows[:, i].any()) for i in range(rows.shape[1]))
 
     def gather_text(self, text: str | None) -> list[str | None]:
-        """Every process's text (or None), in process order (a collective)."""
+        """Every process's text (or None), in process order (a collective). Texts of up to
+        `INLINE_BYTES` bytes travel in one all-gather, longer ones in a second."""
         if not self.active:
             return [text]
         data = b"" if text is None else text.encode()
-        lengths = self._gather([len(data) + (text is not None)])[:, 0]
-        size = max(4, -(-int(lengths.max()) // 4) * 4)
-        padded = np.zeros(size, np.uint8)
-        padded[: len(data)] = np.frombuffer(data, np.uint8)
-        rows = self._gather(padded.view(np.uint32)).view(np.uint8)
+        first = np.zeros(4 + INLINE_BYTES, np.uint8)
+        first[:4] = np.frombuffer(np.uint32(len(data) + (text is not None)).tobytes(), np.uint8)
+        first[4 : 4 + min(len(data), INLINE_BYTES)] = np.frombuffer(data[:INLINE_BYTES], np.uint8)
+        rows = self._gather(first.view(np.uint32))
+        lengths, rows = rows[:, 0], np.ascontiguousarray(rows[:, 1:]).view(np.uint8)
+        if int(lengths.max()) - 1 > INLINE_BYTES:
+            size = -(-int(lengths.max()) // 4) * 4
+            padded = np.zeros(size, np.uint8)
+            padded[: len(data)] = np.frombuffer(data, np.uint8)
+            rows = self._gather(padded.view(np.uint32)).view(np.uint8)
         return [
             None if length == 0 else bytes(row[: length - 1]).decode(errors="replace")
             for row, length in zip(rows, lengths, strict=True)
         ]
+
+    def gather_results(self, result: str | None, error: BaseException | None) -> list[str]:
+        """Every process's `result` text, in one collective with the agreement on errors:
+        when any process failed (`error`), every process raises as in `agree_on_error`."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return [result or ""]
+        if error is not None:
+            texts = self.gather_text(_FAILED + f"{type(error).__name__}: {error}")
+        else:
+            texts = self.gather_text(_DONE + (result or ""))
+        failures = [t[len(_FAILED) :] if t and t.startswith(_FAILED) else None for t in texts]
+        if any(failures):
+            self._raise_agreed(error, failures)
+        return [(t or "")[len(_DONE) :] for t in texts]
 
     def on_primary(self, action: Callable[[], object]) -> None:
         """Run `action` on the primary process only; raise its failure on every process."""
@@ -176,7 +203,13 @@ class ProcessGroup:
             return
         if not self.any(error is not None):
             return
-        messages = self.gather_text(None if error is None else f"{type(error).__name__}: {error}")
+        self._raise_agreed(
+            error, self.gather_text(None if error is None else f"{type(error).__name__}: {error}")
+        )
+
+    def _raise_agreed(self, error: BaseException | None, messages: list[str | None]) -> None:
+        """Raise the agreed failure: this process's own `error`, naming the other
+        processes' `messages` for a write error, or one naming every failure."""
         if error is None:
             failed = ", ".join(f"{self.kind} {i}: {m}" for i, m in enumerate(messages) if m)
             raise CheckpointWriteError(

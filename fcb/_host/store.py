@@ -177,6 +177,11 @@ class ManifestStore:
     def _installed(self, old: Mapping[str, Any]) -> None:
         """After a manifest replaced `old`: re-point names kept beside it (warn on failure)."""
 
+    def _seal(self) -> None:
+        """On the primary process, before a manifest is written: give the locations
+        written since the last commit their final names (a backend that writes under
+        temporary ones)."""
+
     def _wait_written(self) -> None:
         """Block until the writes in flight are durable; raise `CheckpointWriteError`."""
 
@@ -304,8 +309,13 @@ class ManifestStore:
     def _install(self, manifest: dict[str, Any], files: dict[str, Any]) -> None:
         manifest, unlisted = with_files(manifest, files)
         old = self.manifest
-        self.check_owned()
-        self.processes.on_primary(lambda: atomic_write_json(self.manifest_path, manifest))
+
+        def install() -> None:  # one agreement: the directory is still this store's, and
+            self._lock.check()  # the locations are final (`_seal`) before the manifest
+            self._seal()
+            atomic_write_json(self.manifest_path, manifest)
+
+        self.processes.on_primary(install)
         # Committed: the check has happened. Raising from here on would make the caller undo
         # a check the manifest records, so what follows only warns.
         self.manifest, self._written = manifest, {}

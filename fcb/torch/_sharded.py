@@ -17,18 +17,18 @@ import errno
 import json
 import os
 import re
-import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 
 import torch
 import torch.distributed as dist
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
-from .._files import TMP_PREFIX, ChecksumWriter, crc32, file_checksum, fsync_dir, temp_path
+from .._files import TMP_PREFIX, ChecksumWriter, file_checksum, fsync_dir
 from .._host.manifest import Models
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR
+from ._dcp_io import StagingBuffers, Trash, remove_tree, staging_writer, symlink_atomic
 from ._store import _STEP_FILE, CheckpointStore
 
 RECORD_FILE = "fcb.pt"
@@ -102,7 +102,14 @@ class ShardedStore(CheckpointStore):
         self._flight: tuple[Any, str, dict[str, Any], dict[str, Any]] | None = None
         """The async save in flight: its future, its location, its record, the checksums
         of the files written so far."""
-        self._known: dict[str, dict[str, int]] = {}
+        self._known: dict[str, dict[str, int]] = {}  # the checksums of the write under way
+        self._writes = 0  # counted alike on every rank: each write has its own directory
+        self._partials: dict[str, str] = {}
+        """The temporary directory of each location written and not yet renamed."""
+        self._unsealed: set[str] = set()
+        """Locations whose every file is durable and checksummed, renamed at the commit."""
+        self._staging = StagingBuffers()
+        self._trash = Trash()
 
     sync_names = False  # a lost re-pointing is repaired at `open`: no fsync per commit
 
@@ -117,8 +124,9 @@ class ShardedStore(CheckpointStore):
     # -- writes ------------------------------------------------------------------------------
 
     def _partial(self, relative: str) -> str:
+        """A temporary directory (in `steps/`) for `relative`, new at each call."""
         steps, name = os.path.split(self.path(relative))
-        return os.path.join(steps, f"{TMP_PREFIX}{name}")
+        return os.path.join(steps, f"{TMP_PREFIX}{name}-{self._writes}")
 
     def write_sharded(
         self,
@@ -135,8 +143,7 @@ class ShardedStore(CheckpointStore):
         def save(partial: str) -> Any:
             import torch.distributed.checkpoint as dcp  # imported when a sharded step is saved
 
-            writer = dcp.FileSystemWriter(partial, sync_files=True)
-            writer.fs = _checksumming_file_system(self._known)  # no read-back to checksum
+            writer = staging_writer(partial, self._known, self._staging)
             if self.background:
                 return dcp.async_save(state, storage_writer=writer, process_group=self._group,
                                       no_dist=_one_process())
@@ -155,116 +162,123 @@ class ShardedStore(CheckpointStore):
     ) -> None:
         """Write one sharded step with `save(directory)`, called on every rank (e.g. a
         Lightning Trainer's `save_checkpoint` under a sharded strategy; it may return the
-        future of an asynchronous save), and this rank's own `files` into the directory."""
-        final, partial = self.path(relative), self._partial(relative)
-        self._known = {}
+        future of an asynchronous save), and this rank's own `files` into the directory.
 
-        def prepare() -> None:
-            self._lock.check()  # the directory is still this store's (`check_owned`)
-            for leftover in (partial, final):  # a killed attempt's files, an unlisted step's
-                if os.path.lexists(leftover):
-                    _remove_tree(leftover)
-            if files:
-                os.makedirs(partial)
+        No rank waits for another before writing: each write has a directory of its own
+        (a killed attempt's is removed at the next open, a failed one's at once), and the
+        ranks agree once, when every rank's files are durable and checksummed. Rank 0
+        renames the directory at the commit, after checking the run directory is still
+        this store's."""
+        self._writes += 1
+        partial = self._partials[relative] = self._partial(relative)
+        known: dict[str, dict[str, int]] = {}
+        self._known = known
 
-        def save_all() -> Any:
+        def write() -> Any:
             # DCP's save agrees on its own failures (every rank raises); this rank's files
             # come after it, inside the directory that becomes the step in one rename
             future = save(partial)
+            if files:
+                os.makedirs(partial, exist_ok=True)
             for name, obj in (files or {}).items():
                 with open(os.path.join(partial, name), "wb") as raw:
                     f = ChecksumWriter(raw)
-                    torch.save(obj, cast(IO[bytes], f))  # synced with the rest at `_seal`
-                self._known[name] = {"size": f.size, "crc32": f.crc32}
+                    torch.save(obj, cast(IO[bytes], f))  # synced with the rest, after DCP
+                known[name] = {"size": f.size, "crc32": f.crc32}
             return future
 
-        # on_primary agrees (a collective): no rank writes before the directory is ready
-        self.processes.on_primary(lambda: self._agreed_locally(prepare, relative))
         record: dict[str, Any] = {"step": step, "models": models}
         try:
-            future = self._agreed(save_all, relative)
-            if future is not None:
-                self._flight = (future, relative, record, self._known)
+            if self.background:  # one agreement: every rank's save has started
+                self._flight = (self._agreed(write, relative), relative, record, known)
             else:
-                self._seal(relative, record, self._known)
+                self._gather_shards(relative, record, known, self._attempt(write, relative)[1])
         except BaseException:
-            self._discard(partial)
+            self._discard(relative)
             raise
         self.record_write(relative, record)
         self.files_written += 1
 
-    def _agreed_locally(self, action: Callable[[], Any], relative: str) -> Any:
-        """`action()`, its disk failure as a `CheckpointWriteError` (no collective)."""
+    def _attempt(
+        self, action: Callable[[], Any], relative: str
+    ) -> tuple[Any, BaseException | None]:
+        """`action()`'s result, or its failure (a disk failure as a `CheckpointWriteError`
+        naming the location)."""
         try:
-            return action()
+            return action(), None
         except BaseException as failure:
-            error = _write_error(failure, self.path(relative))
-            if error is None or error is failure:
-                raise
-            raise error from failure
+            return None, _write_error(failure, self.path(relative))
 
     def _agreed(self, action: Callable[[], Any], relative: str) -> Any:
         """`action()` on this rank; a failure on any rank raises on every rank."""
-        result, error = None, None
-        try:
-            result = action()
-        except BaseException as failure:
-            error = _write_error(failure, self.path(relative))
+        result, error = self._attempt(action, relative)
         self.processes.agree_on_error(error)
         return result
 
-    def _seal(
-        self, relative: str, record: dict[str, Any], known: Mapping[str, dict[str, int]]
+    def _gather_shards(
+        self,
+        relative: str,
+        record: dict[str, Any],
+        known: Mapping[str, dict[str, int]],
+        error: BaseException | None,
     ) -> None:
-        """After every rank's shards are written: each rank checksums the files it wrote
-        (DCP's `__R_*`, its `rng-R.pt`; rank 0 the rest), in parallel; rank 0 records them,
-        makes the directory durable and gives it its step's name."""
-        final, partial = self.path(relative), self._partial(relative)
-        rank = self.processes.index
+        """After this rank's files are written (or its `error`): each rank makes the files
+        it wrote durable and checksums them, in parallel (DCP's `__R_*` and `rng-R.pt` are
+        rank R's, the rest rank 0's); one collective agrees on failures and brings every
+        checksum to rank 0, which records them in `record`."""
+        partial = self._partials[relative]
+        rank, count = self.processes.index, self.processes.count
 
         def writer(name: str) -> int:
             match = _RANK_FILE.match(name)
-            return int(match.group(1) or match.group(2)) if match else 0
+            index = int(match.group(1) or match.group(2)) if match else 0
+            return index if index < count else 0
 
-        def mine() -> dict[str, dict[str, int]]:
-            # durable before anything refers to them: the files this rank wrote besides
-            # DCP's shards (DCP syncs those), and a Lightning strategy's meta.pt
-            for name in sorted(os.listdir(partial)):
-                if writer(name) == rank and not name.startswith("__"):
+        def mine() -> str:
+            names = sorted(n for n in os.listdir(partial) if writer(n) == rank)
+            for name in names:  # DCP syncs its shards; this rank's other files (and a
+                if not name.startswith("__"):  # Lightning strategy's meta.pt) are synced here
                     with open(os.path.join(partial, name), "rb") as f:
                         os.fsync(f.fileno())
             sums = {}
-            for name in sorted(os.listdir(partial)):
-                if writer(name) == rank:
-                    path = os.path.join(partial, name)
-                    record = known.get(name)  # computed as it was written
-                    if record is None or record["size"] != os.path.getsize(path):
-                        record = file_checksum(path)
-                    sums[name] = record
-            return sums
+            for name in names:
+                path = os.path.join(partial, name)
+                checksum = known.get(name)  # computed as it was written
+                if checksum is None or checksum["size"] != os.path.getsize(path):
+                    checksum = file_checksum(path)
+                sums[name] = checksum
+            return json.dumps(sums)
 
-        local = self._agreed(mine, relative)
-        gathered = self.processes.gather_text(json.dumps(local))
-
-        def seal() -> None:
+        local = None
+        if error is None:
+            local, error = self._attempt(mine, relative)
+        gathered = self.processes.gather_results(local, error)
+        if self.processes.is_primary:
             shards: dict[str, Any] = {}
             for text in gathered:
-                shards.update(json.loads(text or "{}"))
-            missing = sorted(set(os.listdir(partial)) - set(shards))
-            shards.update({name: file_checksum(os.path.join(partial, name)) for name in missing})
-            fsync_dir(partial)
-            os.replace(partial, final)
-            fsync_dir(os.path.dirname(final))
+                shards.update(json.loads(text))
             record["shards"] = dict(sorted(shards.items()))
             self.bytes_written += sum(s["size"] for s in shards.values())
+        self._unsealed.add(relative)
 
-        self.processes.on_primary(lambda: self._agreed_locally(seal, relative))
+    def _seal(self) -> None:
+        written, self._unsealed = self._unsealed & set(self._written), set()
+        for relative in sorted(written):
+            final, partial = self.path(relative), self._partials.pop(relative)
+            fsync_dir(partial)
+            if os.path.lexists(final):  # an unlisted step, left by a commit that failed
+                remove_tree(final)
+            os.replace(partial, final)
+        if written:
+            fsync_dir(os.path.join(self.directory, STEPS_DIR))
 
-    def _discard(self, partial: str) -> None:
+    def _discard(self, relative: str) -> None:
         """Delete what a failed write left (a kill leaves it to the next open)."""
-        if self.processes.is_primary and os.path.lexists(partial):
+        partial = self._partials.pop(relative, None)
+        self._unsealed.discard(relative)
+        if self.processes.is_primary and partial and os.path.lexists(partial):
             with contextlib.suppress(OSError):
-                _remove_tree(partial)
+                remove_tree(partial)
 
     def _in_flight(self) -> bool:
         return self._flight is not None
@@ -274,10 +288,9 @@ class ShardedStore(CheckpointStore):
             return
         (future, relative, record, known), self._flight = self._flight, None
         try:
-            self._agreed(future.result, relative)
-            self._seal(relative, record, known)
+            self._gather_shards(relative, record, known, self._attempt(future.result, relative)[1])
         except BaseException:
-            self._discard(self._partial(relative))
+            self._discard(relative)
             raise
 
     # -- backend operations ------------------------------------------------------------------
@@ -301,6 +314,8 @@ class ShardedStore(CheckpointStore):
             with contextlib.suppress(Exception):
                 self._flight[0].result()
             self._flight = None
+        self._trash.empty()
+        self._staging.release()
         if self._group is not None:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group(self._group)
@@ -312,7 +327,7 @@ class ShardedStore(CheckpointStore):
             steps = os.path.join(self.directory, STEPS_DIR)
             for name in os.listdir(steps):
                 if name.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(steps, name)):
-                    _remove_tree(os.path.join(steps, name))
+                    remove_tree(os.path.join(steps, name))
 
     def _check_listed(self, relative: str, record: Mapping[str, Any]) -> None:
         path = self.path(relative)
@@ -342,67 +357,19 @@ class ShardedStore(CheckpointStore):
         symlink_atomic(target, link)
 
     def _remove(self, relative: str) -> bool:
+        self._unsealed.discard(relative)
+        partial = self._partials.pop(relative, None)  # a write whose commit failed
+        if partial and os.path.isdir(partial):
+            with contextlib.suppress(OSError):
+                remove_tree(partial)
         path = self.path(relative)
         if os.path.isdir(path) and not os.path.islink(path):
             try:
-                _remove_tree(path)
+                self._trash.remove(path)  # renamed now, its files deleted in the background
             except OSError:
                 return super()._remove(relative)  # warns, and is retried
             return True
-        partial = self._partial(relative)
-        if os.path.isdir(partial):
-            with contextlib.suppress(OSError):
-                _remove_tree(partial)
         return super()._remove(relative)
-
-
-class _Checksummed:
-    """A stream DCP writes one file through: its size and CRC-32 are computed on the way
-    (a file written anywhere but at its end is read back instead)."""
-
-    def __init__(self, raw: Any):
-        self.raw, self.size, self.crc32, self.sequential = raw, 0, 0, True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        written = self.raw.write(view)
-        done = len(view) if written is None else written
-        self.crc32 = crc32(view[:done], self.crc32)
-        self.size += done
-        return done
-
-    def seek(self, *args: Any) -> int:
-        self.sequential = False
-        return int(self.raw.seek(*args))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
-
-
-def _checksumming_file_system(known: dict[str, dict[str, int]]) -> Any:
-    """DCP's local file system, recording each written file's size and CRC-32 in `known`
-    (by file name, following DCP's rename of its `.metadata`)."""
-    from torch.distributed.checkpoint.filesystem import FileSystem
-
-    class ChecksummingFileSystem(FileSystem):
-        @contextlib.contextmanager
-        def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
-            with super().create_stream(path, mode) as stream:
-                if "w" not in mode:
-                    yield stream
-                    return
-                tracked = _Checksummed(stream)
-                yield tracked
-            if tracked.sequential:
-                known[os.path.basename(path)] = {"size": tracked.size, "crc32": tracked.crc32}
-
-        def rename(self, path: Any, new_path: Any) -> None:
-            super().rename(path, new_path)
-            record = known.pop(os.path.basename(path), None)
-            if record is not None:
-                known[os.path.basename(new_path)] = record
-
-    return ChecksummingFileSystem()
 
 
 def _one_process() -> bool:
@@ -410,31 +377,3 @@ def _one_process() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def _remove_tree(path: str) -> None:
-    """Delete a step directory: renamed first, so a kill mid-deletion leaves a temporary
-    name (removed at the next open), never a step directory with files missing."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-        return
-    doomed = temp_path(path)
-    os.replace(path, doomed)
-    shutil.rmtree(doomed)
-
-
-def symlink_atomic(target: str, link: str) -> None:
-    """Make the name `link` a relative symbolic link to the directory `target`, replaced in
-    one rename (a reader sees the old step or the new one)."""
-    relative = os.path.relpath(target, os.path.dirname(link))
-    if os.path.islink(link) and os.readlink(link) == relative:
-        return
-    tmp = temp_path(link)
-    try:
-        os.symlink(relative, tmp)
-        os.replace(tmp, link)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise CheckpointWriteError(
-            f"could not point {link} at {target}: {error.strerror or error}; the manifest is "
-            f"authoritative and the next run repairs the name."
-        ) from error
