@@ -110,7 +110,7 @@ def _ms(seconds: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--saves", type=int, default=10)
+    parser.add_argument("--saves", type=int, default=20)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--port", type=int, default=29661)
