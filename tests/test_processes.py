@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fcb import CheckpointWriteError
-from fcb._host.processes import INLINE_BYTES, ProcessGroup
+from fcb import CheckpointWriteError, ConfigError
+from fcb._host.processes import INLINE_BYTES, INLINE_METRICS, ProcessGroup, reduce_rows
 
 
 class ThreadCollectives:
@@ -84,3 +84,41 @@ def test_gather_results_in_one_process_returns_its_result_or_raises_its_error():
     assert group.gather_results("only", None) == ["only"]
     with pytest.raises(CheckpointWriteError, match="mine"):
         group.gather_results(None, CheckpointWriteError("mine"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 40), st.sampled_from(["mean", "sum", "max", "min"]), st.data())
+def test_metrics_reduce_in_one_collective_up_to_inline_metrics(count, reduction, data):
+    values = data.draw(st.lists(
+        st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=count, max_size=count),
+        min_size=2, max_size=2,
+    ))
+    keys = [f"m{i:02d}" for i in range(count)]
+
+    def body(group):
+        return group.reduce_metrics("test", dict(zip(keys, values[group.index])), reduction)
+
+    results, gathers = run_processes(2, body)
+    rows = np.asarray(values, np.float64).reshape(2, count)
+    with np.errstate(all="ignore"):
+        expected = dict(zip(keys, reduce_rows(rows, reduction).tolist()))
+    assert results == [expected, expected]
+    assert gathers == [1 if count <= INLINE_METRICS else 2] * 2
+
+
+def test_metrics_with_different_keys_are_a_config_error_on_every_process():
+    def body(group):
+        return group.reduce_metrics("test", {"val_loss" if group.index else "loss": 1.0}, "mean")
+
+    results, _ = run_processes(2, body)
+    assert all(isinstance(r, ConfigError) and "different metric keys" in str(r) for r in results)
+
+
+def test_a_stop_is_agreed_in_the_collective_that_agrees_on_errors():
+    def body(group):
+        (stopped,) = group.agree_on_error(None, group.index == 1)
+        return group.agree_on_stop(group.index == 1, "patience ran out", agreed=stopped)
+
+    results, gathers = run_processes(2, body)
+    assert results == [(True, "another rank stopped"), (True, "patience ran out")]
+    assert gathers == [1, 1]

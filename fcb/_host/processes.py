@@ -20,6 +20,8 @@ from .._errors import CheckpointWriteError, ConfigError
 
 INLINE_BYTES = 252
 """Texts up to this many bytes (UTF-8) are gathered in one collective."""
+INLINE_METRICS = 16
+"""Up to this many metrics are reduced in one collective (with their key check)."""
 _DONE, _FAILED = "+", "!"
 """How `gather_results` marks a process's result and a process's failure."""
 
@@ -119,17 +121,24 @@ class ProcessGroup:
         if not self.active or reduction is None:
             return dict(metrics)
         keys = sorted(metrics)
-        header = self._gather([key_fingerprint(keys), len(keys)])
-        if (header != header[0]).any():
+        # float64 bits travel as uint32 words: JAX without x64 would round them to float32
+        values = np.asarray([float(metrics[k]) for k in keys], np.float64).view(np.uint32)
+        # the key set's fingerprint and, for up to INLINE_METRICS metrics, the values: one
+        # collective (the vector has the same length on every process whatever its keys)
+        first = np.zeros(2 + 2 * INLINE_METRICS, np.uint32)
+        first[:2] = key_fingerprint(keys), len(keys)
+        inline = len(keys) <= INLINE_METRICS
+        if inline:
+            first[2 : 2 + len(values)] = values
+        rows = self._gather(first)
+        if (rows[:, :2] != rows[0, :2]).any():
             raise ConfigError(
                 f"{owner}: the {self.plural} passed different metric keys (this {self.kind}: "
                 f"{keys}); every {self.kind} must log the same keys at each check."
             )
         if not keys:
             return {}
-        # float64 bits travel as uint32 words: JAX without x64 would round them to float32
-        values = np.asarray([float(metrics[k]) for k in keys], np.float64)
-        rows = self._gather(values.view(np.uint32))
+        rows = rows[:, 2 : 2 + len(values)] if inline else self._gather(values)
         reduced = reduce_rows(np.ascontiguousarray(rows).view(np.float64), reduction)
         return dict(zip(keys, reduced.tolist(), strict=True))
 
@@ -193,19 +202,22 @@ class ProcessGroup:
             error = failure
         self.agree_on_error(error)
 
-    def agree_on_error(self, error: BaseException | None) -> None:
+    def agree_on_error(self, error: BaseException | None, *flags: bool) -> tuple[bool, ...]:
         """Raise on every process when any process failed: a failed process raises its own
         error (naming the other failures, for a write error), the others one naming every
-        failure. Every process calls it, so no process waits for another that gave up."""
+        failure. Every process calls it, so no process waits for another that gave up.
+        `flags` are agreed in the same collective: `any` of each is returned."""
         if not self.active:
             if error is not None:
                 raise error
-            return
-        if not self.any(error is not None):
-            return
-        self._raise_agreed(
-            error, self.gather_text(None if error is None else f"{type(error).__name__}: {error}")
-        )
+            return tuple(flags)
+        rows = self._gather([int(error is not None), *(int(flag) for flag in flags)])
+        if rows[:, 0].any():
+            self._raise_agreed(
+                error,
+                self.gather_text(None if error is None else f"{type(error).__name__}: {error}"),
+            )
+        return tuple(bool(rows[:, i].any()) for i in range(1, rows.shape[1]))
 
     def _raise_agreed(self, error: BaseException | None, messages: list[str | None]) -> None:
         """Raise the agreed failure: this process's own `error`, naming the other
@@ -222,9 +234,11 @@ class ProcessGroup:
             ) from error
         raise error
 
-    def agree_on_stop(self, stopped: bool, message: str) -> tuple[bool, str]:
+    def agree_on_stop(
+        self, stopped: bool, message: str, *, agreed: bool | None = None
+    ) -> tuple[bool, str]:
         """Stop every process when one stops; the message of a process that did not stop
-        itself says so."""
-        if not self.any(stopped):
+        itself says so. `agreed`: `any(stopped)` already agreed (with `agree_on_error`)."""
+        if not (self.any(stopped) if agreed is None else agreed):
             return False, ""
         return True, message if stopped else f"another {self.kind} stopped"

@@ -307,8 +307,8 @@ class Session(ResumePoints):
                 self.engine.follow(actions, step)
         except BaseException as failure:
             error = failure
-        try:
-            self.processes.agree_on_error(error)
+        try:  # the stop is agreed in the same collective
+            (any_stopped,) = self.processes.agree_on_error(error, bool(actions.stop))
         except BaseException:
             self.runner.restore(before)  # the check did not happen, on every process
             self.engine.set_learning_rates(rates)
@@ -318,7 +318,9 @@ class Session(ResumePoints):
             raise
         self.last_step = step
         self._report(actions, step, metrics, context, said)
-        stopped, message = self.processes.agree_on_stop(bool(actions.stop), said)
+        stopped, message = self.processes.agree_on_stop(
+            bool(actions.stop), said, agreed=any_stopped
+        )
         if stopped:
             self._stop(message)
         return actions

@@ -274,7 +274,8 @@ class TorchAdapter(TorchWrites, TorchLearningRates, SessionFacade):
             self.trainer = trainer
         if not self.session.started:
             self.on_fit_start()
-        self.group.agree_on_error(self._writer_error())
+        if self.background and not self._sharded:  # rank 0's writer thread may have failed
+            self.group.agree_on_error(self._writer_error())
         stashed, self._stashed = self._stashed, {}
         metrics = {k: number(self.owner, k, v) for k, v in stashed.items()}
         return self.session.check(metrics, step=step)
