@@ -115,7 +115,8 @@ class ResumePoints:
     ) -> None:
         """After a check's commit: a signal, the time limit or a schedule (or a batch capture
         this check superseded) makes this step a resume point if it is not one already."""
-        reason = self._agreed_reason(step) or (pending.reason if pending else None)
+        # agreed with the check's errors (`Session._apply`), after its write
+        reason = self._interrupted or (pending.reason if pending else None)
         if bool(actions.stop) and int(actions.stop_reason) == StopReason.TIME_LIMIT:
             reason = TIME_LIMIT
         if reason is None:

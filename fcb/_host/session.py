@@ -36,7 +36,7 @@ from .._time_limit import ELAPSED_SECONDS
 from .._validate import check_metrics_mapping
 from .engine import _HOST_INPUTS, Check, Engine, check_flag, checked_step
 from .existing import existing_run_source, resumed_state
-from .interrupts import Interrupts
+from .interrupts import Interrupts, reason_of
 from .manifest import json_metrics, plan_checkpoints, read_manifest
 from .processes import ProcessGroup, check_reduction
 from .resume_points import ResumePoints
@@ -99,6 +99,7 @@ class Session(ResumePoints):
         self.resumed_step: int | None = None
         self.summary: dict[str, float] = {}
         self.interrupts = Interrupts(owner, preempt_on=()) if interrupts is None else interrupts
+        self._interrupted: str | None = None  # the last check's agreed interrupt, if any
         self.interrupts.session = weakref.ref(self)
         self._batch: tuple[int, Any] = (-1, None)
         """The step and context of the last batch hook (for a save on an exception)."""
@@ -307,8 +308,10 @@ class Session(ResumePoints):
                 self.engine.follow(actions, step)
         except BaseException as failure:
             error = failure
-        try:  # the stop is agreed in the same collective
-            (any_stopped,) = self.processes.agree_on_error(error, bool(actions.stop))
+        try:  # the stop and the interrupts (signal, time limit, schedule) in one collective
+            any_stopped, *interrupted = self.processes.agree_on_error(
+                error, bool(actions.stop), *self.interrupts.reasons(step)
+            )
         except BaseException:
             self.runner.restore(before)  # the check did not happen, on every process
             self.engine.set_learning_rates(rates)
@@ -317,6 +320,7 @@ class Session(ResumePoints):
                 self.store.abandon()
             raise
         self.last_step = step
+        self._interrupted = reason_of(interrupted)  # for `_after_check`
         self._report(actions, step, metrics, context, said)
         stopped, message = self.processes.agree_on_stop(
             bool(actions.stop), said, agreed=any_stopped
