@@ -323,6 +323,7 @@ class ShardedStore(CheckpointStore):
 
     def _repair(self) -> None:
         super()._repair()
+        self._trash.empty()  # the unlisted steps just deleted: their temporary names too
         if self.processes.is_primary:  # the directories of writes a kill interrupted
             steps = os.path.join(self.directory, STEPS_DIR)
             for name in os.listdir(steps):
