@@ -121,11 +121,19 @@ def test_a_resume_through_resume_path_continues_as_the_uninterrupted_run(fsdp2):
     )
 
 
-def test_fsdp_sharded_state_dict_steps_verify_and_load(tmp_path):
-    launch(29657, "fsdp1", tmp_path, "f1:3")
+def test_fsdp_sharded_state_dict_steps_verify_load_and_resume(tmp_path):
+    # FSDPStrategy (FSDP1, sharded state dicts): 3 epochs whole; 2, then resumed to 3
+    launch(29657, "fsdp1", tmp_path, "f1:3", "part:2")
+    launch(29658, "fsdp1", tmp_path, "part:3:resume")
     recorded = checks(tmp_path, "f1")
     assert sorted(recorded) == [0, 1, 2] and all(line["sharded"] for line in recorded.values())
     assert_verified_sharded_run(tmp_path, "f1", range(3), "model")  # FSDPStrategy's key
+    part = checks(tmp_path, "part")
+    assert part == recorded  # decisions, stops, gathered weights' digest
+    for step in range(3):
+        resumed, uninterrupted = params(tmp_path, "part", step), params(tmp_path, "f1", step)
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), step
+    assert_verified_sharded_run(tmp_path, "part", range(3), "model")
 
 
 # -- refused configurations (one process, no fit) ----------------------------------------------
