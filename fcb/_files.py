@@ -175,8 +175,8 @@ def link_atomic(target: str, link: str) -> None:
     """Make `link` name the same file as `target` (hard link; copy where links fail)."""
     if os.path.exists(link) and os.path.samefile(target, link):
         return
-    tmp = temp_path(link)
-    try:
+
+    def make(tmp: str) -> None:
         try:
             os.link(target, tmp)
         except OSError as error:
@@ -186,6 +186,25 @@ def link_atomic(target: str, link: str) -> None:
                 shutil.copyfileobj(src, dst, 1 << 22)
                 dst.flush()
                 os.fsync(dst.fileno())
+
+    _name_atomic(target, link, make)
+
+
+def symlink_atomic(target: str, link: str) -> None:
+    """Make the name `link` a relative symbolic link to the directory `target`, replaced in
+    one rename (a reader sees the old step or the new one)."""
+    relative = os.path.relpath(target, os.path.dirname(link))
+    if os.path.islink(link) and os.readlink(link) == relative:
+        return
+    _name_atomic(target, link, lambda tmp: os.symlink(relative, tmp))
+
+
+def _name_atomic(target: str, link: str, make: Callable[[str], None]) -> None:
+    """`make` a temporary name beside `link`, then rename it to `link`; a failure is a
+    `CheckpointWriteError` (the manifest, not the name, says which step a slot holds)."""
+    tmp = temp_path(link)
+    try:
+        make(tmp)
         os.replace(tmp, link)
     except OSError as error:
         with contextlib.suppress(OSError):

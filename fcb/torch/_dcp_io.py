@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from .._errors import CheckpointWriteError
 from .._files import crc32, temp_path
 
 
@@ -164,22 +163,3 @@ def _doom(path: str) -> str | None:
     doomed = temp_path(path)
     os.replace(path, doomed)
     return doomed
-
-
-def symlink_atomic(target: str, link: str) -> None:
-    """Make the name `link` a relative symbolic link to the directory `target`, replaced in
-    one rename (a reader sees the old step or the new one)."""
-    relative = os.path.relpath(target, os.path.dirname(link))
-    if os.path.islink(link) and os.readlink(link) == relative:
-        return
-    tmp = temp_path(link)
-    try:
-        os.symlink(relative, tmp)
-        os.replace(tmp, link)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise CheckpointWriteError(
-            f"could not point {link} at {target}: {error.strerror or error}; the manifest is "
-            f"authoritative and the next run repairs the name."
-        ) from error

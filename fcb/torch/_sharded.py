@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError
-from .._files import TMP_PREFIX, ChecksumWriter, file_checksum, fsync_dir
+from .._files import TMP_PREFIX, ChecksumWriter, file_checksum, fsync_dir, symlink_atomic
 from .._host.manifest import Models
 from .._host.processes import ProcessGroup
 from .._host.store import STEPS_DIR
-from ._dcp_io import StagingBuffers, Trash, remove_tree, staging_writer, symlink_atomic
+from ._dcp_io import StagingBuffers, Trash, remove_tree, staging_writer
 from ._store import _STEP_FILE, CheckpointStore
 
 RECORD_FILE = "fcb.pt"
