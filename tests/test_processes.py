@@ -116,7 +116,7 @@ def test_metrics_with_different_keys_are_a_config_error_on_every_process():
 def test_a_stop_is_agreed_in_the_collective_that_agrees_on_errors():
     def body(group):
         (stopped,) = group.agree_on_error(None, group.index == 1)
-        return group.agree_on_stop(group.index == 1, "patience ran out", agreed=stopped)
+        return group.agreed_stop(stopped, group.index == 1, "patience ran out")
 
     results, gathers = run_processes(2, body)
     assert results == [(True, "another rank stopped"), (True, "patience ran out")]

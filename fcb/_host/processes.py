@@ -161,10 +161,11 @@ class ProcessGroup:
         if not self.active:
             return [text]
         data = b"" if text is None else text.encode()
-        first = np.zeros(4 + INLINE_BYTES, np.uint8)
-        first[:4] = np.frombuffer(np.uint32(len(data) + (text is not None)).tobytes(), np.uint8)
-        first[4 : 4 + min(len(data), INLINE_BYTES)] = np.frombuffer(data[:INLINE_BYTES], np.uint8)
-        rows = self._gather(first.view(np.uint32))
+        first = np.zeros(1 + INLINE_BYTES // 4, np.uint32)  # the length + 1 (0: None), text
+        first[0] = len(data) + (text is not None)
+        inline = data[:INLINE_BYTES]
+        first[1:].view(np.uint8)[: len(inline)] = np.frombuffer(inline, np.uint8)
+        rows = self._gather(first)
         lengths, rows = rows[:, 0], np.ascontiguousarray(rows[:, 1:]).view(np.uint8)
         if int(lengths.max()) - 1 > INLINE_BYTES:
             size = -(-int(lengths.max()) // 4) * 4
@@ -234,11 +235,9 @@ class ProcessGroup:
             ) from error
         raise error
 
-    def agree_on_stop(
-        self, stopped: bool, message: str, *, agreed: bool | None = None
-    ) -> tuple[bool, str]:
-        """Stop every process when one stops; the message of a process that did not stop
-        itself says so. `agreed`: `any(stopped)` already agreed (with `agree_on_error`)."""
-        if not (self.any(stopped) if agreed is None else agreed):
+    def agreed_stop(self, any_stopped: bool, stopped: bool, message: str) -> tuple[bool, str]:
+        """Whether every process stops (`any_stopped`, agreed with `agree_on_error`) and
+        its message: that of a process that did not stop itself says so."""
+        if not any_stopped:
             return False, ""
         return True, message if stopped else f"another {self.kind} stopped"

@@ -322,9 +322,7 @@ class Session(ResumePoints):
         self.last_step = step
         self._interrupted = reason_of(interrupted)  # for `_after_check`
         self._report(actions, step, metrics, context, said)
-        stopped, message = self.processes.agree_on_stop(
-            bool(actions.stop), said, agreed=any_stopped
-        )
+        stopped, message = self.processes.agreed_stop(any_stopped, bool(actions.stop), said)
         if stopped:
             self._stop(message)
         return actions

@@ -105,9 +105,8 @@ class ShardedStore(CheckpointStore):
         self._known: dict[str, dict[str, int]] = {}  # the checksums of the write under way
         self._writes = 0  # counted alike on every rank: each write has its own directory
         self._partials: dict[str, str] = {}
-        """The temporary directory of each location written and not yet renamed."""
-        self._unsealed: set[str] = set()
-        """Locations whose every file is durable and checksummed, renamed at the commit."""
+        """The temporary directory of each location written and not yet renamed (a failed
+        write's is removed with its entry; the others are renamed at the commit)."""
         self._staging = StagingBuffers()
         self._trash = Trash()
 
@@ -259,10 +258,9 @@ class ShardedStore(CheckpointStore):
                 shards.update(json.loads(text))
             record["shards"] = dict(sorted(shards.items()))
             self.bytes_written += sum(s["size"] for s in shards.values())
-        self._unsealed.add(relative)
 
     def _seal(self) -> None:
-        written, self._unsealed = self._unsealed & set(self._written), set()
+        written = set(self._partials) & set(self._written)  # durable, checksummed
         for relative in sorted(written):
             final, partial = self.path(relative), self._partials.pop(relative)
             fsync_dir(partial)
@@ -275,7 +273,6 @@ class ShardedStore(CheckpointStore):
     def _discard(self, relative: str) -> None:
         """Delete what a failed write left (a kill leaves it to the next open)."""
         partial = self._partials.pop(relative, None)
-        self._unsealed.discard(relative)
         if self.processes.is_primary and partial and os.path.lexists(partial):
             with contextlib.suppress(OSError):
                 remove_tree(partial)
@@ -358,7 +355,6 @@ class ShardedStore(CheckpointStore):
         symlink_atomic(target, link)
 
     def _remove(self, relative: str) -> bool:
-        self._unsealed.discard(relative)
         partial = self._partials.pop(relative, None)  # a write whose commit failed
         if partial and os.path.isdir(partial):
             with contextlib.suppress(OSError):
