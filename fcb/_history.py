@@ -7,7 +7,10 @@ Never used by the pure core: `fcb.replay` calls `read_rows` only when it is hand
 - a check: `{"step": 12, "metrics": {"val_loss": 0.41, ...}, "lr": [0.005], "events": [...],
   "stop": null}` (`stop` is the stop message at the check that stopped the run);
 - the end of a run: `{"step": 31, "summary": {...}}`, the callbacks' `finalize` scalars
-  after the run's last check (`step`); readers of checks skip it (it has no `metrics`).
+  after the run's last check (`step`); readers of checks skip it (it has no `metrics`);
+- a slot's checkpoint evaluated after training (`evaluate_checkpoints`): `{"step": 7,
+  "evaluated": "best.val_loss", "results": {...}, "log": {...}}` (`step`: the step whose
+  weights were evaluated); readers of checks skip it too.
 
 Non-finite numbers are spelled `"nan"`, `"inf"` and `"-inf"` (strict JSON). Lines are
 appended and flushed one at a time, so a killed run leaves at most a torn last line, which
@@ -26,7 +29,7 @@ from typing import Any
 from ._files import atomic_write
 from ._host.manifest import json_metrics, json_value
 from ._host.rundir import HISTORY_NAME as HISTORY_NAME, find_history as find_history
-from ._state_dict import NON_FINITE, decode_number as decode_number
+from ._state_dict import NON_FINITE, decode_number as decode_number, is_check
 
 logger = logging.getLogger("fcb")
 
@@ -131,6 +134,10 @@ def read_records(path: str, *, decode: bool = True) -> list[dict[str, Any]]:
     return records
 
 
+_NUMBERS = ("metrics", "summary", "results", "log")
+"""The entries of a history line that map names to numbers."""
+
+
 def _is_number(value: Any) -> bool:
     if isinstance(value, str):
         return value in NON_FINITE
@@ -141,7 +148,7 @@ def _damage(record: Any) -> str:
     """What is wrong with one parsed history line ("" when nothing)."""
     if not isinstance(record, dict):
         return f"not a JSON object: {json.dumps(record)[:60]}"
-    for key in ("metrics", "summary"):
+    for key in _NUMBERS:
         if key in record:
             values = record[key]
             if not isinstance(values, dict) or not all(_is_number(v) for v in values.values()):
@@ -155,7 +162,7 @@ def _damage(record: Any) -> str:
 
 def _decode(record: dict[str, Any]) -> dict[str, Any]:
     out = dict(record)
-    for key in ("metrics", "summary"):
+    for key in _NUMBERS:
         if isinstance(out.get(key), dict):
             out[key] = {k: decode_number(v) for k, v in out[key].items()}
     if isinstance(out.get("lr"), list):
@@ -183,7 +190,7 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if path.endswith((".jsonl", ".ndjson")):
         rows = []
         for record in read_records(path):
-            if "summary" in record and "metrics" not in record:
+            if not is_check(record):
                 continue
             if isinstance(record.get("metrics"), dict):
                 rows.append({"step": record.get("step"), **record["metrics"]})

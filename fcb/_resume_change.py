@@ -30,6 +30,7 @@ from ._state_dict import (
     _warn_config_changes,
     decode_number,
     encode_config,
+    is_check,
     load_state_dict,
 )
 
@@ -65,8 +66,8 @@ def _records(history: Sequence[Mapping[str, Any]]) -> list[tuple[int, dict[str, 
                 f"fcb.resume_with_changes: check {index} of the history must be a mapping "
                 f"(a history.jsonl record or a dict of metrics), got {type(record).__name__}."
             )
-        if "summary" in record and "metrics" not in record:
-            continue  # the end-of-run line of history.jsonl
+        if not is_check(record):
+            continue  # the end-of-run line of history.jsonl, or an evaluated slot
         metrics = record.get("metrics", record)
         step = record.get("step", metrics.get("step", index))
         values = {

@@ -228,6 +228,15 @@ class Runner:
         self.state = state
         return actions if on_host else jax.device_get(actions)
 
+    def evaluated(self, request: str, results: Mapping[str, Any], *, step: int) -> Actions:
+        """Hand the results of an evaluation made outside a check (`"loaded:<slot>"`, the
+        post-training pass) to the callbacks; keep their new state; return host actions."""
+        step_array = np.asarray(step, np.int32)
+        self.state, actions = self._evaluated(
+            self.state, request, self.host_metrics(results), step_array
+        )
+        return jax.device_get(actions)
+
     def finalize(self) -> Actions:
         self.state, actions = self._finalize(self.state)
         return jax.device_get(actions)

@@ -29,6 +29,12 @@ def json_number(x: Any) -> Any:
     return x
 
 
+def is_check(record: Mapping[str, Any]) -> bool:
+    """Whether a `history.jsonl` record is a check (or a flat row of metrics): not the end
+    of a run's summary, nor a slot evaluated after training."""
+    return "metrics" in record or not ("summary" in record or "evaluated" in record)
+
+
 def decode_number(value: Any) -> Any:
     """The inverse of `json_number`: `"nan"`, `"inf"`, `"-inf"` back to floats."""
     if isinstance(value, str) and value in NON_FINITE:

@@ -475,8 +475,9 @@ CASES = [
      r"the callbacks save the submodules \['decoder'\] but no model was given; pass model="),
     ("torch: evaluation requested, no evaluate function", "BestCheckpoint(callbacks=[...])",
      checked({"val_loss": 1.0}, NESTED, model=torch.nn.Linear(1, 1)), fcb.ConfigError,
-     r"^TorchAdapter: the callbacks ask to evaluate the new best model for 'best\.val_loss', "
-     r"but no evaluate function \(and model\) was given\."),
+     r"^TorchAdapter: the callbacks ask to evaluate the model for 'best\.val_loss', but no "
+     r"evaluate function was given\. Pass evaluate=\{'best\.val_loss': fn\} where fn\(model\) "
+     r"returns a dict of metrics"),
     ("torch: evaluate mapping without the request", "evaluate={'other': fn}",
      checked({"val_loss": 1.0}, NESTED, model=torch.nn.Linear(1, 1),
              evaluate={"other": lambda model: {}}),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol
 
 from .._core import Actions
@@ -47,8 +48,17 @@ class Engine(Protocol):
         """A probe of the host input `kind`, or `None` where this machine has none."""
         ...
 
-    def run_evaluation(self, request: str, context: Any) -> Mapping[str, Any]:
-        """Run the evaluation registered for `request` on the live model; return metrics."""
+    def run_evaluation(self, requests: Sequence[str], context: Any) -> Mapping[str, Any]:
+        """Run the evaluation registered for the first of `requests` that has one (see
+        `evaluation_function`) on the live model; return metrics."""
+        ...
+
+    def evaluated_model(
+        self, directory: str, slot: str, manifest: Mapping[str, Any], context: Any
+    ) -> AbstractContextManager[Any]:
+        """Hold the checkpoint of `slot` (listed in `manifest`, of the run in `directory`)
+        as the model to evaluate while the context lasts (`context`: the last check's);
+        yields what `run_evaluation` takes as its context."""
         ...
 
     def learning_rates(self) -> list[float] | None:
@@ -158,6 +168,28 @@ def check_evaluate(owner: str, evaluate: Any, of: str) -> None:
             + (" or a mapping from request name to one" if request is None else "")
             + f", got {type(fn).__name__}: {fn!r}."
         )
+
+
+def evaluation_function(
+    owner: str, evaluate: Any, requests: Sequence[str], of: str
+) -> Callable[[Any], Any]:
+    """The evaluation function registered for the first of `requests` that has one (all of
+    them name the same evaluation: a post-training request first, then the request made
+    during training); a single function serves every request."""
+    if evaluate is not None and not isinstance(evaluate, Mapping):
+        return evaluate
+    for request in requests:
+        if evaluate is not None and request in evaluate:
+            return evaluate[request]
+    names = " or ".join(repr(r) for r in requests)
+    given = "no evaluate function was given" if evaluate is None else (
+        f"`evaluate` has functions only for {sorted(evaluate)}"
+    )
+    raise ConfigError(
+        f"{owner}: the callbacks ask to evaluate the model for {names}, but {given}. Pass "
+        f"evaluate={{{requests[-1]!r}: fn}} where fn({of}) returns a dict of metrics (or "
+        f"one function for every request)."
+    )
 
 
 def check_state_dict_owner(owner: str, name: str, value: Any) -> None:

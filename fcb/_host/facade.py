@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from .._errors import ConfigError
+from .evaluation import EvaluatedSlot
 from .session import Session
 from .store import ManifestStore
 
@@ -117,3 +118,36 @@ class SessionFacade:
     def state_dict(self) -> dict[str, Any]:
         """The callbacks' state dict (JSON-safe), as recorded in every checkpoint."""
         return self.session.state_dict()
+
+    def evaluate_checkpoints(self, slots: Any = None) -> dict[str, EvaluatedSlot | None]:
+        """Evaluate the checkpoints that slots hold with the `evaluate` functions, and pass
+        the results to the nested callbacks of the `BestCheckpoint` that owns each slot (the
+        post-training pass).
+
+        `slots`: `None` (default) for each `BestCheckpoint`'s overall best slot, `"all"` for
+        its tolerance slots too, or a slot name (or list of them), any slot the callbacks
+        keep. For each slot the function is `evaluate["loaded:<slot>"]` if given, else the
+        one registered for the `BestCheckpoint`'s request in training (its `filename`), else
+        `evaluate[slot]` (or the single `evaluate` function).
+
+        The nested callbacks see the results with keys prefixed `best=<metric_key>/`,
+        unconditionally; nothing is saved, the manifest is not touched, and the
+        `BestCheckpoint`'s own best and tolerance state does not change (only its nested
+        callbacks' state). The results are logged (`log`, with the nested callbacks'
+        scalars), added to `summary` as `<slot>/<key>`, and recorded in the history
+        (`history=True`) as `{"step": <the slot's step>, "evaluated": <slot>, "results":
+        {...}, "log": {...}}`. Returns `{slot: fcb.EvaluatedSlot(step, results, log)}`, with
+        `None` for a slot that holds no checkpoint (it is not evaluated).
+
+        Call it after training (after `on_fit_end`, or in a new process that never
+        trained: the run directory's committed checkpoints are read) or between checks
+        (the writes in flight are committed first). Under several processes, every process
+        calls it; results are reduced over them as metrics are (`reduce`).
+        """
+        from .evaluation import evaluate_slots
+
+        directory = cast(Any, self).dirpath  # the adapter's run directory
+        return evaluate_slots(self.session, directory, slots, self._evaluation_context())
+
+    def _evaluation_context(self) -> Any:
+        return self.session._check_context

@@ -80,6 +80,8 @@ class Session(ResumePoints):
                 f"{type(log).__name__}: {log!r}."
             )
         self.owner, self.engine, self.storage = owner, engine, storage
+        self.dirpath: str | None = None
+        """The run directory of the last start."""
         self.step_names = step_names
         self.callbacks = callbacks
         self.runner = Runner(callbacks)
@@ -116,6 +118,7 @@ class Session(ResumePoints):
         the trainer resumes the run itself."""
         self._probes = []
         self._resumed_line = None
+        self.dirpath = os.path.abspath(dirpath)
         for key, kind in sorted(set(self.runner.names.host_inputs)):
             probe = self.interrupts.elapsed if kind == ELAPSED_SECONDS else (
                 self.engine.host_input(kind)
@@ -246,7 +249,7 @@ class Session(ResumePoints):
         actions = self.runner.check(
             metrics,
             step=step,
-            evaluate=lambda request: self.engine.run_evaluation(request, context),
+            evaluate=lambda request: self.engine.run_evaluation((request,), context),
         )
         # the check commits its step itself: a batch capture it follows is not needed
         pending, self.interrupts.pending = self.interrupts.pending, None

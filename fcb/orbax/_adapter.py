@@ -7,16 +7,24 @@ check sequence is the shared session's (`fcb._host.session`), the store's commit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import jax
 
 from .._core import Actions, Callback
 from .._errors import CheckpointWriteError, ConfigError
-from .._host.engine import FREE_DEVICE_MEMORY, check_evaluate, check_flag, check_path
+from .._host.engine import (
+    FREE_DEVICE_MEMORY,
+    check_evaluate,
+    check_flag,
+    check_path,
+    evaluation_function,
+)
 from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
 from .._host.interrupts import Interrupts
@@ -32,6 +40,7 @@ from ._payload import (
     renamed,
 )
 from ._processes import processes
+from ._restore import slot_state
 from ._store import (
     DEFAULT_TIMEOUT,
     OrbaxStore,
@@ -294,15 +303,23 @@ class OrbaxAdapter(OrbaxWrites, SessionFacade):
             return device_free_memory
         return None
 
-    def run_evaluation(self, request: str, context: Any = None) -> Mapping[str, Any]:
-        fn = self.evaluate.get(request) if isinstance(self.evaluate, Mapping) else self.evaluate
-        if fn is None:
-            raise ConfigError(
-                f"{self.owner}: the callbacks ask to evaluate the new best model for "
-                f"{request!r}, but no evaluate function was given. Pass "
-                f"evaluate={{'{request}': fn}} where fn(state) returns a dict of metrics."
-            )
+    def run_evaluation(self, requests: Sequence[str], context: Any = None) -> Mapping[str, Any]:
+        fn = evaluation_function(self.owner, self.evaluate, requests, "state")
         return fn(context.before_actions())
+
+    def evaluated_model(
+        self, directory: str, slot: str, manifest: Mapping[str, Any], context: Any
+    ) -> AbstractContextManager[Any]:
+        """The slot restored like the last check's state (or `like`): a copy to evaluate;
+        the loop's own state is not touched."""
+        like = None if context is None or context.value is None else context.before_actions()
+        if like is None:
+            raise ConfigError(
+                f"{self.owner}: evaluating the checkpoint of slot {slot!r} restores it like "
+                f"the state the checks were given, but no check gave one; pass "
+                f"evaluate_checkpoints(like=template) (the pytree the evaluate functions take)."
+            )
+        return contextlib.nullcontext(State(slot_state(directory, slot, like), False))
 
     def learning_rates(self) -> list[float] | None:
         return None  # the loop's: it applies the actions with fcb.scaled_lr

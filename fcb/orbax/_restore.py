@@ -131,3 +131,22 @@ def restore_model(
         return eqx.combine(arrays, static)
 
     return _read_slot(directory, slot, read)
+
+
+def slot_state(directory: str | os.PathLike[str], slot: str, like: Any) -> Any:
+    """The state to evaluate a slot's checkpoint with: the slot restored like the live state
+    `like`; a slot of some submodules (`model_names`) replaces only those in `like`."""
+
+    def read(path: str, record: dict[str, Any]) -> Any:
+        models = record.get("models")
+        if not models:
+            return read_step(path, like, partial=True, with_meta=False)[0]
+        names = tuple(models)
+        saved = read_step(path, model_subset(like, names), partial=True, with_meta=False)[0]
+        model = eqx.tree_at(
+            lambda m: [submodule(m, n) for n in names], like["model"],
+            [saved["model"][n] for n in names],
+        )
+        return {**like, "model": model}
+
+    return _read_slot(directory, slot, read)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import IO, Any, Protocol, runtime_checkable
 
 import torch
@@ -20,7 +21,13 @@ from .._errors import (
     ConfigError,
     MetricTypeError,
 )
-from .._host.engine import FREE_DEVICE_MEMORY, check_evaluate, check_flag, check_path
+from .._host.engine import (
+    FREE_DEVICE_MEMORY,
+    check_evaluate,
+    check_flag,
+    check_path,
+    evaluation_function,
+)
 from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
 from .._host.interrupts import Interrupts
@@ -30,7 +37,7 @@ from .._host.store import ManifestStore
 from .._model_checkpoint import ModelCheckpoint
 from .._validate import check_metrics_mapping
 from ._distributed import ranks
-from ._load import load_checkpoint as load_checkpoint
+from ._load import load_checkpoint as load_checkpoint, loaded_weights
 from ._lr import TorchLearningRates
 from ._payload import check_parts, close_all, number
 from ._sharded import ShardedStore
@@ -296,13 +303,12 @@ class TorchAdapter(TorchWrites, TorchLearningRates, SessionFacade):
             return lambda: float(torch.cuda.mem_get_info()[0])
         return None
 
-    def run_evaluation(self, request: str, context: Any = None) -> Mapping[str, Any]:
-        fn = self.evaluate.get(request) if isinstance(self.evaluate, Mapping) else self.evaluate
-        if fn is None or self.model is None:
+    def run_evaluation(self, requests: Sequence[str], context: Any = None) -> Mapping[str, Any]:
+        fn = evaluation_function(self.owner, self.evaluate, requests, "model")
+        if self.model is None:
             raise ConfigError(
-                f"{self.owner}: the callbacks ask to evaluate the new best model for "
-                f"{request!r}, but no evaluate function (and model) was given. Pass "
-                f"evaluate={{'{request}': fn}} where fn(model) returns a dict of metrics."
+                f"{self.owner}: the callbacks ask to evaluate the model for {requests[-1]!r}, "
+                f"but no model was given; pass model=..."
             )
         was_training = self.model.training
         self.model.eval()
@@ -313,10 +319,26 @@ class TorchAdapter(TorchWrites, TorchLearningRates, SessionFacade):
             self.model.train(was_training)
         if not isinstance(results, Mapping):
             raise MetricTypeError(
-                f"{self.owner}: the evaluate function for {request!r} must return a mapping "
-                f"from metric name to scalar, got {type(results).__name__}: {results!r}."
+                f"{self.owner}: the evaluate function for {requests[-1]!r} must return a "
+                f"mapping from metric name to scalar, got {type(results).__name__}: "
+                f"{results!r}."
             )
         return {k: number(self.owner, k, v) for k, v in results.items()}
+
+    def evaluated_model(
+        self, directory: str, slot: str, manifest: Mapping[str, Any], context: Any
+    ) -> AbstractContextManager[Any]:
+        """The slot's weights in the live model while the context lasts; the live weights
+        are put back afterwards (a copy of them is held meanwhile)."""
+        if self.model is None:
+            raise ConfigError(
+                f"{self.owner}: evaluating the checkpoint of slot {slot!r} loads it into the "
+                f"model, but no model was given; pass model=..."
+            )
+        relative = manifest["slots"][slot]["file"]
+        return loaded_weights(
+            self, os.path.join(directory, relative), manifest["files"][relative], context
+        )
 
     def submit(self, job: Callable[[], None]) -> None:
         if self._writer is None:

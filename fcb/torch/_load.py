@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from typing import IO, Any, cast
 
 import torch
@@ -149,3 +151,46 @@ def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str])
         )
     atomic_write(out, lambda f: torch.save(payload, cast(IO[bytes], f)))
     return out
+
+
+@contextlib.contextmanager
+def loaded_weights(
+    parts: Any, path: str, location: Mapping[str, Any], context: Any
+) -> Iterator[Any]:
+    """The weights of the checkpoint at `path` (its manifest record `location`; checked as
+    `load_checkpoint` checks it) in the live model `parts.model` while the context lasts,
+    then the live weights back (a host copy of them is held meanwhile). A checkpoint of some
+    submodules (`model_names`) loads only those; a Lightning checkpoint loads its
+    `state_dict` into the LightningModule."""
+    from ._payload import check_shapes
+    from ._writer import host_copy
+
+    if os.path.isdir(path):
+        from ._sharded_payload import loaded_sharded
+
+        with loaded_sharded(parts, path, location):
+            yield context
+        return
+    payload = load_checkpoint(path)
+    what = f"the checkpoint of step {location.get('step')} ({path})"
+    if isinstance(payload.get("fcb"), dict) and "model" in payload:
+        models = payload.get("models")
+        saved = payload["model"]
+        targets = (
+            [(parts._submodule(n), saved[n]) for n in models] if models
+            else [(parts.model, saved)]
+        )
+    elif "state_dict" in payload:  # Trainer.save_checkpoint's
+        targets = [(parts.model, payload["state_dict"])]
+    else:
+        raise CheckpointCorruptError(f"{what} holds no model weights (keys {sorted(payload)}).")
+    for target, saved in targets:
+        check_shapes(target, saved, what)
+    live = [host_copy(target.state_dict()) for target, _ in targets]
+    try:
+        for target, saved in targets:
+            target.load_state_dict(saved)
+        yield context
+    finally:
+        for (target, _), weights in zip(targets, live, strict=True):
+            target.load_state_dict(weights)

@@ -249,7 +249,9 @@ def _bring(snapshot: IO[bytes], source: str, destination: str) -> None:
     atomic_write(destination, lambda out: shutil.copyfileobj(snapshot, out, 1 << 22))
 
 
-def _check_shapes(model: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+def check_shapes(
+    model: torch.nn.Module, saved: Mapping[str, Any], what: str = "the resume point's model"
+) -> None:
     """The model must hold exactly the saved tensors' names and shapes: `load_state_dict`
     copies every matching tensor before it raises on a mismatch, leaving a half-loaded model."""
     current = model.state_dict()
@@ -269,7 +271,7 @@ def _check_shapes(model: torch.nn.Module, saved: Mapping[str, Any]) -> None:
             f"other shapes {shapes[:5]}" if shapes else "",
         ]
         raise ConfigError(
-            f"the resume point's model does not fit the model given ({type(model).__name__}): "
+            f"{what} does not fit the model given ({type(model).__name__}): "
             f"{'; '.join(p for p in parts if p)}. Build the model the run was saved with."
         )
 
@@ -278,7 +280,7 @@ def restore_payload(parts: Any, payload: Mapping[str, Any]) -> None:
     """Load a resume point's state dicts into the adapter's `parts`: all of them or, when one
     fails, none (what was loaded is put back)."""
     if parts.model is not None:
-        _check_shapes(parts.model, payload["model"])
+        check_shapes(parts.model, payload["model"])
     targets = [
         (parts.model, payload.get("model")),
         (parts.optimizer, payload.get("optimizer")),

@@ -8,10 +8,11 @@ resumes on M ranks: DCP reshards. Without a process group the same calls read th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .._errors import CheckpointCorruptError, ConfigError
@@ -142,19 +143,11 @@ def read_sharded_resume(
         )
 
     def restore() -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         # loaded into copies: a resume point that does not fit leaves the model as it was
         target = _copies(_model_state(parts, None))
-        try:
-            dcp.load(target, checkpoint_id=path, no_dist=_one_process())
-        except Exception as error:
-            raise ConfigError(
-                f"the resume point {path} does not fit the model given "
-                f"({type(parts.model).__name__}): {error}. Build the model (and optimizer) the "
-                f"run was saved with."
-            ) from error
+        _load_into(target, path, parts.model)
         set_state_dict(
             parts.model, [] if parts.optimizer is None else parts.optimizer,
             model_state_dict=target["model"], optim_state_dict=target.get("optimizer", {}),
@@ -170,6 +163,41 @@ def read_sharded_resume(
             set_rng_state(torch_load(own))
 
     return json.loads(meta["callbacks"]), restore
+
+
+@contextlib.contextmanager
+def loaded_sharded(parts: Any, path: str, location: Mapping[str, Any]) -> Iterator[None]:
+    """The model weights of the sharded step at `path` (its manifest record `location`) in
+    the live model while the context lasts, then the live weights back; on every rank (DCP
+    reshards). A step of some submodules (`model_names`) loads only those."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    parts.group.on_primary(lambda: verify_location(path, location))
+    models = tuple(step_record(path).get("models") or ())
+    modules = [parts._submodule(n) for n in models] if models else [parts.model]
+    live = [_copies(get_model_state_dict(m)) for m in modules]
+    loaded = [_copies(weights) for weights in live]  # dcp.load reads into these in place
+    _load_into({"model": dict(zip(models, loaded, strict=True)) if models else loaded[0]},
+               path, parts.model)
+    try:
+        for module, weights in zip(modules, loaded, strict=True):
+            set_model_state_dict(module, weights)
+        yield
+    finally:
+        for module, weights in zip(modules, live, strict=True):
+            set_model_state_dict(module, weights)
+
+
+def _load_into(target: dict[str, Any], path: str, model: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(target, checkpoint_id=path, no_dist=_one_process())
+    except Exception as error:
+        raise ConfigError(
+            f"the checkpoint {path} does not fit the model given ({type(model).__name__}): "
+            f"{error}. Build the model (and optimizer) the run was saved with."
+        ) from error
 
 
 def _copies(state: Any) -> Any:
