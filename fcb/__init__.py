@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         StateDictError as StateDictError,
     )
     from ._grid import Grid as Grid, grid as grid
+    from ._host.evaluation import EvaluatedSlot as EvaluatedSlot
     from ._model_checkpoint import (
         ModelCheckpoint as ModelCheckpoint,
         ModelCheckpointState as ModelCheckpointState,
@@ -94,6 +95,7 @@ _PUBLIC_MODULES = {
     "all_of": "._combinators",
     "any_of": "._combinators",
     "enable_compile_cache": "._compile_cache",
+    "EvaluatedSlot": "._host.evaluation",
     "NO_STEP": "._core",
     "ActionNames": "._core",
     "Actions": "._core",
@@ -176,6 +178,7 @@ __all__ = [
     "DirectoryInUseError",
     "EarlyStopping",
     "EarlyStoppingState",
+    "EvaluatedSlot",
     "Grid",
     "MetricShapeError",
     "MetricTypeError",

@@ -144,10 +144,11 @@ class SessionFacade:
         (the writes in flight are committed first). Under several processes, every process
         calls it; results are reduced over them as metrics are (`reduce`).
         """
+        return self._evaluate(slots, self.session._check_context)
+
+    def _evaluate(self, slots: Any, context: Any) -> dict[str, EvaluatedSlot | None]:
+        """The pass, with the evaluate functions' `context` (the last check's by default)."""
         from .evaluation import evaluate_slots
 
         directory = cast(Any, self).dirpath  # the adapter's run directory
-        return evaluate_slots(self.session, directory, slots, self._evaluation_context())
-
-    def _evaluation_context(self) -> Any:
-        return self.session._check_context
+        return evaluate_slots(self.session, directory, slots, context)

@@ -25,6 +25,7 @@ from .._host.engine import (
     check_path,
     evaluation_function,
 )
+from .._host.evaluation import EvaluatedSlot
 from .._host.existing import check_existing_run
 from .._host.facade import SessionFacade
 from .._host.interrupts import Interrupts
@@ -262,6 +263,15 @@ class OrbaxAdapter(OrbaxWrites, SessionFacade):
             self.on_fit_start()
         context = State(state, is_function(state))
         return self.session.check(metrics, step=step, context=context)
+
+    def evaluate_checkpoints(
+        self, slots: Any = None, *, like: Any = None
+    ) -> dict[str, EvaluatedSlot | None]:
+        """[`TorchAdapter.evaluate_checkpoints`][fcb.torch.TorchAdapter.evaluate_checkpoints]:
+        each slot is restored like `like` (default: the state of the last check, as the
+        evaluate functions took it) and the functions evaluate that copy."""
+        context = self.session._check_context if like is None else State(like, False)
+        return self._evaluate(slots, context)
 
     def apply_actions(
         self,
