@@ -11,23 +11,29 @@ callbacks = fcb.chain(
     fcb.ModelCheckpoint("val_loss", save_top_k=2),
     fcb.BestCheckpoint("val_loss", tolerances=[3, 10]),
 )
-trainer = pl.Trainer(callbacks=[fcb.lightning.FcbCallback(callbacks)], enable_checkpointing=False)
+trainer = pl.Trainer(callbacks=[fcb.lightning.FcbCallback(callbacks)])
+trainer.fit(model)
+trainer.test(model, ckpt_path="best")  # the weights of fcb's best slot
 ```
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from ._best_checkpoint import BestCheckpoint
 from ._core import Actions, Callback
 from ._errors import CheckpointWriteError, ConfigError, RunExistsError
 from ._host.engine import Check
+from ._host.evaluation import EvaluatedSlot, chosen_slots
 from ._host.manifest import MANIFEST_NAME, read_manifest
+from ._lightning_checks import describe, sharded_strategy
+from ._state_dict import decode_number
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._loadable import check_loadable
 from .torch._payload import rng_state, set_rng_state
@@ -51,7 +57,7 @@ class _LightningAdapter(TorchAdapter):
         keeps them in its flat parameters, outside the module)."""
         if trainer is not None:
             self.trainer = trainer
-        strategy = _sharded_strategy(self.owner, self.trainer)
+        strategy = sharded_strategy(self.owner, self.trainer)
         if strategy is not None:
             wanted = sorted({n for _, models in self.runner.names.slot_models for n in models})
             if wanted:
@@ -136,7 +142,7 @@ class _LightningAdapter(TorchAdapter):
                 k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")
             }
         try:
-            check_loadable(self.owner, step, checked, _describe)
+            check_loadable(self.owner, step, checked, describe)
         except CheckpointWriteError as error:
             refused: CheckpointWriteError | None = error
         else:
@@ -148,6 +154,17 @@ class _LightningAdapter(TorchAdapter):
         trainer.strategy.barrier("Trainer.save_checkpoint")  # every rank passes it, as before
         if refused is not None:
             raise refused
+
+    def evaluated_model(
+        self, directory: str, slot: str, manifest: Mapping[str, Any], context: Any
+    ) -> Any:
+        if self._sharded:
+            raise ConfigError(
+                f"{self.owner}: under a sharded strategy the Trainer loads a slot's sharded "
+                f"checkpoint itself: evaluate slot {slot!r} with trainer.test(model, "
+                f"ckpt_path=...) (ckpt_path='best' for the best slot)."
+            )
+        return super().evaluated_model(directory, slot, manifest, context)
 
     saving_step: int | None = None
     loaded: dict[str, Any] | None = None
@@ -178,53 +195,7 @@ class _LightningAdapter(TorchAdapter):
         return self.loaded["callbacks"], lambda: None
 
 
-_ENTRIES = {
-    "hyper_parameters": "the LightningModule's save_hyperparameters()",
-    "datamodule_hyper_parameters": "the LightningDataModule's save_hyperparameters()",
-    "state_dict": "the LightningModule's state_dict()",
-    "callbacks": "a callback's state_dict()",
-    "optimizer_states": "an optimizer's state_dict()",
-    "lr_schedulers": "a scheduler's state_dict()",
-}
-
-
-def _sharded_strategy(owner: str, trainer: Any) -> str | None:
-    """The name of the Trainer's strategy when it saves sharded checkpoints (a directory of
-    DCP shards written by every rank, `meta.pt` beside them), None for a strategy that
-    saves one file; a sharded strategy set to gather the whole model is a `ConfigError`."""
-    strategy = getattr(trainer, "strategy", None)
-    model_parallel = getattr(pl.strategies, "ModelParallelStrategy", None)
-    if model_parallel is not None and isinstance(strategy, model_parallel):
-        if not getattr(strategy, "_save_distributed_checkpoint", True):
-            raise ConfigError(
-                f"{owner}: ModelParallelStrategy(save_distributed_checkpoint=False) gathers "
-                f"the whole model on rank 0 for each checkpoint; fcb saves sharded models "
-                f"sharded (every rank writes its shards; fcb.torch.load_checkpoint and `fcb "
-                f"export` read a step whole in one process). Pass "
-                f"save_distributed_checkpoint=True (the default)."
-            )
-        return type(strategy).__name__
-    fsdp = getattr(pl.strategies, "FSDPStrategy", None)
-    if fsdp is not None and isinstance(strategy, fsdp):
-        kind = getattr(strategy, "_state_dict_type", "sharded")
-        if kind != "sharded":
-            raise ConfigError(
-                f"{owner}: FSDPStrategy(state_dict_type={kind!r}) gathers the whole model on "
-                f"rank 0 for each checkpoint; fcb saves sharded models sharded (every rank "
-                f"writes its shards; fcb.torch.load_checkpoint and `fcb export` read a step "
-                f"whole in one process). Pass FSDPStrategy(state_dict_type='sharded')."
-            )
-        return f"{type(strategy).__name__}(state_dict_type='sharded')"
-    return None
-
-
-def _describe(entry: str, path: str) -> str:
-    """Where a value of a Lightning checkpoint comes from, for messages."""
-    where = _ENTRIES.get(entry, "added by an on_save_checkpoint hook")
-    return f"checkpoint[{entry!r}]{path} ({where})"
-
-
-class FcbCallback(pl.Callback):
+class FcbCallback(pl.callbacks.Checkpoint):
     """Wrap any fcb callback (or chain) as a Lightning `Callback`.
 
     At each validation end (sanity checks excepted) the chain sees `trainer.callback_metrics`
@@ -238,7 +209,15 @@ class FcbCallback(pl.Callback):
     the same one-file-per-step store, stable slot names (`best_model.ckpt`, `last.ckpt`, ...)
     and manifest as [`fcb.torch.TorchAdapter`][]. The chain's state travels in every Lightning
     checkpoint (`state_dict` / `load_state_dict`), so `Trainer.fit(ckpt_path=...)` resumes it.
-    Pass `enable_checkpointing=False` to the Trainer to turn off Lightning's own checkpointing.
+
+    It is the Trainer's checkpoint callback (a `pl.callbacks.Checkpoint`): Lightning adds no
+    `ModelCheckpoint` of its own beside it (and refuses `enable_checkpointing=False` with it),
+    and `trainer.test(ckpt_path="best")` / `validate` / `predict` load fcb's best slot
+    ([`best_model_path`][fcb.lightning.FcbCallback.best_model_path]). After training,
+    [`evaluate_checkpoints`][fcb.lightning.FcbCallback.evaluate_checkpoints] evaluates the
+    best (and tolerance) slots with the `evaluate` functions and hands the results to
+    `BestCheckpoint`'s nested callbacks; `evaluate_at_test_end=True` (or slot names) runs it
+    at the end of `trainer.test`.
 
     A directory that holds a run is never replaced implicitly: resume it with
     `trainer.fit(model, ckpt_path=fcb.lightning.resume_path(dirpath))` (its resume point, or
@@ -271,6 +250,7 @@ class FcbCallback(pl.Callback):
         log: Callable[[int, dict[str, float]], None] | None = None,
         reduce: str | None = "mean",
         existing_run: str = "resume",
+        evaluate_at_test_end: bool | str | Sequence[str] = False,
     ):
         if step not in ("epoch", "global_step"):
             raise ConfigError(
@@ -282,10 +262,91 @@ class FcbCallback(pl.Callback):
             reduce=reduce, existing_run=existing_run,
             preempt_on=(),  # Lightning handles SIGTERM itself (SIGTERMException on every rank)
         )
+        if evaluate_at_test_end is not False:
+            if not isinstance(evaluate_at_test_end, (bool, str, Sequence)):
+                raise ConfigError(
+                    f"FcbCallback: `evaluate_at_test_end` must be True, False, a slot name or "
+                    f"a list of them, got {evaluate_at_test_end!r}."
+                )
+            chosen_slots("FcbCallback", self.adapter.runner, _slots_asked(evaluate_at_test_end))
+        self.evaluate_at_test_end = evaluate_at_test_end
+        self.evaluated: dict[str, EvaluatedSlot | None] = {}
+        """The results of the last `evaluate_checkpoints` (at test end, or called)."""
+        self._assigned_best = ""
 
     @property
     def state_key(self) -> str:
         return "fcb"
+
+    # -- the best checkpoint, as Lightning reads it ------------------------------------------
+
+    def best_slot(self) -> str | None:
+        """The slot `ckpt_path="best"` names: the first `BestCheckpoint`'s overall best,
+        else the first `ModelCheckpoint`'s best (`None` when the callbacks keep neither)."""
+        runner = self.adapter.runner
+        found = runner.find(BestCheckpoint)
+        if found:
+            return str(found[0].filename)
+        return next((slot for slot, kind in runner.names.slot_kinds if kind == "best"), None)
+
+    @property
+    def best_model_path(self) -> str:
+        """The checkpoint of the best slot (its stable name, e.g. `best.val_loss.ckpt`), as
+        committed in the run directory; `""` while it holds none. Lightning loads it for
+        `trainer.test(ckpt_path="best")` (and `validate`, `predict`). A slot that holds only
+        some submodules (`model_names`) is not a Lightning checkpoint: reading its path is a
+        `ConfigError`. Without `dirpath=`, the directory is known once a Trainer ran a hook."""
+        slot = self.best_slot()
+        adapter = self.adapter
+        if slot is None or (adapter._dirpath is None and adapter.trainer is None):
+            return self._assigned_best
+        directory = os.path.abspath(adapter.dirpath)
+        if not os.path.exists(os.path.join(directory, MANIFEST_NAME)):
+            return self._assigned_best
+        record = read_manifest(directory, "torch")["slots"].get(slot)
+        if record is None:
+            return ""
+        if record.get("models"):
+            raise ConfigError(
+                f"FcbCallback: the best slot {slot!r} holds only the submodules "
+                f"{record['models']} (model_names), which Lightning cannot load as a "
+                f"checkpoint of the LightningModule. Load it with fcb.torch.load_checkpoint, "
+                f"or evaluate it with FcbCallback.evaluate_checkpoints()."
+            )
+        return os.path.join(directory, record.get("link") or record["file"])
+
+    @best_model_path.setter
+    def best_model_path(self, path: str) -> None:
+        # Lightning's spawn launchers copy the worker's path into the main process's callback
+        self._assigned_best = str(path)
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        """The best slot's metric value (`None` while it holds no checkpoint)."""
+        slot = self.best_slot()
+        if slot is None or not self.best_model_path:
+            return None
+        record = read_manifest(os.path.abspath(self.adapter.dirpath), "torch")["slots"][slot]
+        value = record.get("value")
+        return None if value is None else torch.tensor(decode_number(value))
+
+    # -- the post-training pass --------------------------------------------------------------
+
+    def evaluate_checkpoints(self, slots: Any = None) -> dict[str, EvaluatedSlot | None]:
+        """[`TorchAdapter.evaluate_checkpoints`][fcb.torch.TorchAdapter.evaluate_checkpoints]
+        on the LightningModule: each slot's weights are loaded into it for its `evaluate`
+        function (`fn(pl_module)`), then its own weights are put back. Under a sharded
+        strategy, evaluate a slot with `trainer.test(ckpt_path=...)` instead."""
+        self.evaluated = self.adapter.evaluate_checkpoints(slots)
+        return self.evaluated
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.adapter.trainer = trainer
+        self.adapter.model = pl_module
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.evaluate_at_test_end is not False:
+            self.evaluate_checkpoints(_slots_asked(self.evaluate_at_test_end))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapter.trainer = trainer
@@ -353,6 +414,11 @@ class FcbCallback(pl.Callback):
             self.adapter.runner.load_state_dict(state_dict["callbacks"])
         else:
             self.adapter.loaded = dict(state_dict)
+
+
+def _slots_asked(asked: bool | str | Sequence[str]) -> Any:
+    """`evaluate_at_test_end`: True for the default slots, else the slots named."""
+    return None if asked is True else asked
 
 
 def resume_path(dirpath: str | os.PathLike[str]) -> str | None:
