@@ -69,7 +69,6 @@ def main() -> None:
         default_root_dir=root,
         max_epochs=60,
         callbacks=[bridge],
-        enable_checkpointing=False,  # fcb writes the checkpoints
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

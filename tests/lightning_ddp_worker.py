@@ -75,7 +75,6 @@ def main(root, out):
         devices=2,
         strategy="ddp",
         callbacks=[callback, Record(callback, out)],
-        enable_checkpointing=False,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -159,7 +159,7 @@ def fit(kind, out, tag, max_epochs, resume):
     spy_saves(strategy, out, tag)
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=2, num_nodes=1, strategy=strategy,
-        callbacks=[callback, Record(callback, out, tag)], enable_checkpointing=False,
+        callbacks=[callback, Record(callback, out, tag)],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=out,
     )

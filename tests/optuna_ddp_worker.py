@@ -89,7 +89,6 @@ def main(root, out, storage, study_name):
         devices=2,
         strategy="ddp",
         callbacks=[callback, pruning, Record(callback, pruning, out)],
-        enable_checkpointing=False,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

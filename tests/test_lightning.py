@@ -61,7 +61,6 @@ def fit(root, max_epochs, ckpt_path=None):
         default_root_dir=str(root),
         max_epochs=max_epochs,
         callbacks=[callback],
-        enable_checkpointing=False,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

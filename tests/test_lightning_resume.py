@@ -60,7 +60,6 @@ def fit(root, max_epochs, *, seed=0, ckpt_path=None, **options):
     callback = fcb.lightning.FcbCallback(callbacks, **options)
     trainer = pl.Trainer(
         default_root_dir=str(root), max_epochs=max_epochs, callbacks=[callback],
-        enable_checkpointing=False, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=1,
     )
     train, val = loaders()

@@ -267,7 +267,6 @@ def lightning_fit(root, args, max_epochs, ckpt_path=None):
     callback = fcb.lightning.FcbCallback(fcb.ModelCheckpoint("val_loss", save_last=True))
     trainer = pl.Trainer(
         default_root_dir=str(root), max_epochs=max_epochs, callbacks=[callback],
-        enable_checkpointing=False, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     with warnings.catch_warnings():

@@ -229,7 +229,6 @@ def _lightning_run(root):
     )
     trainer = pl.Trainer(
         default_root_dir=str(root), max_epochs=4, callbacks=[callback],
-        enable_checkpointing=False, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     with warnings.catch_warnings():

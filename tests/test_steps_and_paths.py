@@ -90,7 +90,6 @@ def _lightning_fit(root, step):
     )
     trainer = pl.Trainer(
         default_root_dir=str(root), max_epochs=2, val_check_interval=0.5, callbacks=[callback],
-        enable_checkpointing=False, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     with warnings.catch_warnings():
