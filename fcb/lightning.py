@@ -26,14 +26,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ._best_checkpoint import BestCheckpoint
 from ._core import Actions, Callback
 from ._errors import CheckpointWriteError, ConfigError, RunExistsError
 from ._host.engine import Check
 from ._host.evaluation import EvaluatedSlot, chosen_slots
 from ._host.manifest import MANIFEST_NAME, read_manifest
+from ._lightning_best import BestSlots, slots_asked
 from ._lightning_checks import describe, sharded_strategy
-from ._state_dict import decode_number
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._loadable import check_loadable
 from .torch._payload import rng_state, set_rng_state
@@ -195,7 +194,7 @@ class _LightningAdapter(TorchAdapter):
         return self.loaded["callbacks"], lambda: None
 
 
-class FcbCallback(pl.callbacks.Checkpoint):
+class FcbCallback(BestSlots, pl.callbacks.Checkpoint):
     """Wrap any fcb callback (or chain) as a Lightning `Callback`.
 
     At each validation end (sanity checks excepted) the chain sees `trainer.callback_metrics`
@@ -268,7 +267,7 @@ class FcbCallback(pl.callbacks.Checkpoint):
                     f"FcbCallback: `evaluate_at_test_end` must be True, False, a slot name or "
                     f"a list of them, got {evaluate_at_test_end!r}."
                 )
-            chosen_slots("FcbCallback", self.adapter.runner, _slots_asked(evaluate_at_test_end))
+            chosen_slots("FcbCallback", self.adapter.runner, slots_asked(evaluate_at_test_end))
         self.evaluate_at_test_end = evaluate_at_test_end
         self.evaluated: dict[str, EvaluatedSlot | None] = {}
         """The results of the last `evaluate_checkpoints` (at test end, or called)."""
@@ -277,76 +276,6 @@ class FcbCallback(pl.callbacks.Checkpoint):
     @property
     def state_key(self) -> str:
         return "fcb"
-
-    # -- the best checkpoint, as Lightning reads it ------------------------------------------
-
-    def best_slot(self) -> str | None:
-        """The slot `ckpt_path="best"` names: the first `BestCheckpoint`'s overall best,
-        else the first `ModelCheckpoint`'s best (`None` when the callbacks keep neither)."""
-        runner = self.adapter.runner
-        found = runner.find(BestCheckpoint)
-        if found:
-            return str(found[0].filename)
-        return next((slot for slot, kind in runner.names.slot_kinds if kind == "best"), None)
-
-    @property
-    def best_model_path(self) -> str:
-        """The checkpoint of the best slot (its stable name, e.g. `best.val_loss.ckpt`), as
-        committed in the run directory; `""` while it holds none. Lightning loads it for
-        `trainer.test(ckpt_path="best")` (and `validate`, `predict`). A slot that holds only
-        some submodules (`model_names`) is not a Lightning checkpoint: reading its path is a
-        `ConfigError`. Without `dirpath=`, the directory is known once a Trainer ran a hook."""
-        slot = self.best_slot()
-        adapter = self.adapter
-        if slot is None or (adapter._dirpath is None and adapter.trainer is None):
-            return self._assigned_best
-        directory = os.path.abspath(adapter.dirpath)
-        if not os.path.exists(os.path.join(directory, MANIFEST_NAME)):
-            return self._assigned_best
-        record = read_manifest(directory, "torch")["slots"].get(slot)
-        if record is None:
-            return ""
-        if record.get("models"):
-            raise ConfigError(
-                f"FcbCallback: the best slot {slot!r} holds only the submodules "
-                f"{record['models']} (model_names), which Lightning cannot load as a "
-                f"checkpoint of the LightningModule. Load it with fcb.torch.load_checkpoint, "
-                f"or evaluate it with FcbCallback.evaluate_checkpoints()."
-            )
-        return os.path.join(directory, record.get("link") or record["file"])
-
-    @best_model_path.setter
-    def best_model_path(self, path: str) -> None:
-        # Lightning's spawn launchers copy the worker's path into the main process's callback
-        self._assigned_best = str(path)
-
-    @property
-    def best_model_score(self) -> torch.Tensor | None:
-        """The best slot's metric value (`None` while it holds no checkpoint)."""
-        slot = self.best_slot()
-        if slot is None or not self.best_model_path:
-            return None
-        record = read_manifest(os.path.abspath(self.adapter.dirpath), "torch")["slots"][slot]
-        value = record.get("value")
-        return None if value is None else torch.tensor(decode_number(value))
-
-    # -- the post-training pass --------------------------------------------------------------
-
-    def evaluate_checkpoints(self, slots: Any = None) -> dict[str, EvaluatedSlot | None]:
-        """[`TorchAdapter.evaluate_checkpoints`][fcb.torch.TorchAdapter.evaluate_checkpoints]
-        on the LightningModule: each slot's weights are loaded into it for its `evaluate`
-        function (`fn(pl_module)`), then its own weights are put back. Under a sharded
-        strategy, evaluate a slot with `trainer.test(ckpt_path=...)` instead."""
-        self.evaluated = self.adapter.evaluate_checkpoints(slots)
-        return self.evaluated
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.adapter.trainer = trainer
-        self.adapter.model = pl_module
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.evaluate_at_test_end is not False:
-            self.evaluate_checkpoints(_slots_asked(self.evaluate_at_test_end))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapter.trainer = trainer
@@ -414,11 +343,6 @@ class FcbCallback(pl.callbacks.Checkpoint):
             self.adapter.runner.load_state_dict(state_dict["callbacks"])
         else:
             self.adapter.loaded = dict(state_dict)
-
-
-def _slots_asked(asked: bool | str | Sequence[str]) -> Any:
-    """`evaluate_at_test_end`: True for the default slots, else the slots named."""
-    return None if asked is True else asked
 
 
 def resume_path(dirpath: str | os.PathLike[str]) -> str | None:
