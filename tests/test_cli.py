@@ -172,6 +172,44 @@ def test_inspect_lists_slots_and_checks_files(demo_run, capsys):
     assert "match the manifest" in out
 
 
+def test_inspect_shows_the_slots_evaluated_after_training(tmp_path, capsys):
+    import torch
+
+    import fcb.torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    x = torch.randn(8, 2)
+
+    def mean_output(m):
+        return {"out": float(m(x).mean())}
+
+    child = fcb.EarlyStopping("best=val_loss/out", patience=5)
+    callbacks = fcb.chain(
+        fcb.BestCheckpoint("val_loss", tolerances=[1], callbacks=[child]),
+        fcb.ModelCheckpoint(save_last=True),
+    )
+    adapter = fcb.torch.TorchAdapter(
+        callbacks, model=model, dirpath=tmp_path, evaluate=mean_output, history=True
+    )
+    with adapter:
+        for step, value in enumerate([0.5, 0.4, 0.6, 0.7, 0.3]):
+            with torch.no_grad():
+                model.bias.add_(1.0)
+            adapter.on_validation_end({"val_loss": value}, step=step)
+    evaluated = adapter.evaluate_checkpoints("all")
+    code, out, err = _run(capsys, "inspect", str(tmp_path))
+    assert code == 0, err
+    lines = out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("evaluated after")))
+    assert lines[start + 1].split() == ["slot", "step", "results"]
+    shown = {line.split()[0]: line.split() for line in lines[start + 2:start + 4]}
+    for slot, result in evaluated.items():
+        assert shown[slot][1] == str(result.step)
+        assert shown[slot][2:] == ["out", f"{result.results['out']:.5g}"]
+    assert {evaluated["best.val_loss"].step, evaluated["best.val_loss.tolerance=1"].step} == {4, 1}
+
+
 def _step_file(run, slot="best_model"):
     manifest = json.loads((run / "manifest.json").read_text())
     return run / manifest["slots"][slot]["file"]

@@ -65,6 +65,10 @@ def _inspect(args: argparse.Namespace) -> int:
         if resume.get("stop_message"):
             line += f" (the run stopped there: {resume['stop_message']})"
         print(line)
+    evaluated = _evaluated(directory, manifest)
+    if evaluated:
+        print("evaluated after training (history.jsonl; the nested callbacks' scalars after |):")
+        print(_table(["slot", "step", "results"], evaluated, {1}))
     for note in report.notes:
         print(f"note: {note}")
     total = sum(size or 0 for _, size in report.status.values())
@@ -75,6 +79,34 @@ def _inspect(args: argparse.Namespace) -> int:
     count = len(report.status)
     print(f"{count} checkpoint{'s' if count != 1 else ''} ({_size(total)}) match the manifest.")
     return 0
+
+
+def _evaluated(directory: str, manifest: Mapping[str, Any]) -> list[list[str]]:
+    """The slots evaluated after training, as the history records them (the latest
+    evaluation of each slot): slot, step (marked when the slot holds another step now),
+    results."""
+    from .._history import read_records
+    from .._host.rundir import find_history
+
+    path = find_history(directory)
+    if path is None:
+        return []
+    latest: dict[str, list[str]] = {}
+    for record in read_records(path, decode=False):
+        slot = record.get("evaluated")
+        if not isinstance(slot, str) or not isinstance(record.get("results"), dict):
+            continue
+        scalars = [f"{k} {_value(v)}" for k, v in sorted(record["results"].items())]
+        logged = [f"{k} {_value(v)}" for k, v in sorted((record.get("log") or {}).items())]
+        held = manifest["slots"].get(slot, {}).get("step")
+        step = str(record.get("step")) + (
+            "" if held == record.get("step") else f" (the slot holds {held} now)"
+        )
+        latest[slot] = [
+            slot, step, ", ".join(scalars) + (" | " if logged else "")
+            + ", ".join(logged),
+        ]
+    return list(latest.values())
 
 
 def _settled(directory: str, storage: str, report: _Report) -> bool:
