@@ -143,6 +143,24 @@ class SessionFacade:
         trained: the run directory's committed checkpoints are read) or between checks
         (the writes in flight are committed first). Under several processes, every process
         calls it; results are reduced over them as metrics are (`reduce`).
+
+        >>> import tempfile, torch, fcb.torch
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> child = fcb.EarlyStopping("best=val_loss/weight", "max")
+        >>> callbacks = fcb.chain(fcb.BestCheckpoint("val_loss", callbacks=[child]),
+        ...                       fcb.ModelCheckpoint(save_last=True))
+        >>> weight = lambda m: {"weight": float(m.weight)}
+        >>> directory = tempfile.mkdtemp()
+        >>> with fcb.torch.TorchAdapter(callbacks, model=model, dirpath=directory,
+        ...                             evaluate=weight) as adapter:
+        ...     for step, loss in enumerate([0.5, 0.2, 0.4]):
+        ...         _ = torch.nn.init.constant_(model.weight, float(step))
+        ...         _ = adapter.on_validation_end({"val_loss": loss}, step=step)
+        >>> adapter.evaluate_checkpoints(["best.val_loss", "last"])
+        {'best.val_loss': EvaluatedSlot(step=1, results={'weight': 1.0}, log={}),
+         'last': EvaluatedSlot(step=2, results={'weight': 2.0}, log={})}
+        >>> model.weight.item()  # the live weights, put back
+        2.0
         """
         return self._evaluate(slots, self.session._check_context)
 
