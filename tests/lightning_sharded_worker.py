@@ -54,9 +54,9 @@ class Net(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
 
     def configure_model(self):
-        if self.fsdp2:
-            from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if self.fsdp2 and not isinstance(self.net, FSDPModule):  # sharded once (fit, test)
             mesh = self.device_mesh["data_parallel"]
             for layer in self.net:
                 if isinstance(layer, nn.Linear):
@@ -71,6 +71,10 @@ class Net(pl.LightningModule):
         x, y = batch
         # not synced: fcb reduces the metric over ranks itself
         self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+    def test_step(self, batch, _):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self.net(x), y))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.05)
@@ -113,6 +117,20 @@ class Record(pl.Callback):
             f.write(json.dumps(line) + "\n")
 
 
+class RecordTest(pl.Callback):
+    """The whole parameters the test loop runs with (`trainer.test(ckpt_path="best")`)."""
+
+    def __init__(self, out, tag):
+        self.out, self.tag = out, tag
+
+    def on_test_start(self, trainer, pl_module):
+        params = full_parameters(trainer, pl_module)
+        if trainer.global_rank == 0:
+            torch.save(params, os.path.join(self.out, f"{self.tag}-tested.pt"))
+            with open(os.path.join(self.out, f"{self.tag}-tested.json"), "w") as f:
+                json.dump({"ckpt_path": trainer.ckpt_path}, f)
+
+
 def spy_saves(strategy, out, tag):
     """Record every path the strategy's own save is called with, per rank."""
     save = strategy.save_checkpoint
@@ -145,7 +163,7 @@ def loaders():
     )
 
 
-def fit(kind, out, tag, max_epochs, resume):
+def fit(kind, out, tag, max_epochs, resume, test=False):
     pl.seed_everything(0, verbose=False)
     dirpath = os.path.join(out, tag)
     callback = fcb.lightning.FcbCallback(
@@ -159,7 +177,7 @@ def fit(kind, out, tag, max_epochs, resume):
     spy_saves(strategy, out, tag)
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=2, num_nodes=1, strategy=strategy,
-        callbacks=[callback, Record(callback, out, tag)],
+        callbacks=[callback, Record(callback, out, tag), RecordTest(out, tag)],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=out,
     )
@@ -167,13 +185,19 @@ def fit(kind, out, tag, max_epochs, resume):
     ckpt_path = fcb.lightning.resume_path(dirpath) if resume else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Net(kind == "fsdp2"), train, val, ckpt_path=ckpt_path)
+        net = Net(kind == "fsdp2")
+        trainer.fit(net, train, val, ckpt_path=ckpt_path)
+        if test:  # the strategy loads fcb's best slot, a sharded directory
+            with torch.no_grad():  # so that only the loaded checkpoint can give the weights
+                for parameter in net.parameters():
+                    parameter.zero_()
+            trainer.test(net, val, ckpt_path="best")
 
 
 def main(kind, out, *fits):
     for spec in fits:
         tag, max_epochs, *rest = spec.split(":")
-        fit(kind, out, tag, int(max_epochs), resume=rest == ["resume"])
+        fit(kind, out, tag, int(max_epochs), resume="resume" in rest, test="test" in rest)
     return 0
 
 

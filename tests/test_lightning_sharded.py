@@ -63,7 +63,7 @@ def fsdp2(tmp_path_factory):
     """ModelParallelStrategy: an uninterrupted run of 6 epochs, and a run of 3 epochs
     resumed in a second launch to 6."""
     out = tmp_path_factory.mktemp("fsdp2")
-    launch(29655, "fsdp2", out, "whole:6", "part:3")
+    launch(29655, "fsdp2", out, "whole:6:test", "part:3")
     first = {rank: saves(out, "part", rank) for rank in (0, 1)}
     launch(29656, "fsdp2", out, "part:6:resume")
     return out, first
@@ -103,6 +103,18 @@ def test_model_parallel_steps_are_sharded_directories_that_verify_and_load(fsdp2
     assert checks(out, "whole", 1) == {
         s: {**line, "rank": 1} for s, line in recorded.items()
     }  # both ranks took the same decisions
+
+
+def test_trainer_test_with_ckpt_path_best_loads_the_sharded_best_slot(fsdp2):
+    out, _ = fsdp2
+    run = out / "whole"
+    best = fcb.torch.read_manifest(str(run))["slots"]["best_model"]
+    with open(out / "whole-tested.json") as f:
+        assert json.load(f)["ckpt_path"] == str(run / best["link"])
+    tested = torch.load(out / "whole-tested.pt", weights_only=True)
+    expected = params(out, "whole", best["step"])  # the live weights were zeroed before
+    assert set(tested) == set(expected)
+    assert all(torch.equal(tested[k], expected[k]) for k in expected)
 
 
 def test_a_resume_through_resume_path_continues_as_the_uninterrupted_run(fsdp2):
