@@ -25,6 +25,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 
 from ._core import Actions, Callback
 from ._errors import CheckpointWriteError, ConfigError, RunExistsError
@@ -304,7 +305,9 @@ class FcbCallback(BestSlots, pl.callbacks.Checkpoint):
         self._start(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        # checks belong to fitting: trainer.validate(...) after (or without) a fit evaluates
+        # a model and must not add a check to the run, nor write to its directory
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         self._start(trainer)
         step = trainer.current_epoch if self.step == "epoch" else trainer.global_step

@@ -160,6 +160,18 @@ def test_the_pass_at_test_end_evaluates_each_slot_and_keeps_the_weights(tmp_path
     assert all(r.get("step") is not None for r in fcb._history.read_rows(str(directory)))
 
 
+def test_trainer_validate_after_fit_evaluates_the_best_slot_and_changes_nothing(tmp_path):
+    fit, _, model = fitted(tmp_path, history=True)
+    directory = tmp_path / "checkpoints"
+    files = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (metrics,) = fit.validate(model, data()[1], ckpt_path="best", verbose=False)
+    value = fcb.torch.read_manifest(str(directory))["slots"]["best.val_loss"]["value"]
+    assert metrics["val_loss"] == pytest.approx(value, rel=1e-6)  # the best slot's weights
+    assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == files
+
+
 def test_best_model_path_is_empty_before_any_checkpoint_and_named_once_known(tmp_path):
     callback = fcb.lightning.FcbCallback(chain(), dirpath=tmp_path / "run")
     assert callback.best_model_path == ""
