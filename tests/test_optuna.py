@@ -243,11 +243,14 @@ def test_bad_input_names_the_field_and_the_fix(finished_study):
         fcb.replay(fcb.EarlyStopping("value"), storage, study_name="done", steps="step")
     with pytest.raises(fcb.ConfigError, match=r"`history` must be the study's storage URL"):
         fcb.replay(fcb.EarlyStopping("value"), {"value": [1.0]}, study_name="done")
+    # listed first or last, the FcbCallback (a checkpoint callback) runs after it
     pruning = fcb.optuna.PruningCallback(optuna.create_study().ask(), "val_loss")
-    trainer = pl.Trainer(callbacks=[pruning, fcb.lightning.FcbCallback(fcb.EarlyStopping("a"))],
-                         logger=False, enable_progress_bar=False)
-    with pytest.raises(fcb.ConfigError, match=r"list it after the FcbCallback"):
+    bridge = fcb.lightning.FcbCallback(fcb.EarlyStopping("a"), step="global_step")
+    for callbacks in ([pruning, bridge], [bridge, pruning]):
+        trainer = pl.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False)
+        assert trainer.callbacks.index(pruning) < trainer.callbacks.index(bridge)
         pruning.on_fit_start(trainer, None)
+        assert pruning._step(trainer) == trainer.global_step  # numbered as the bridge's
     with pytest.raises(fcb.ConfigError, match=r"`reduce` must be one of"):
         fcb.optuna.PruningCallback(None, "val_loss", reduce="median")
     with pytest.raises(fcb.ConfigError, match=r"primary rank needs the trial"):

@@ -24,10 +24,11 @@ class PruningCallback(pl.Callback):
     `trial.should_prune()`, and every rank takes that one decision: a failure on the
     primary is raised on every rank and no rank waits for another. A pruned trial sets
     `trainer.should_stop` on every rank at the same step, so training ends through
-    Lightning's normal path: an `FcbCallback` listed *before* this callback has committed
-    that step's checkpoints (its background writes are waited for) and then finalizes in
-    `on_fit_end`. Call [`check_pruned`][fcb.optuna.PruningCallback.check_pruned] after
-    `trainer.fit` to raise `optuna.TrialPruned`, once everything is on disk.
+    Lightning's normal path: the `FcbCallback`, a checkpoint callback that Lightning runs
+    after the other callbacks of a hook wherever it is listed, checks and commits that step
+    in the same validation end, then waits for its writes and finalizes in `on_fit_end`.
+    Call [`check_pruned`][fcb.optuna.PruningCallback.check_pruned] after `trainer.fit` to
+    raise `optuna.TrialPruned`, once everything is on disk.
 
     Steps are numbered as the `FcbCallback`'s are (`trainer.current_epoch`, or
     `trainer.global_step` with its `step="global_step"`); without one, by epoch.
@@ -67,15 +68,8 @@ class PruningCallback(pl.Callback):
         self.pruned_step = None
         if self._group.is_primary and self.trial is None:
             raise ConfigError(f"{_OWNER}: the primary rank needs the trial; got trial = None.")
-        callbacks = list(getattr(trainer, "callbacks", []))
-        before = [c for c in callbacks[: callbacks.index(self)] if isinstance(c, FcbCallback)]
-        after = [c for c in callbacks[callbacks.index(self) :] if isinstance(c, FcbCallback)]
-        if after:
-            raise ConfigError(
-                f"{_OWNER}: list it after the FcbCallback in Trainer(callbacks=[...]), so a "
-                f"pruned step's checkpoints are committed before the trial stops."
-            )
-        self._fcb = before[-1] if before else None
+        found = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, FcbCallback)]
+        self._fcb = found[0] if found else None
 
     def _step(self, trainer: pl.Trainer) -> int:
         if self._fcb is not None and self._fcb.step == "global_step":
@@ -95,8 +89,6 @@ class PruningCallback(pl.Callback):
             )
         value = float(metrics[self.monitor])
         value = group.reduce_metrics(_OWNER, {self.monitor: value}, self.reduce)[self.monitor]
-        if self._fcb is not None:
-            self._fcb.adapter.wait()  # this step's checkpoints are durable (on every rank)
         step = self._step(trainer)
         decision: list[bool] = [False]
 
