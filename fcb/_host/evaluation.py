@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .._best_checkpoint import BestCheckpoint
-from .._errors import ConfigError
+from .._errors import ConfigError, MetricTypeError
 from .._history import HistoryLog
 from .._slots import loaded_request
 from .manifest import json_metrics, read_manifest
@@ -94,28 +94,54 @@ def evaluate_slots(
     if history is None and session.record_history and processes.is_primary:
         history = HistoryLog(directory)  # appended to, as it is
     after = max(session.last_step, int(manifest.get("event_step", -1))) + 1
-    evaluated: dict[str, EvaluatedSlot | None] = {}
+    # every slot is evaluated first, then the results are handed on: a slot that fails (no
+    # evaluation function, a bad result) leaves the callbacks, summary and history as they
+    # were, so the pass can be run again once fixed
+    found: dict[str, tuple[int, dict[str, Any]] | None] = {}
     for slot, requests in chosen:
         record = manifest["slots"].get(slot)
         if record is None:
             logger.info("fcb: slot %s holds no checkpoint: it is not evaluated.", slot)
-            evaluated[slot] = None
+            found[slot] = None
             continue
-        step = int(record["step"])
         with engine.evaluated_model(directory, slot, manifest, context) as loaded:
             results = engine.run_evaluation(requests, loaded)
-        results = processes.reduce_metrics(owner, dict(results), session.reduce)
-        actions = session.runner.evaluated(requests[0], results, step=step)
-        results = {k: float(v) for k, v in results.items()}
-        log = {k: float(v) for k, v in actions.log.items()}
-        evaluated[slot] = EvaluatedSlot(step, results, log)
-        scalars = {f"{slot}/{key}": value for key, value in results.items()}
+        if not isinstance(results, Mapping):
+            raise MetricTypeError(
+                f"{owner}: the evaluate function for slot {slot!r} must return a mapping from "
+                f"metric name to scalar, got {type(results).__name__}: {results!r}."
+            )
+        checked = session.runner.host_metrics(results)  # scalars, before any collective
+        found[slot] = int(record["step"]), processes.reduce_metrics(
+            owner, checked, session.reduce
+        )
+    evaluated: dict[str, EvaluatedSlot | None] = {}
+    before = session.runner.snapshot()
+    try:  # a nested callback that refuses the results leaves every callback as it was
+        for slot, requests in chosen:
+            entry = found[slot]
+            if entry is None:
+                evaluated[slot] = None
+                continue
+            step, results = entry
+            actions = session.runner.evaluated(requests[0], results, step=step)
+            evaluated[slot] = EvaluatedSlot(
+                step, {k: float(v) for k, v in results.items()},
+                {k: float(v) for k, v in actions.log.items()},
+            )
+    except BaseException:
+        session.runner.restore(before)
+        raise
+    for slot, result in evaluated.items():
+        if result is None:
+            continue
+        scalars = {f"{slot}/{key}": value for key, value in result.results.items()}
         session.summary.update(scalars)
         if session.log is not None:
-            session.log(after, {**scalars, **log})
+            session.log(after, {**scalars, **result.log})
         if history is not None:
             history.append({
-                "step": step, "evaluated": slot, "results": json_metrics(results),
-                "log": json_metrics(log),
+                "step": result.step, "evaluated": slot, "results": json_metrics(result.results),
+                "log": json_metrics(result.log),
             })
     return evaluated
