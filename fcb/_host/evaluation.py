@@ -8,6 +8,10 @@ slot holds: the engine loads the slot's checkpoint as the model to evaluate
 `"loaded:<slot>"`, which changes only the nested callbacks' state
 (`BestCheckpoint.evaluated_slot`), and the results are logged, added to the summary and
 recorded in the history. No checkpoint is written and the manifest is not touched.
+
+Every chosen slot is evaluated before any result is handed on, and the callbacks' state is
+put back if one of them refuses the results: a pass that fails changes nothing, so it can be
+run again once the cause is fixed.
 """
 
 from __future__ import annotations
