@@ -307,7 +307,8 @@ class FcbCallback(BestSlots, pl.callbacks.Checkpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # checks belong to fitting: trainer.validate(...) after (or without) a fit evaluates
         # a model and must not add a check to the run, nor write to its directory
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        fn = getattr(getattr(trainer, "state", None), "fn", TrainerFn.FITTING)
+        if trainer.sanity_checking or fn != TrainerFn.FITTING:
             return
         self._start(trainer)
         step = trainer.current_epoch if self.step == "epoch" else trainer.global_step

@@ -93,7 +93,9 @@ def full_parameters(trainer, pl_module):
         return {name: p.detach().clone() for name, p in pl_module.named_parameters()}
 
 
-class Record(pl.Callback):
+# a checkpoint callback, listed after the FcbCallback: Lightning runs checkpoint callbacks
+# after the others, in their order, so this one sees each check's decisions
+class Record(pl.callbacks.Checkpoint):
     def __init__(self, fcb_callback, out, tag):
         self.fcb_callback, self.out, self.tag = fcb_callback, out, tag
 

@@ -50,7 +50,9 @@ class Scripted(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class Record(pl.Callback):
+# a checkpoint callback, listed after the FcbCallback: Lightning runs checkpoint callbacks
+# after the others, in their order, so this one sees each check's decisions
+class Record(pl.callbacks.Checkpoint):
     def __init__(self, fcb_callback, pruning, out):
         self.fcb_callback, self.pruning, self.out = fcb_callback, pruning, out
 
