@@ -93,6 +93,17 @@ def main() -> None:
     print(f"best model: epoch {manifest['slots']['best_model']['step']}, "
           f"{sum(p.numel() for p in best.parameters())} parameters")
 
+    # FcbCallback is the Trainer's checkpoint callback: ckpt_path="best" is fcb's best slot
+    # (the first BestCheckpoint's overall best), and validating it adds no check to the run.
+    model = Regression()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (metrics,) = trainer.validate(model, val, ckpt_path="best", verbose=False)
+    slot = bridge.best_slot()
+    print(f"trainer.validate(ckpt_path='best') loaded {os.path.basename(bridge.best_model_path)}"
+          f": val_loss {metrics['val_loss']:.5f} (the slot records "
+          f"{manifest['slots'][slot]['value']:.5f})")
+
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,10 @@ def _lightning_counts_epochs_as_its_slot_table(out):
     last = next(line for line in out.splitlines() if line.startswith("last "))
     assert int(last.split()[1]) == stopped, out
     assert re.search(r"^slot\s+epoch\s+val_loss", out, re.MULTILINE), out
+    loaded = re.search(
+        r"loaded best\.val_loss\.ckpt: val_loss ([\d.]+) \(the slot records ([\d.]+)\)", out
+    )
+    assert loaded and loaded.group(1) == loaded.group(2), out
 
 
 CHECKS = {
