@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -17,7 +18,10 @@ from ._packing import Packing, pack as _pack, unpack as _unpack
 from ._state_dict import (
     FORMAT,
     VERSION,
+    EncodedStateDict,
     _encode_values,
+    canonical_json,
+    canonical_object,
     describe,
     encode_config,
     load_state_dict,
@@ -83,7 +87,6 @@ class Runner:
         self.state = callback.init()
         self._action_packings: dict[tuple[Any, ...], Packing] = {}
         self._layouts: dict[Packing, _StateLayout] = {}
-        self._config_json: str | None = None
         self._check = jax.jit(self._packed_check, static_argnums=(2, 3))
         self._check_tree = jax.jit(lambda state, metrics, step: callback(state, metrics, step=step))
         self._finalize = jax.jit(lambda state: callback.finalize(state))
@@ -245,11 +248,53 @@ class Runner:
 
     def state_dict(self) -> dict[str, Any]:
         """`fcb.state_dict(self.state, self.callback)`, read from the packed state in one
-        transfer when there is one (adapters call this at every checkpoint)."""
-        if self._buffer is None or self._packing is None:
+        transfer when there is one; a fresh dict the caller may change."""
+        parts = self._packed_state_dict()
+        if parts is None:
             return tree_state_dict(self.state, self.callback)
-        if self._config_json is None:  # the config is immutable: encode it once
-            self._config_json = json.dumps(encode_config(self.callback))
+        state, _ = parts
+        return self._record(json.loads(self._config[0]), state)
+
+    def encoded_state_dict(self) -> dict[str, Any]:
+        """`state_dict()` with its canonical JSON (an `EncodedStateDict`, read-only), for
+        the checkpoint of a check: the config, immutable, is encoded once per run, and only
+        the state at each call (adapters call this at every checkpoint). A state without
+        packed buffers gives a plain dict (its JSON is encoded where it is needed)."""
+        parts = self._packed_state_dict()
+        if parts is None:
+            return tree_state_dict(self.state, self.callback)
+        state, state_json = parts
+        config, config_json, texts = self._config[1:]
+        return EncodedStateDict(
+            self._record(config, state),
+            canonical_object({**texts, "config": config_json, "state": state_json}),
+        )
+
+    def _record(self, config: Any, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "callback": type(self.callback).__name__,
+            "config": config,
+            "state": state,
+        }
+
+    @functools.cached_property
+    def _config(self) -> tuple[str, Any, str, dict[str, str]]:
+        """The config's JSON, once per run (it is immutable): as `encode_config` gives it,
+        read back (shared by every encoded state dict: they are read-only), its canonical
+        text, and the canonical texts of the record's other fixed entries."""
+        text = json.dumps(encode_config(self.callback))
+        config = json.loads(text)
+        fixed = {k: v for k, v in self._record(None, {}).items() if k not in ("config", "state")}
+        texts = {k: canonical_json(v) for k, v in fixed.items()}
+        return text, config, canonical_json(config), texts
+
+    def _packed_state_dict(self) -> tuple[dict[str, Any], str] | None:
+        """The state entry of the state dict, and its canonical JSON, read from the packed
+        buffer (`None`: the state is not packed)."""
+        if self._buffer is None or self._packing is None:
+            return None
         layout = self._layouts.get(self._packing)
         if layout is None:
             template = self._packing.unpack_host(np.zeros(self._packing.size, np.int32))
@@ -260,20 +305,25 @@ class Runner:
                 tuple(str(spec.dtype) for spec in self._packing.leaves),
             )
             self._layouts[self._packing] = layout
-        values = self._packing.host_leaves(np.asarray(self._buffer))
-        leaves = {
-            path: {"dtype": dtype, "shape": list(spec.shape), "value": _encode_leaf(value)}
-            for path, dtype, spec, value in zip(
-                layout.paths, layout.dtypes, self._packing.leaves, values, strict=True
-            )
-        }
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "callback": type(self.callback).__name__,
-            "config": json.loads(self._config_json),  # a fresh copy the caller may change
-            "state": {"type": layout.description, "leaves": leaves},
-        }
+        buffer, packing = np.asarray(self._buffer), self._packing
+
+        def entry(values: list[Any]) -> dict[str, Any]:
+            leaves = {
+                path: {"dtype": dtype, "shape": list(spec.shape), "value": value}
+                for path, dtype, spec, value in zip(
+                    layout.paths, layout.dtypes, packing.leaves, values, strict=True
+                )
+            }
+            return {"type": layout.description, "leaves": leaves}
+
+        # every value as `tolist()` gives it: the state dict's spelling, unless a float is
+        # not finite (strict JSON refuses it: then each leaf is spelled as it must be)
+        state = entry(packing.host_values(buffer))
+        try:
+            return state, canonical_json(state)
+        except ValueError:
+            state = entry([_encode_leaf(v) for v in packing.host_leaves(buffer)])
+            return state, canonical_json(state)
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.state = load_state_dict(self.callback, saved)

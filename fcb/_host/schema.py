@@ -18,7 +18,7 @@ from typing import Any
 from .._errors import CheckpointCorruptError
 from .._files import atomic_write_json
 from .._model_checkpoint import LAST_SLOT
-from .._state_dict import FORMAT as STATE_DICT_FORMAT
+from .._state_dict import FORMAT as STATE_DICT_FORMAT, EncodedStateDict, canonical_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fcb.manifest"
@@ -85,9 +85,7 @@ def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     spaces, ASCII) without the `checksum` field. Formatting the JSON ignores (indentation,
     key order, escapes) does not change it; any change of a value does."""
     body = {key: value for key, value in manifest.items() if key != CHECKSUM_FIELD}
-    canonical = json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    canonical = canonical_json(body)  # the callbacks' state dict: its text, encoded once
     return f"{CHECKSUM_ALGORITHM}:{hashlib.sha256(canonical.encode()).hexdigest()}"
 
 
@@ -114,7 +112,8 @@ def _reads_back_the_same(value: Any) -> bool:
             for key, child in item.items():
                 if type(key) is not str:
                     return False
-                if isinstance(child, (dict, list, tuple)):
+                # an encoded state dict has only str keys (its text is that of the read-back)
+                if isinstance(child, (dict, list, tuple)) and type(child) is not EncodedStateDict:
                     pending.append(child)
         else:
             pending.extend(c for c in item if isinstance(c, (dict, list, tuple)))

@@ -344,7 +344,7 @@ class Session(ResumePoints):
         if plan.resume and self.record_history:
             plan = plan._replace(history=self._history_line(actions, step, metrics, context, said))
         store.finish()  # the previous check's write is committed first
-        callbacks_state = self.runner.state_dict()
+        callbacks_state = self.runner.encoded_state_dict()
         write = self.engine.write(
             store, Check(step, actions, metrics, plan, callbacks_state, context)
         )

@@ -6,12 +6,10 @@ import contextlib
 import copy
 import json
 import os
-import random
 import shutil
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-import numpy as np
 import torch
 
 from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError, MetricShapeError
@@ -19,8 +17,10 @@ from .._files import atomic_write, link_atomic
 from .._host.engine import Check, check_state_dict_owner
 from .._host.live import open_listed, read_live, verify_open
 from .._host.manifest import MANIFEST_NAME
+from .._state_dict import canonical_json
 from ._load import CHECKPOINT_FORMAT, torch_load
 from ._loadable import check_loadable
+from ._rng import rng_state as rng_state, set_rng_state as set_rng_state
 
 _PARTS = {
     "model": "model.state_dict()",
@@ -97,8 +97,9 @@ def fcb_record(check: Check) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "version": 1,
         "step": check.step,
-        # compact JSON: a pickled nested dict would be several times larger
-        "callbacks": json.dumps(check.callbacks, separators=(",", ":")),
+        # compact JSON (a pickled nested dict would be several times larger); the canonical
+        # text, which the manifest's seal hashes too: a state dict encoded once gives both
+        "callbacks": canonical_json(check.callbacks),
         "slots": {name: s for name, (s, _, _) in check.plan.slots.items()},
     }
 
@@ -106,48 +107,6 @@ def fcb_record(check: Check) -> dict[str, Any]:
 def describe_entry(entry: str, path: str) -> str:
     """Where a value of a Torch payload comes from, for messages."""
     return f"{_PARTS.get(entry, f'the checkpoint[{entry!r}]')}{path}"
-
-
-def rng_state() -> dict[str, Any]:
-    """The random generators a training step may draw from, in a form every weights-only
-    load reads: torch's CPU generator, CUDA's (once CUDA is in use: a process that never
-    initialised it has drawn nothing there), NumPy's global generator, Python's `random`."""
-    numpy_state = np.random.get_state(legacy=True)
-    assert isinstance(numpy_state, tuple)  # legacy=True: ('MT19937', keys, pos, has_gauss, g)
-    keys, pos, has_gauss, cached = numpy_state[1:]
-    state: dict[str, Any] = {
-        "torch": torch.random.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(keys, np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "random": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Put back what `rng_state` saved (a checkpoint of an earlier fcb holds torch's only)."""
-    if "torch" in state:
-        torch.random.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, device)
-    if "numpy" in state:
-        saved = state["numpy"]
-        np.random.set_state((
-            "MT19937",
-            saved["keys"].numpy().astype(np.uint32),
-            saved["pos"],
-            saved["has_gauss"],
-            saved["cached_gaussian"],
-        ))
-    if "random" in state:
-        random.setstate(state["random"])
 
 
 def resume_files(record: Mapping[str, Any]) -> list[str]:

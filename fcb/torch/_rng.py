@@ -1,0 +1,159 @@
+"""The random generators a Torch checkpoint records, captured exactly and cheaply.
+
+`np.random.get_state()` copies MT19937's 624-word key one element at a time (most of a
+save's RNG cost). NumPy's bit generators publish the address of their state struct
+(`bit_generator.ctypes.state_address`; MT19937's is the key, then the position), so the key
+is read in one copy. The legacy Gaussian cache (`has_gauss`, `gauss`) lives in the
+`RandomState` itself; where it lives is found once per process on a scratch `RandomState`
+(by setting values and seeing where they appear) and checked against `get_state()`; if
+anything does not match exactly, every capture uses `get_state()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import struct
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+_WORDS = 624
+"""MT19937's key length; the struct holds the key, then the position (a C int)."""
+
+
+def _gauss_offsets() -> tuple[int, int] | None:
+    """Where a `RandomState` keeps its Gaussian cache (`has_gauss` as a C int, `gauss` as a
+    double), as offsets into the object; `None` unless found unambiguously."""
+    if sys.implementation.name != "cpython":  # id() is the address only in CPython
+        return None
+    scratch = np.random.RandomState(np.random.MT19937(0))
+    size = type(scratch).__basicsize__
+    key, pos, _, _ = _slow(scratch)
+
+    def memory(has_gauss: int, gauss: float) -> bytes:
+        scratch.set_state(("MT19937", key, pos, has_gauss, gauss))
+        return ctypes.string_at(id(scratch), size)
+
+    markers = (1.2345678912345e-200, -9.87654321e150)
+    seen = [memory(1, marker) for marker in markers]
+    cleared = memory(0, 0.0)
+    gauss = [
+        offset
+        for offset in range(0, size - 7, 8)
+        if all(raw[offset : offset + 8] == struct.pack("d", m) for raw, m in zip(seen, markers))
+        and cleared[offset : offset + 8] == bytes(8)
+    ]
+    if len(gauss) != 1:
+        return None
+    flags = [
+        offset
+        for offset in range(0, size - 3, 4)
+        if not gauss[0] - 4 < offset < gauss[0] + 8
+        and all(struct.unpack_from("i", raw, offset)[0] == 1 for raw in seen)
+        and struct.unpack_from("i", cleared, offset)[0] == 0
+    ]
+    return (flags[0], gauss[0]) if len(flags) == 1 else None
+
+
+class NumpyState:
+    """Captures of NumPy's global generator equal to `np.random.get_state(legacy=True)`."""
+
+    def __init__(self) -> None:
+        self.exact = True
+        """False once a direct read was found to differ from `get_state()` (never again)."""
+        self._offsets: tuple[int, int] | None = None
+        self._calibrated = False
+        self._source: tuple[Any, Any] = (None, None)  # the RandomState and its generator
+        self._address = 0
+
+    def capture(self) -> tuple[np.ndarray, int, int, float]:
+        """`(key, pos, has_gauss, gauss)` of the global generator: read directly where
+        that is exact (the first read of each generator is compared with `get_state()`),
+        else through `get_state()`."""
+        legacy = np.random.mtrand._rand
+        generator = legacy._bit_generator
+        if not self.exact or type(generator) is not np.random.MT19937:
+            return _slow()
+        if not self._calibrated:
+            self._offsets, self._calibrated = _gauss_offsets(), True
+        if self._offsets is None:
+            return _slow()
+        checked = self._source[0] is legacy and self._source[1] is generator
+        if not checked:  # held: the addresses stay valid while they are read
+            self._source, self._address = (legacy, generator), generator.ctypes.state_address
+        words = np.ctypeslib.as_array(
+            (ctypes.c_uint32 * (_WORDS + 1)).from_address(self._address)
+        ).copy()
+        flag, gauss = self._offsets
+        read = (
+            words[:_WORDS],
+            int(words[_WORDS:].view(np.int32)[0]),
+            ctypes.c_int.from_address(id(legacy) + flag).value,
+            ctypes.c_double.from_address(id(legacy) + gauss).value,
+        )
+        if not checked:
+            slow = _slow()
+            if not _same(read, slow):
+                self.exact = False
+                return slow
+        return read
+
+
+def _slow(generator: Any = np.random) -> tuple[np.ndarray, int, int, float]:
+    state = generator.get_state(legacy=True)
+    assert isinstance(state, tuple)  # legacy=True: ('MT19937', keys, pos, has_gauss, g)
+    _, keys, pos, has_gauss, cached = state
+    return np.asarray(keys, np.uint32), int(pos), int(has_gauss), float(cached)
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return bool(np.array_equal(a[0], b[0])) and tuple(a[1:]) == tuple(b[1:])
+
+
+NUMPY = NumpyState()
+
+
+def rng_state() -> dict[str, Any]:
+    """The random generators a training step may draw from, in a form every weights-only
+    load reads: torch's CPU generator, CUDA's (once CUDA is in use: a process that never
+    initialised it has drawn nothing there), NumPy's global generator, Python's `random`."""
+    keys, pos, has_gauss, cached = NUMPY.capture()
+    state: dict[str, Any] = {
+        "torch": torch.random.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back what `rng_state` saved (a checkpoint of an earlier fcb holds torch's only)."""
+    if "torch" in state:
+        torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
+    if "numpy" in state:
+        saved = state["numpy"]
+        np.random.set_state(
+            (
+                "MT19937",
+                saved["keys"].numpy().astype(np.uint32),
+                saved["pos"],
+                saved["has_gauss"],
+                saved["cached_gaussian"],
+            )
+        )
+    if "random" in state:
+        random.setstate(state["random"])
