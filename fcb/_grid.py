@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -19,16 +19,36 @@ import numpy as np
 from . import _monitored
 from ._core import Actions, Callback, Metrics, StepLike
 from ._errors import ConfigError
+from ._grid_build import (
+    _as_int32,
+    _build,
+    _build_from_arrays,
+    _build_under_vmap,
+    _check_batch,
+    _check_each_value,
+    _columns,
+    _same_members,
+    _stores_options_as_is,
+)
 from ._monitor import Mode
 
 _AXIS_TYPES = (list, range, np.ndarray, jax.Array)
 
-_STRUCTURAL_OPTION = (
-    "fcb.grid: `{name}` changes the structure of {owner} (a static field such as a mode, a "
-    "slot name or a table size), so it cannot vary inside one batch: {first!r} and {other!r} "
-    "give different structures. Build one grid per value, e.g. "
-    "[fcb.grid(..., {name}=v) for v in {values!r}]."
-)
+class _Values(tuple):
+    """Per configuration, the values of the varied options: a tuple of tuples that pytrees
+    see as one leaf. Equinox walks the pytree of every static field when a module is built
+    (for 10,000 configurations of two options, 20,000 leaves: tens of milliseconds); as a
+    tuple it compares, hashes, prints and encodes (`state_dict`) as one."""
+
+    __slots__ = ()
+
+
+class _Table(NamedTuple):
+    """The varied options and the values of each configuration, as `grid` passes them to
+    `Grid` (consistent by construction: no dict per configuration)."""
+
+    names: tuple[str, ...]
+    values: tuple[tuple[Any, ...], ...]
 
 
 class Grid(Callback):
@@ -59,7 +79,7 @@ class Grid(Callback):
     values: tuple[tuple[Any, ...], ...] = eqx.field(static=True)
 
     def __init__(
-        self, callback: Callback, configs: Sequence[Mapping[str, Any]] | None = None
+        self, callback: Callback, configs: Sequence[Mapping[str, Any]] | _Table | None = None
     ) -> None:
         if not isinstance(callback, Callback):
             raise ConfigError(
@@ -77,26 +97,31 @@ class Grid(Callback):
                 f"the same leading (configuration) axis; got leading sizes "
                 f"{sorted(str(s) for s in sizes)}. Build batches with fcb.grid."
             )
-        configs = [dict(c) for c in configs] if configs is not None else None
         leading = sizes.pop() if sizes else None
-        size = leading if leading is not None else (len(configs) if configs else 1)
-        if configs is None:
-            configs = [{} for _ in range(size)]
-        if len(configs) != size:
+        if isinstance(configs, _Table):  # from fcb.grid: consistent by construction
+            names, values = configs.names, configs.values
+            size = leading if leading is not None else len(values)
+        else:
+            configs = [dict(c) for c in configs] if configs is not None else None
+            size = leading if leading is not None else (len(configs) if configs else 1)
+            if configs is None:
+                configs = [{} for _ in range(size)]
+            names = tuple(configs[0]) if configs else ()
+            for config in configs:
+                if tuple(config) != names:
+                    raise ConfigError(
+                        f"fcb.Grid: every config must name the same options in the same "
+                        f"order; got {list(config)} after {list(names)}."
+                    )
+            values = tuple(tuple(c[n] for n in names) for c in configs)
+        if len(values) != size:
             raise ConfigError(
-                f"fcb.Grid: {len(configs)} configs were given for a batch of {size} "
+                f"fcb.Grid: {len(values)} configs were given for a batch of {size} "
                 f"configurations; give one config per configuration."
             )
-        names = tuple(configs[0]) if configs else ()
-        for config in configs:
-            if tuple(config) != names:
-                raise ConfigError(
-                    f"fcb.Grid: every config must name the same options in the same order; "
-                    f"got {list(config)} after {list(names)}."
-                )
         self.callback = callback
         self.names = names
-        self.values = tuple(tuple(c[n] for n in names) for c in configs)
+        self.values = _Values(values)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -193,23 +218,6 @@ def _axis_values(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(v.item() if isinstance(v, np.generic) else v for v in values)
 
 
-def _describe(factory: Any) -> str:
-    return getattr(factory, "__name__", type(factory).__name__)
-
-
-def _build(factory: Callable[..., Any], options: Mapping[str, Any], varied: Mapping[str, Any]):
-    try:
-        built = factory(**options)
-    except ConfigError as error:
-        raise ConfigError(f"fcb.grid: configuration {dict(varied)}: {error}") from None
-    if not isinstance(built, Callback):
-        raise ConfigError(
-            f"fcb.grid: `{_describe(factory)}` must return an fcb.Callback, got "
-            f"{type(built).__name__}."
-        )
-    return built
-
-
 def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     """Every combination of some numeric options of a callback, as one batched callback.
 
@@ -251,126 +259,28 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     fixed = {name: v for name, v in options.items() if name not in axes}
     first = {name: values[0] for name, values in axes.items()}
     base = _build(factory, {**fixed, **first}, first)
-    combos = list(itertools.product(*axes.values()))
-    configs = [dict(zip(axes, combo, strict=True)) for combo in combos]
+    # the configurations as tuples of values (the last axis fastest), no dict for each
+    table = _Table(tuple(axes), tuple(itertools.product(*axes.values())))
     if not axes:
-        return Grid(batch_of_one(base), configs)
-    columns = [np.asarray([combo[i] for combo in combos]) for i in range(len(axes))]
+        return Grid(batch_of_one(base), table)
+    columns = _columns(axes)
+    arrays = [_as_int32(c) for c in columns] if _stores_options_as_is(factory) else columns
     try:
-        batched = _build_from_arrays(factory, fixed, dict(zip(axes, columns, strict=True)), base)
+        batched = _build_from_arrays(factory, fixed, dict(zip(axes, arrays, strict=True)), base)
     except ConfigError:
         # some value is invalid: find it, and name the configuration that holds it
         _check_each_value(factory, fixed, axes, base)
-        for config in configs:
+        for combo in table.values:
+            config = dict(zip(table.names, combo, strict=True))
             _build(factory, {**fixed, **config}, config)
         batched = None
-    if batched is None or not _same_members(batched, len(combos) - 1, factory, fixed, configs):
+    size = len(table.values)
+    last = dict(zip(table.names, table.values[-1], strict=True))
+    if batched is None or not _same_members(batched, size - 1, factory, fixed, last):
         _check_each_value(factory, fixed, axes, base)
         batched = _build_under_vmap(factory, fixed, list(axes), columns)
-    _check_batch(base, batched, len(combos), list(axes))
-    return Grid(batched, configs)
-
-
-def _check_each_value(
-    factory: Callable[..., Any],
-    fixed: Mapping[str, Any],
-    axes: Mapping[str, tuple[Any, ...]],
-    base: Callback,
-) -> None:
-    """Build one configuration per distinct value of each axis: each must be valid and give
-    the structure of the first configuration."""
-    first = {name: values[0] for name, values in axes.items()}
-    for name, values in axes.items():
-        for value in dict.fromkeys(values[1:]):
-            varied = {**first, name: value}
-            other = _build(factory, {**fixed, **varied}, varied)
-            if not _same_structure(other, base):
-                raise ConfigError(
-                    _STRUCTURAL_OPTION.format(
-                        name=name,
-                        owner=type(base).__name__,
-                        first=values[0],
-                        other=value,
-                        values=list(dict.fromkeys(values)),
-                    )
-                )
-
-
-def _build_from_arrays(
-    factory: Callable[..., Any],
-    fixed: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray],
-    base: Callback,
-) -> Callback | None:
-    """The batch built in one call, each varied option given as the array of its values.
-
-    fcb's callbacks validate and store numeric options elementwise, so every leaf comes back
-    either with the configuration axis or as in a single configuration (then broadcast).
-    `None` when the factory does not work that way (the caller then builds under vmap); a
-    `ConfigError` when some value is invalid (or, for a structural option, not an int).
-    """
-    size = len(next(iter(arrays.values())))
-    try:
-        built = factory(**fixed, **arrays)
-    except ConfigError:
-        raise
-    except Exception:
-        return None
-    if not isinstance(built, Callback) or not _same_structure(built, base):
-        return None
-    leaves = []
-    for one, many in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(built)):
-        if not eqx.is_array(one):
-            leaves.append(many)
-        elif not eqx.is_array(many) or many.dtype != one.dtype:
-            return None
-        elif many.shape == (size, *one.shape):
-            leaves.append(many)
-        elif many.shape == one.shape:
-            # NumPy broadcasts without compiling a program per leaf shape
-            leaves.append(jnp.asarray(np.broadcast_to(np.asarray(many), (size, *one.shape))))
-        else:
-            return None
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base), leaves)
-
-
-def _same_members(
-    batched: Callback,
-    index: int,
-    factory: Callable[..., Any],
-    fixed: Mapping[str, Any],
-    configs: Sequence[Mapping[str, Any]],
-) -> bool:
-    """Configuration `index` of the batch equals that configuration built on its own."""
-    alone = _build(factory, {**fixed, **configs[index]}, configs[index])
-    return all(
-        np.array_equal(np.asarray(many)[index], np.asarray(one), equal_nan=True)
-        if eqx.is_array(one)
-        else many == one
-        for many, one in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(alone))
-    )
-
-
-def _build_under_vmap(
-    factory: Callable[..., Any], fixed: Mapping[str, Any], names: list[str], columns: list[Any]
-) -> Any:
-    def build_one(*values: Any) -> Callback:
-        return factory(**fixed, **dict(zip(names, values, strict=True)))
-
-    try:
-        return eqx.filter_vmap(build_one)(*columns)
-    except Exception as error:
-        raise ConfigError(
-            f"fcb.grid: {_describe(factory)} could not be built under jax.vmap with "
-            f"{', '.join(names)} varying ({type(error).__name__}: {error}). Varied options must "
-            f"be numeric hyperparameters that the callback stores as arrays."
-        ) from None
-
-
-def _same_structure(a: Any, b: Any) -> bool:
-    """Same tree structure, static fields included (equinox keeps them in the treedef)."""
-    structure: Any = jax.tree_util.tree_structure(a)
-    return bool(structure == jax.tree_util.tree_structure(b))
+    _check_batch(base, batched, size, list(axes))
+    return Grid(batched, table)
 
 
 def batch_of_one(callback: Callback) -> Callback:
@@ -378,18 +288,3 @@ def batch_of_one(callback: Callback) -> Callback:
     return jax.tree_util.tree_map(
         lambda leaf: jnp.asarray(leaf)[None] if eqx.is_array(leaf) else leaf, callback
     )
-
-
-def _check_batch(base: Callback, batched: Any, size: int, names: list[str]) -> None:
-    """The batch has the single configuration's structure, with a leading axis on each leaf."""
-    ok = _same_structure(batched, base)
-    if ok:
-        for one, many in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(batched)):
-            if eqx.is_array(one):
-                ok = ok and np.shape(many) == (size, *np.shape(one)) and many.dtype == one.dtype
-    if not ok:
-        raise ConfigError(
-            f"fcb.grid: building {type(base).__name__} with {', '.join(names)} varying gave a "
-            f"different structure than building one configuration; the varied options must be "
-            f"numeric hyperparameters stored as arrays."
-        )
