@@ -16,6 +16,10 @@ five). "Cold" is measured in fresh processes (the median of `--cold-repeats`), e
 which first compiles and runs an unrelated one-line `jax.jit`: JAX's backend and XLA
 compiler start-up, which every JAX program pays once, are not fcb's cost; what stays is
 building the grid, tracing, lowering and compiling fcb.replay's own function, and the run.
+Also paid before the timer, and reported apart: importing the modules fcb.grid and
+fcb.replay use (`import fcb` imports them on first use; equinox is most of it) and the
+process's first full garbage collection (the objects importing JAX and equinox created;
+whichever code allocates next pays it, 50-90 ms here).
 
 Run: python benchmarks/replay.py [--configs 10000] [--steps 1000] [--sample 200]
      [--cold-repeats 5]
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -63,6 +68,16 @@ def warm_up_jax() -> None:
     jax.jit(lambda x: x + 1)(jax.numpy.zeros(1)).block_until_ready()
 
 
+def import_fcb() -> tuple[float, float]:
+    """Seconds to import what fcb.grid and fcb.replay use, and for the first full garbage
+    collection of the process."""
+    start = time.perf_counter()
+    fcb.EarlyStopping, fcb.grid, fcb.replay  # noqa: B018  (fcb imports them on first use)
+    imported = time.perf_counter()
+    gc.collect()
+    return imported - start, time.perf_counter() - imported
+
+
 def time_fcb(history: np.ndarray, patience: np.ndarray, min_delta: np.ndarray):
     start = time.perf_counter()
     batch = fcb.grid(fcb.EarlyStopping, monitor="val_loss", patience=patience, min_delta=min_delta)
@@ -77,8 +92,9 @@ def time_fcb(history: np.ndarray, patience: np.ndarray, min_delta: np.ndarray):
     return result, built - start, cold, min(warm)  # the least disturbed of the runs
 
 
-def time_cold(args: argparse.Namespace, cache: str | None = None) -> tuple[float, float]:
-    """Median (grid build, cold replay) seconds over fresh processes: a process compiles
+def time_cold(args: argparse.Namespace, cache: str | None = None) -> dict[str, float]:
+    """Median seconds over fresh processes of each part ("imports", "collect", "build",
+    "cold": grid build + replay, the last two timed together): a process compiles
     fcb.replay's function only once. `cache`: "empty" gives each process an empty JAX
     persistent compilation cache (`fcb.enable_compile_cache`), "warm" one that a first
     (untimed) process filled; None, no cache."""
@@ -92,7 +108,7 @@ def time_cold(args: argparse.Namespace, cache: str | None = None) -> tuple[float
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         if shared is None or repeat > 0:  # the first process fills the shared cache
             runs.append(json.loads(out.strip().splitlines()[-1]))
-    return statistics.median(r["build"] for r in runs), statistics.median(r["cold"] for r in runs)
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 class _Strategy:
@@ -182,15 +198,23 @@ def main() -> None:
     warm_up_jax()
     history = make_history(args.steps, args.seed)
     patience, min_delta = grid_values(args.configs)
+    imports_s, collect_s = import_fcb()
     result, build_s, cold_s, warm_s = time_fcb(history, patience, min_delta)
     if args.cold_only:
-        print(json.dumps({"build": build_s, "cold": cold_s}))
+        print(json.dumps(
+            {"imports": imports_s, "collect": collect_s, "build": build_s, "cold": cold_s}
+        ))
         return
     empty_s = warm_cache_s = None
+    before = {"imports": imports_s, "collect": collect_s}
     if args.cold_repeats > 0:
-        build_s, cold_s = time_cold(args)
-        _, empty_s = time_cold(args, "empty")
-        _, warm_cache_s = time_cold(args, "warm")
+        parts = time_cold(args)
+        build_s, cold_s = parts["build"], parts["cold"]
+        before = {"imports": parts["imports"], "collect": parts["collect"]}
+        empty_s = time_cold(args, "empty")["cold"]
+        warm = time_cold(args, "warm")
+        warm_cache_s = warm["cold"]
+        before_warm = warm["imports"] + warm["collect"]
     total = len(result)
 
     rng = np.random.default_rng(args.seed)
@@ -214,6 +238,10 @@ def main() -> None:
           f"average")
     print()
     print(f"{'':<34}{'seconds':>10}{'per config':>14}")
+    print(f"{'import fcb.grid / fcb.replay':<34}{before['imports']:>10.3f}"
+          f"   (paid before the timer: first use of the names; not in the rows below)")
+    print(f"{'first full garbage collection':<34}{before['collect']:>10.3f}"
+          f"   (paid before the timer: the objects importing JAX and equinox made)")
     print(f"{'fcb.grid (build 1 batch)':<34}{build_s:>10.3f}")
     print(f"{'fcb.replay first call':<34}{cold_s - build_s:>10.3f}"
           f"   (trace, lower, compile, run; cold = median of {max(args.cold_repeats, 1)} "
@@ -225,6 +253,8 @@ def main() -> None:
               f"{empty_s / total * 1e6:>11.1f} us   (fcb.enable_compile_cache, fresh processes)")
         print(f"{'  with a warm compile cache':<34}{warm_cache_s:>10.3f}"
               f"{warm_cache_s / total * 1e6:>11.1f} us   (a process before filled it)")
+        print(f"{'    with the imports and collection':<34}{warm_cache_s + before_warm:>10.3f}"
+              f"   (the same processes, everything after JAX's start-up)")
     print(f"{'fcb.replay warm (compiled)':<34}{warm_s:>10.3f}{warm_s / total * 1e6:>11.1f} us")
     print(f"{'Lightning EarlyStopping loop':<34}{lightning_total:>10.1f}"
           f"{lightning_s / len(sample) * 1e6:>11.0f} us   (timed on {len(sample)}, extrapolated)")
@@ -249,7 +279,8 @@ def main() -> None:
         "": ("compiled", warm_s),
         "c": (f"compile included: grid built, fcb.replay traced, compiled and run once (median "
               f"of {max(args.cold_repeats, 1)} fresh processes; JAX's own start-up paid first "
-              f"by an unrelated jit)", cold_s),
+              f"by an unrelated jit, fcb's imports and the first full garbage collection "
+              f"before the timer)", cold_s),
     }
     if empty_s is not None and warm_cache_s is not None:
         fresh = f"median of {args.cold_repeats} fresh processes"
