@@ -82,8 +82,8 @@ class BestSlots:
     def evaluate_checkpoints(self, slots: Any = None) -> dict[str, EvaluatedSlot | None]:
         """[`TorchAdapter.evaluate_checkpoints`][fcb.torch.TorchAdapter.evaluate_checkpoints]
         on the LightningModule: each slot's weights are loaded into it for its `evaluate`
-        function (`fn(pl_module)`), then its own weights are put back. Under a sharded
-        strategy, evaluate a slot with `trainer.test(ckpt_path=...)` instead."""
+        function (`fn(pl_module)`), then its own weights are put back; under a sharded
+        strategy, each slot's shards on every rank."""
         self.evaluated = self.adapter.evaluate_checkpoints(slots)
         return self.evaluated
 

@@ -37,8 +37,8 @@ from ._lightning_checks import describe, sharded_strategy
 from .torch._adapter import EvaluateFn, TorchAdapter
 from .torch._loadable import check_loadable
 from .torch._payload import rng_state, set_rng_state
-from .torch._sharded import ShardedStore
-from .torch._sharded_payload import sharded_choice
+from .torch._sharded import ShardedStore, is_sharded
+from .torch._sharded_payload import loaded_fsdp1, loaded_modules, sharded_choice
 from .torch._store import CheckpointStore
 
 
@@ -158,13 +158,24 @@ class _LightningAdapter(TorchAdapter):
     def evaluated_model(
         self, directory: str, slot: str, manifest: Mapping[str, Any], context: Any
     ) -> Any:
-        if self._sharded:
+        """Under a sharded strategy the slot is the strategy's own DCP save: its model entry
+        (FSDPStrategy's `"model"`, ModelParallelStrategy's `"state_dict"`) is loaded into the
+        strategy's module on every rank, then the live shards are put back."""
+        relative = manifest["slots"][slot]["file"]
+        location = manifest["files"][relative]
+        if not is_sharded(location):
+            return super().evaluated_model(directory, slot, manifest, context)
+        strategy = getattr(self.trainer, "strategy", None)
+        if sharded_strategy(self.owner, self.trainer) is None or strategy is None:
             raise ConfigError(
-                f"{self.owner}: under a sharded strategy the Trainer loads a slot's sharded "
-                f"checkpoint itself: evaluate slot {slot!r} with trainer.test(model, "
-                f"ckpt_path=...) (ckpt_path='best' for the best slot)."
+                f"{self.owner}: slot {slot!r} holds a sharded checkpoint, which a sharded "
+                f"strategy's Trainer loads; evaluate it in the Trainer that trained it, or with "
+                f"trainer.test(model, ckpt_path=...) under a sharded strategy."
             )
-        return super().evaluated_model(directory, slot, manifest, context)
+        path = os.path.join(directory, relative)
+        if isinstance(strategy, pl.strategies.FSDPStrategy):
+            return loaded_fsdp1(self.group, path, location, strategy.model)
+        return loaded_modules(self.group, path, location, "state_dict", strategy.model)
 
     saving_step: int | None = None
     loaded: dict[str, Any] | None = None

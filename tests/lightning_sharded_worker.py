@@ -113,7 +113,7 @@ class Record(pl.callbacks.Checkpoint):
             "stop": bool(trainer.should_stop),
             "best": self.fcb_callback.adapter.runner.state[1].steps.tolist(),
             "sharded": self.fcb_callback.adapter._sharded,
-            "digest": sum(float(p.double().sum()) for p in params.values()),
+            "digest": digest(params),
         }
         with open(os.path.join(self.out, f"{self.tag}-rank{rank}.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -165,7 +165,11 @@ def loaders():
     )
 
 
-def fit(kind, out, tag, max_epochs, resume, test=False):
+def digest(params):
+    return sum(float(p.double().sum()) for p in params.values())
+
+
+def fit(kind, out, tag, max_epochs, resume, test=False, evaluate=False):
     pl.seed_everything(0, verbose=False)
     dirpath = os.path.join(out, tag)
     callback = fcb.lightning.FcbCallback(
@@ -174,6 +178,7 @@ def fit(kind, out, tag, max_epochs, resume, test=False):
             fcb.ModelCheckpoint("val_loss", save_top_k=2),
         ),
         dirpath=dirpath,
+        evaluate=lambda module: {"digest": digest(full_parameters(trainer, module))},
     )
     strategy = make_strategy(kind)
     spy_saves(strategy, out, tag)
@@ -194,12 +199,23 @@ def fit(kind, out, tag, max_epochs, resume, test=False):
                 for parameter in net.parameters():
                     parameter.zero_()
             trainer.test(net, val, ckpt_path="best")
+        if evaluate:  # the pass on every rank: each slot's shards in the module, then back
+            live = full_parameters(trainer, net)
+            evaluated = callback.evaluate_checkpoints(["best_model", "last"])
+            kept = full_parameters(trainer, net)
+            line = {
+                "evaluated": {s: [e.step, e.results["digest"]] for s, e in evaluated.items()},
+                "kept": all(torch.equal(live[k], kept[k]) for k in live),
+            }
+            with open(os.path.join(out, f"{tag}-pass-rank{trainer.global_rank}.json"), "w") as f:
+                json.dump(line, f)
 
 
 def main(kind, out, *fits):
     for spec in fits:
         tag, max_epochs, *rest = spec.split(":")
-        fit(kind, out, tag, int(max_epochs), resume="resume" in rest, test="test" in rest)
+        fit(kind, out, tag, int(max_epochs), resume="resume" in rest, test="test" in rest,
+            evaluate="pass" in rest)
     return 0
 
 

@@ -63,7 +63,7 @@ def fsdp2(tmp_path_factory):
     """ModelParallelStrategy: an uninterrupted run of 6 epochs, and a run of 3 epochs
     resumed in a second launch to 6."""
     out = tmp_path_factory.mktemp("fsdp2")
-    launch(29655, "fsdp2", out, "whole:6:test", "part:3")
+    launch(29655, "fsdp2", out, "whole:6:test:pass", "part:3")
     first = {rank: saves(out, "part", rank) for rank in (0, 1)}
     launch(29656, "fsdp2", out, "part:6:resume")
     return out, first
@@ -115,6 +115,7 @@ def test_trainer_test_with_ckpt_path_best_loads_the_sharded_best_slot(fsdp2):
     expected = params(out, "whole", best["step"])  # the live weights were zeroed before
     assert set(tested) == set(expected)
     assert all(torch.equal(tested[k], expected[k]) for k in expected)
+    assert_the_pass_evaluates_each_slot_on_every_rank(out, "whole")
 
 
 def test_a_resume_through_resume_path_continues_as_the_uninterrupted_run(fsdp2):
@@ -135,7 +136,7 @@ def test_a_resume_through_resume_path_continues_as_the_uninterrupted_run(fsdp2):
 
 def test_fsdp_sharded_state_dict_steps_verify_load_and_resume(tmp_path):
     # FSDPStrategy (FSDP1, sharded state dicts): 3 epochs whole; 2, then resumed to 3
-    launch(29657, "fsdp1", tmp_path, "f1:3", "part:2")
+    launch(29657, "fsdp1", tmp_path, "f1:3:pass", "part:2")
     launch(29658, "fsdp1", tmp_path, "part:3:resume")
     recorded = checks(tmp_path, "f1")
     assert sorted(recorded) == [0, 1, 2] and all(line["sharded"] for line in recorded.values())
@@ -146,6 +147,23 @@ def test_fsdp_sharded_state_dict_steps_verify_load_and_resume(tmp_path):
         resumed, uninterrupted = params(tmp_path, "part", step), params(tmp_path, "f1", step)
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), step
     assert_verified_sharded_run(tmp_path, "part", range(3), "model")
+    assert_the_pass_evaluates_each_slot_on_every_rank(tmp_path, "f1")
+
+
+def assert_the_pass_evaluates_each_slot_on_every_rank(out, tag):
+    """`evaluate_checkpoints` under the sharded strategy: on both ranks, each slot's
+    evaluation saw exactly the weights recorded at its step, and the module's own came back."""
+    slots = fcb.torch.read_manifest(str(out / tag))["slots"]
+    recorded = checks(out, tag)
+    for rank in (0, 1):
+        with open(out / f"{tag}-pass-rank{rank}.json") as f:
+            line = json.load(f)
+        assert line["kept"], rank
+        assert set(line["evaluated"]) == {"best_model", "last"}, rank
+        for slot, (step, evaluated) in line["evaluated"].items():
+            assert step == slots[slot]["step"], (rank, slot)
+            # the evaluation's results pass as float32, as metrics do
+            assert evaluated == pytest.approx(recorded[step]["digest"], rel=1e-6), (rank, slot)
 
 
 # -- refused configurations (one process, no fit) ----------------------------------------------

@@ -165,27 +165,65 @@ def read_sharded_resume(
     return json.loads(meta["callbacks"]), restore
 
 
-@contextlib.contextmanager
-def loaded_sharded(parts: Any, path: str, location: Mapping[str, Any]) -> Iterator[None]:
+def loaded_sharded(
+    parts: Any, path: str, location: Mapping[str, Any]
+) -> contextlib.AbstractContextManager[None]:
     """The model weights of the sharded step at `path` (its manifest record `location`) in
     the live model while the context lasts, then the live weights back; on every rank (DCP
     reshards). A step of some submodules (`model_names`) loads only those."""
+    models = tuple(step_record(path).get("models") or ())
+    modules = {n: parts._submodule(n) for n in models} if models else parts.model
+    return loaded_modules(parts.group, path, location, "model", modules)
+
+
+@contextlib.contextmanager
+def loaded_modules(
+    group: Any, path: str, location: Mapping[str, Any], key: str, modules: Any
+) -> Iterator[None]:
+    """The weights DCP holds under `key` at `path` in `modules` (a module, or a mapping from
+    name to module for `key`'s entries) while the context lasts, then their own weights
+    back. The shards are verified first (on the primary) against `location`."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    parts.group.on_primary(lambda: verify_location(path, location))
-    models = tuple(step_record(path).get("models") or ())
-    modules = [parts._submodule(n) for n in models] if models else [parts.model]
-    live = [_copies(get_model_state_dict(m)) for m in modules]
-    loaded = [_copies(weights) for weights in live]  # dcp.load reads into these in place
-    _load_into({"model": dict(zip(models, loaded, strict=True)) if models else loaded[0]},
-               path, parts.model)
+    group.on_primary(lambda: verify_location(path, location))
+    named = dict(modules) if isinstance(modules, Mapping) else {"": modules}
+    live = {name: _copies(get_model_state_dict(m)) for name, m in named.items()}
+    loaded = {name: _copies(weights) for name, weights in live.items()}  # read in place
+    _load_into({key: loaded if isinstance(modules, Mapping) else loaded[""]}, path,
+               next(iter(named.values())))
     try:
-        for module, weights in zip(modules, loaded, strict=True):
-            set_model_state_dict(module, weights)
+        for name, module in named.items():
+            set_model_state_dict(module, loaded[name])
         yield
     finally:
-        for module, weights in zip(modules, live, strict=True):
-            set_model_state_dict(module, weights)
+        for name, module in named.items():
+            set_model_state_dict(module, live[name])
+
+
+@contextlib.contextmanager
+def loaded_fsdp1(
+    group: Any, path: str, location: Mapping[str, Any], model: Any
+) -> Iterator[None]:
+    """`loaded_modules` for an FSDP1 module saved as Lightning's FSDPStrategy saves it: its
+    sharded state dict (`StateDictType.SHARDED_STATE_DICT`) under the entry `"model"`."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    group.on_primary(lambda: verify_location(path, location))
+    # the live weights as this rank holds them (its shards of the flat parameters): copied
+    # back in place afterwards, exactly
+    own = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+    with FullyShardedDataParallel.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+        target = model.state_dict()
+        _load_into({"model": target}, path, model)
+        try:
+            model.load_state_dict(target)
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, saved in zip((*model.parameters(), *model.buffers()), own,
+                                         strict=True):
+                    tensor.copy_(saved)
 
 
 def _load_into(target: dict[str, Any], path: str, model: Any) -> None:
