@@ -35,7 +35,7 @@ class Packing:
     one transfer. Hashable (by structure and leaves), so it can be a static argument of `jit`.
     """
 
-    __slots__ = ("_hash", "_host_plan", "_nested", "_views", "leaves", "size", "treedef")
+    __slots__ = ("_hash", "_host_plan", "_views", "leaves", "nested", "size", "treedef")
 
     def __init__(self, treedef: Any, leaves: tuple[_Leaf, ...]):
         self.treedef, self.leaves = treedef, leaves
@@ -56,7 +56,7 @@ class Packing:
             plan.append((view, leaf.offset, leaf.offset + leaf.size, leaf.shape or None, convert))
         self._host_plan = tuple(plan)
         self._views = frozenset(view for view, *_ in plan)
-        self._nested = any(len(leaf.shape) > 1 for leaf in leaves)
+        self.nested = any(len(leaf.shape) > 1 for leaf in leaves)
 
     def __hash__(self) -> int:
         return self._hash
@@ -144,7 +144,7 @@ class Packing:
         `leaf.tolist()` gives for each of `host_leaves`, with one `tolist` per view (a
         narrow type is stored widened exactly, so its values are those of the wide view)."""
         views: list[Any] = [None] * 4
-        if self._nested:  # nested lists: NumPy builds them
+        if self.nested:  # nested lists: NumPy builds them
             return [leaf.tolist() for leaf in self.host_leaves(buffer)]
         views[_INT_VIEW] = buffer.tolist()
         if _FLOAT_VIEW in self._views:

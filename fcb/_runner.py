@@ -12,16 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._canonical import MARK, EncodedStateDict, canonical_json, canonical_object, fill, template
 from ._core import ActionNames, Actions, Callback, StepLike, merge_actions
 from ._errors import ConfigError, MetricTypeError
 from ._packing import Packing, pack as _pack, unpack as _unpack
 from ._state_dict import (
     FORMAT,
     VERSION,
-    EncodedStateDict,
     _encode_values,
-    canonical_json,
-    canonical_object,
     describe,
     encode_config,
     load_state_dict,
@@ -50,6 +48,29 @@ class _StateLayout(NamedTuple):
     description: str
     paths: tuple[str, ...]
     dtypes: tuple[str, ...]
+    order: tuple[int, ...]
+    """The leaves in key order (the order of the canonical JSON)."""
+    text: tuple[str, ...]
+    """The `template` of the state entry's canonical JSON, a value per leaf in key order."""
+
+
+def _layout(packing: Packing) -> _StateLayout:
+    """What `state_dict` needs of a packed state besides the values."""
+    tree = packing.unpack_host(np.zeros(packing.size, np.int32))
+    paths = tuple(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+    dtypes = tuple(str(spec.dtype) for spec in packing.leaves)
+    leaves = {
+        path: canonical_object(
+            {"dtype": canonical_json(dtype), "shape": canonical_json(list(spec.shape)),
+             "value": MARK}
+        )
+        for path, dtype, spec in zip(paths, dtypes, packing.leaves, strict=True)
+    }
+    text = canonical_object(
+        {"leaves": canonical_object(leaves), "type": canonical_json(describe(tree))}
+    )
+    order = tuple(sorted(range(len(paths)), key=paths.__getitem__))
+    return _StateLayout(describe(tree), paths, dtypes, order, template(text))
 
 
 class Runner:
@@ -297,13 +318,7 @@ class Runner:
             return None
         layout = self._layouts.get(self._packing)
         if layout is None:
-            template = self._packing.unpack_host(np.zeros(self._packing.size, np.int32))
-            paths = jax.tree_util.tree_flatten_with_path(template)[0]
-            layout = _StateLayout(
-                describe(template),
-                tuple(jax.tree_util.keystr(p) for p, _ in paths),
-                tuple(str(spec.dtype) for spec in self._packing.leaves),
-            )
+            layout = _layout(self._packing)
             self._layouts[self._packing] = layout
         buffer, packing = np.asarray(self._buffer), self._packing
 
@@ -318,9 +333,11 @@ class Runner:
 
         # every value as `tolist()` gives it: the state dict's spelling, unless a float is
         # not finite (strict JSON refuses it: then each leaf is spelled as it must be)
-        state = entry(packing.host_values(buffer))
+        values = packing.host_values(buffer)
+        state = entry(values)
         try:
-            return state, canonical_json(state)
+            text = None if packing.nested else fill(layout.text, [values[i] for i in layout.order])
+            return state, canonical_json(state) if text is None else text
         except ValueError:
             state = entry([_encode_leaf(v) for v in packing.host_leaves(buffer)])
             return state, canonical_json(state)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -28,73 +27,6 @@ def json_number(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
-
-
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-)
-
-
-def canonical_json(value: Any) -> str:
-    """The canonical JSON of a JSON-safe value: sorted keys, no spaces, ASCII, strict (no
-    NaN). What a checkpoint records of the callbacks' state and what a manifest's seal hashes.
-
-    The text of an `EncodedStateDict` (encoded once) is reused, also as the value of a dict's
-    key: `canonical_json(v)` always equals `json.dumps(v, sort_keys=True, separators=(",",
-    ":"), allow_nan=False)`."""
-    if type(value) is EncodedStateDict:
-        return value.json
-    if (
-        type(value) is dict
-        and any(type(v) is EncodedStateDict for v in value.values())
-        and all(type(k) is str for k in value)
-    ):
-        # the runs of other entries between encoded ones (in key order) are encoded at once
-        parts: list[str] = []
-        run: dict[str, Any] = {}
-        for key in sorted(value):
-            item = value[key]
-            if type(item) is EncodedStateDict:
-                if run:
-                    parts.append(_CANONICAL.encode(run)[1:-1])
-                    run = {}
-                parts.append(f"{_CANONICAL.encode(key)}:{item.json}")
-            else:
-                run[key] = item
-        if run:
-            parts.append(_CANONICAL.encode(run)[1:-1])
-        return "{" + ",".join(parts) + "}"
-    return _CANONICAL.encode(value)
-
-
-def canonical_object(texts: Mapping[str, str]) -> str:
-    """The canonical JSON of an object whose values are given as canonical JSON texts."""
-    return "{" + ",".join(f"{_CANONICAL.encode(k)}:{texts[k]}" for k in sorted(texts)) + "}"
-
-
-class EncodedStateDict(dict[str, Any]):
-    """A state dict (equal to `fcb.state_dict`'s) with its canonical JSON `json`, encoded
-    once as it is built (`Runner.encoded_state_dict`): a checkpoint and the manifest of its
-    commit reuse the text instead of encoding the dict again.
-
-    Read-only, so the text stays what the dict holds: changing it raises `TypeError`, and a
-    copy (`dict(d)`, `copy.deepcopy`, pickling) is a plain dict. Every key at every depth
-    is a `str` (so the text is also that of the state dict read back from JSON)."""
-
-    __slots__ = ("json",)
-
-    def __init__(self, value: Mapping[str, Any], text: str):
-        super().__init__(value)
-        self.json = text
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("an encoded state dict is read-only; change a copy: dict(state_dict)")
-
-    __setitem__ = __delitem__ = __ior__ = _read_only
-    clear = pop = popitem = setdefault = update = _read_only
-
-    def __reduce__(self) -> Any:
-        return (dict, (dict(self),))
 
 
 def is_check(record: Mapping[str, Any]) -> bool:

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import fcb
+from fcb._canonical import MARK, EncodedStateDict, canonical_json, canonical_object, fill, template
 from fcb._host.schema import manifest_checksum, read_manifest, seal, write_manifest
 from fcb._runner import Packing
-from fcb._state_dict import EncodedStateDict, canonical_json
 
 
 def reference(value):
@@ -176,3 +176,37 @@ def test_a_manifest_holding_an_encoded_state_dict_is_sealed_as_it_reads_back(tmp
     assert sealed["checksum"] == plain["checksum"]
     write_manifest(tmp_path, manifest)
     assert read_manifest(tmp_path)["callbacks"] == manifest["callbacks"]
+
+
+number = st.one_of(
+    st.booleans(),
+    st.integers(-(2**33), 2**33),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.one_of(number, st.lists(number, max_size=4)), max_size=8),
+    keys=st.data(),
+)
+def test_a_filled_template_is_the_canonical_json_of_the_values_in_place(values, keys):
+    names = keys.draw(
+        st.lists(st.text(max_size=5), min_size=len(values), max_size=len(values), unique=True)
+    )
+    texts = {name: canonical_object({"value": MARK, "x": "1"}) for name in names}
+    parts = template(canonical_object(texts))
+    in_key_order = [values[names.index(name)] for name in sorted(names)]
+    expected = {name: {"value": value, "x": 1} for name, value in zip(names, values, strict=True)}
+    assert fill(parts, in_key_order) == reference(expected)
+
+
+def test_a_template_refuses_what_it_cannot_fill():
+    parts = template(canonical_object({"a": MARK}))
+    assert fill(parts, [[[1]]]) is None  # nested deeper than a flat list
+    assert fill(parts, ["1,2"]) is None  # a string
+    assert fill(parts, [{"b": 1}]) is None  # an object
+    assert fill(parts, [1, 2]) is None  # more values than places
+    with pytest.raises(ValueError):
+        fill(parts, [float("nan")])

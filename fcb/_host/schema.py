@@ -15,10 +15,11 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
+from .._canonical import EncodedStateDict, canonical_json
 from .._errors import CheckpointCorruptError
 from .._files import atomic_write_json
 from .._model_checkpoint import LAST_SLOT
-from .._state_dict import FORMAT as STATE_DICT_FORMAT, EncodedStateDict, canonical_json
+from .._state_dict import FORMAT as STATE_DICT_FORMAT
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fcb.manifest"

@@ -12,12 +12,12 @@ from typing import IO, Any
 
 import torch
 
+from .._canonical import canonical_json
 from .._errors import CheckpointCorruptError, CheckpointWriteError, ConfigError, MetricShapeError
 from .._files import atomic_write, link_atomic
 from .._host.engine import Check, check_state_dict_owner
 from .._host.live import open_listed, read_live, verify_open
 from .._host.manifest import MANIFEST_NAME
-from .._state_dict import canonical_json
 from ._load import CHECKPOINT_FORMAT, torch_load
 from ._loadable import check_loadable
 from ._rng import rng_state as rng_state, set_rng_state as set_rng_state

@@ -68,7 +68,8 @@ class NumpyState:
         self._offsets: tuple[int, int] | None = None
         self._calibrated = False
         self._source: tuple[Any, Any] = (None, None)  # the RandomState and its generator
-        self._address = 0
+        self._views: tuple[np.ndarray, Any, Any] = (np.zeros(0), None, None)
+        """The key and position, `has_gauss` and `gauss`, as views of their memory."""
 
     def capture(self) -> tuple[np.ndarray, int, int, float]:
         """`(key, pos, has_gauss, gauss)` of the global generator: read directly where
@@ -83,18 +84,18 @@ class NumpyState:
         if self._offsets is None:
             return _slow()
         checked = self._source[0] is legacy and self._source[1] is generator
-        if not checked:  # held: the addresses stay valid while they are read
-            self._source, self._address = (legacy, generator), generator.ctypes.state_address
-        words = np.ctypeslib.as_array(
-            (ctypes.c_uint32 * (_WORDS + 1)).from_address(self._address)
-        ).copy()
-        flag, gauss = self._offsets
-        read = (
-            words[:_WORDS],
-            int(words[_WORDS:].view(np.int32)[0]),
-            ctypes.c_int.from_address(id(legacy) + flag).value,
-            ctypes.c_double.from_address(id(legacy) + gauss).value,
-        )
+        if not checked:  # both held: the memory read stays theirs
+            self._source = (legacy, generator)
+            memory = (ctypes.c_uint32 * (_WORDS + 1)).from_address(generator.ctypes.state_address)
+            flag, gauss = self._offsets
+            self._views = (
+                np.ctypeslib.as_array(memory),
+                ctypes.c_int.from_address(id(legacy) + flag),
+                ctypes.c_double.from_address(id(legacy) + gauss),
+            )
+        words, flag, gauss = self._views
+        position = int(words[_WORDS:].view(np.int32)[0])
+        read = (words[:_WORDS].copy(), position, flag.value, gauss.value)
         if not checked:
             slow = _slow()
             if not _same(read, slow):
