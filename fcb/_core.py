@@ -132,6 +132,13 @@ class Actions(eqx.Module):
     evaluate: dict[str, Bool[Array, ""]]
     slot_models: tuple[tuple[str, tuple[str, ...]], ...] = eqx.field(static=True)
 
+    def __getattribute__(self, name: str) -> Any:
+        # Hosts read the fields at every check: a field is never a bound method, so it skips
+        # equinox's check for one (methods still go through it).
+        if name in _ACTION_FIELDS:
+            return object.__getattribute__(self, name)
+        return eqx.Module.__getattribute__(self, name)
+
     @classmethod
     def no_actions(cls, names: ActionNames = ActionNames()) -> Actions:
         """Actions that ask for nothing, with every name in `names` present and inactive."""
@@ -158,6 +165,9 @@ class Actions(eqx.Module):
         the values.
         """
         return StopReason(int(self.stop_reason)).message
+
+
+_ACTION_FIELDS = frozenset(Actions.__dataclass_fields__)
 
 
 def stop_message(callback: Callback, state: Any, actions: Actions) -> str:

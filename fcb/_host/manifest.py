@@ -93,8 +93,9 @@ def plan_checkpoints(
 
     `current` is the slot -> step table the store holds now (empty slots omitted).
     """
+    values = actions.slot_values
     slots = {
-        name: (int(s), float(actions.slot_values[name]), slot_models.get(name))
+        name: (int(s), float(values[name]), slot_models.get(name))
         for name, s in actions.slots.items()
     }
     wanted = {name: s for name, (s, _, _) in slots.items() if s >= 0}
