@@ -103,13 +103,15 @@ def _plainly_loadable(obj: Any) -> bool:
     if kind in _ATOMS:
         return True
     if kind is dict or kind is OrderedDict:
-        for key, value in obj.items():
-            if type(key) not in _ATOMS or not _plainly_loadable(value):
+        for key, value in obj.items():  # an atom is checked here, without a call
+            if type(key) not in _ATOMS or (
+                type(value) not in _ATOMS and not _plainly_loadable(value)
+            ):
                 return False
         attributes = getattr(obj, "__dict__", None)
         return not attributes or _plainly_loadable(dict(attributes))
     if kind is list or kind is tuple or kind is set:
-        return all(_plainly_loadable(value) for value in obj)
+        return all(type(value) in _ATOMS or _plainly_loadable(value) for value in obj)
     return False
 
 
