@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import gc
 import json
 import os
 import sys
@@ -76,7 +77,6 @@ def main(dirpath: str, scenario: str, out: str) -> int:
             seconds = time.perf_counter() - started
             emit({"rank": rank, "step": epoch, "error": str(error), "seconds": seconds})
             adapter.on_exception(error)
-            dist.destroy_process_group()
             return 0
         line = {
             "rank": rank,
@@ -91,9 +91,14 @@ def main(dirpath: str, scenario: str, out: str) -> int:
     adapter.on_fit_end()
     weights = [p.detach().flatten().tolist() for p in model.parameters()]
     emit({"rank": rank, "done": True, "weights": weights})
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    code = main(sys.argv[1], sys.argv[2], sys.argv[3])
+    # A caught write error's traceback holds the adapter and the DDP model in reference
+    # cycles; collect them so the model's reference to the gloo group is gone before the
+    # group is destroyed, instead of at interpreter exit (where gloo's threads may abort).
+    gc.collect()
+    dist.destroy_process_group()
+    sys.exit(code)
