@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import gc
 import json
 import math
 import os
@@ -116,7 +117,6 @@ def main(config: dict) -> int:
             with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
                 f.write(f"{step_now[0]}\n{error}")
         adapter.on_exception(error)
-        dist.destroy_process_group()
         return 3
     with open(os.path.join(out, f"fsyncs-{rank}.txt"), "w") as f:
         f.write(str(calls["fsync"]))
@@ -124,9 +124,11 @@ def main(config: dict) -> int:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"stopped": adapter.should_stop, "last_step": adapter.session.last_step,
                        "fsyncs": calls["fsync"]}, f)
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(json.loads(sys.argv[1])))
+    code = main(json.loads(sys.argv[1]))
+    gc.collect()  # a caught error's traceback cycles hold the model and so the group
+    dist.destroy_process_group()
+    sys.exit(code)
