@@ -104,36 +104,3 @@ def test_the_saved_record_keeps_its_format():
     keys, pos, has_gauss, cached = legacy_state()
     assert saved["keys"].dtype == torch.int64 and saved["keys"].tolist() == keys.tolist()
     assert (saved["pos"], saved["has_gauss"], saved["cached_gaussian"]) == (pos, has_gauss, cached)
-
-
-def test_python_states_are_captured_again_whenever_they_changed():
-    random.seed(5)
-    first = rng.PYTHON.capture()
-    assert first == random.getstate()
-    assert rng.PYTHON.capture() is first  # unchanged: the same (immutable) tuple
-    for change in (
-        lambda: random.random(),
-        lambda: random.gauss(0.0, 1.0),  # leaves a cached Gaussian
-        lambda: random.gauss(0.0, 1.0),  # uses it: only gauss_next changes
-        lambda: random.seed(5),
-        lambda: random.setstate(first),
-    ):
-        change()
-        assert rng.PYTHON.capture() == random.getstate()
-
-
-def test_a_python_state_set_with_another_index_is_seen():
-    random.seed(9)
-    version, words, gauss = random.getstate()
-    before = rng.PYTHON.capture()
-    random.setstate((version, (*words[:-1], (words[-1] + 1) % 624), gauss))
-    assert rng.PYTHON.capture() == random.getstate() != before
-
-
-def test_without_the_python_region_getstate_is_used(monkeypatch):
-    python_state = rng.PythonState()
-    monkeypatch.setattr(rng, "_random_region", lambda: None)
-    random.seed(1)
-    assert python_state.capture() == random.getstate()
-    random.random()
-    assert python_state.capture() == random.getstate()

@@ -6,13 +6,11 @@ save's RNG cost). NumPy's bit generators publish the address of their state stru
 is read in one copy. The legacy Gaussian cache (`has_gauss`, `gauss`) lives in the
 `RandomState` itself; where it lives is found once per process on a scratch `RandomState`
 (by setting values and seeing where they appear) and checked against `get_state()`; if
-anything does not match exactly, every capture uses `get_state()`. Python's `random` state
-is captured again only when the generator's memory has changed since the last capture.
+anything does not match exactly, every capture uses `get_state()`.
 """
 
 from __future__ import annotations
 
-import _random
 import ctypes
 import random
 import struct
@@ -120,53 +118,6 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 NUMPY = NumpyState()
 
 
-def _random_region() -> tuple[int, int] | None:
-    """Where a `random.Random` keeps its C state (index and 624 words), as `(offset, size)`
-    into the object: the whole C struct after the object header, checked to hold both."""
-    if sys.implementation.name != "cpython":
-        return None
-    start = object.__basicsize__
-    size = _random.Random.__basicsize__ - start
-    scratch = random.Random(0)
-    version, words, gauss = scratch.getstate()
-    region = np.frombuffer(ctypes.string_at(id(scratch) + start, size), np.uint8)
-    key = np.asarray(words[:_WORDS], np.uint32).view(np.uint8)
-    found = [
-        i for i in range(0, size - key.size + 1, 4) if np.array_equal(region[i : i + key.size], key)
-    ]
-    scratch.setstate((version, (*words[:_WORDS], (words[_WORDS] + 1) % _WORDS), gauss))
-    moved = ctypes.string_at(id(scratch) + start, size) != region.tobytes()
-    return (start, size) if len(found) == 1 and moved else None
-
-
-class PythonState:
-    """`random.getstate()`, the same tuple again while the generator's C state and its
-    `gauss_next` are unchanged (a tuple of ints is immutable: checkpoints may share it)."""
-
-    def __init__(self) -> None:
-        self._region: tuple[int, int] | bool | None = False  # False: not looked for yet
-        self._last: tuple[Any, bytes, Any, Any] = (None, b"", None, None)
-
-    def capture(self) -> Any:
-        generator: Any = getattr(random.getstate, "__self__", None)  # the module's Random
-        if self._region is False:
-            self._region = _random_region()
-        if not isinstance(self._region, tuple) or type(generator) is not random.Random:
-            return random.getstate()
-        start, size = self._region
-        memory = ctypes.string_at(id(generator) + start, size)
-        gauss = getattr(generator, "gauss_next", None)
-        held, held_memory, held_gauss, state = self._last
-        if held is generator and held_memory == memory and held_gauss is gauss:
-            return state
-        state = random.getstate()
-        self._last = (generator, memory, gauss, state)
-        return state
-
-
-PYTHON = PythonState()
-
-
 def rng_state() -> dict[str, Any]:
     """The random generators a training step may draw from, in a form every weights-only
     load reads: torch's CPU generator, CUDA's (once CUDA is in use: a process that never
@@ -180,7 +131,7 @@ def rng_state() -> dict[str, Any]:
             "has_gauss": has_gauss,
             "cached_gaussian": cached,
         },
-        "random": PYTHON.capture(),
+        "random": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
