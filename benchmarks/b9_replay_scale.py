@@ -7,7 +7,7 @@ size in a fresh process: the time of a compiled replay (the best of three calls 
 first; the first, compile included, is shown beside it), its time per configuration-check run
 (the checks each configuration runs up to its stop, summed), and its peak memory (the
 process's peak resident set growth over the calls, compile included; grid and history are
-built before). A grid larger than `fcb.replay`'s `chunk_size` (16,384) runs in chunks: memory
+built before). A grid larger than `fcb.replay`'s `chunk_size` (8,192) runs in chunks: memory
 stays bounded by a chunk, time grows with the configurations.
 
 Peer, at 10k x 1k: Optuna's `PatientPruner(MedianPruner(), patience, min_delta)`, the decision

@@ -172,7 +172,7 @@ def _replay_batch(
     return jax.lax.while_loop(running, check, initial)
 
 
-DEFAULT_CHUNK_SIZE = 16_384
+DEFAULT_CHUNK_SIZE = 8_192
 """Configurations `fcb.replay` runs at once; a larger grid runs in chunks of equal size."""
 
 
