@@ -9,6 +9,7 @@ import json
 import jax
 import jax.monitoring as monitoring
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import fcb
@@ -107,3 +108,22 @@ def test_an_integer_axis_compiles_no_conversion_program():
     assert compiles == []
     assert g.callback.patience.dtype == np.int32
     assert g.callback.patience[-4:].tolist() == [1236, 1237, 1237, 1237]
+
+
+def test_a_factory_that_reduces_an_option_never_gives_every_configuration_its_result():
+    """Built from the whole column, `jnp.max` gives every configuration the largest value;
+    the first and last configurations built alone then differ from the batch, and the grid
+    is built under vmap, where each configuration sees its own value."""
+    import jax.numpy as jnp
+
+    def factory(patience):
+        return fcb.EarlyStopping("val_loss", patience=jnp.max(jnp.asarray(patience)))
+
+    g = fcb.grid(factory, patience=[1, 2, 3, 4, 5])
+    assert g.callback.patience.tolist() == [1, 2, 3, 4, 5]
+    # one that cannot be traced either is refused, not batched with the largest value
+    with pytest.raises(fcb.ConfigError, match=r"could not be built under jax\.vmap"):
+        fcb.grid(
+            lambda patience: fcb.EarlyStopping("val_loss", patience=int(np.max(patience))),
+            patience=[1, 2, 3],
+        )
