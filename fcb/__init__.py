@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         ModelCheckpointState as ModelCheckpointState,
     )
     from ._monitor import Outcome as Outcome
+    from ._packed import Packed as Packed, packed as packed
     from ._reduce_lr_on_plateau import (
         ReduceLROnPlateau as ReduceLROnPlateau,
         ReduceLROnPlateauState as ReduceLROnPlateauState,
@@ -122,6 +123,8 @@ _PUBLIC_MODULES = {
     "ModelCheckpoint": "._model_checkpoint",
     "ModelCheckpointState": "._model_checkpoint",
     "Outcome": "._monitor",
+    "Packed": "._packed",
+    "packed": "._packed",
     "ReduceLROnPlateau": "._reduce_lr_on_plateau",
     "ReduceLROnPlateauState": "._reduce_lr_on_plateau",
     "replay": "._replay",
@@ -188,6 +191,7 @@ __all__ = [
     "ModelCheckpointState",
     "NamedChain",
     "Outcome",
+    "Packed",
     "ReduceLROnPlateau",
     "ReduceLROnPlateauState",
     "ReplayResult",
@@ -211,6 +215,7 @@ __all__ = [
     "merge_actions",
     "monitor",
     "named_chain",
+    "packed",
     "replay",
     "resume_with_changes",
     "scaled_lr",

@@ -121,6 +121,8 @@ def encode_config(callback: Callback) -> dict[str, Any]:
     """The callback's configuration as plain JSON-safe values, field by field."""
     config: dict[str, Any] = {}
     for field in dataclasses.fields(callback):
+        if field.metadata.get("derived"):  # computed from the other fields (fcb.Packed's layout)
+            continue
         config[field.name] = _encode_config_value(getattr(callback, field.name))
     return config
 

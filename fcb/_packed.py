@@ -1,0 +1,155 @@
+"""fcb.packed: a callback whose state is one vector per dtype, for compiled training loops.
+
+A chain's state is a dozen scalars (best values, steps, wait counts, flags). Carried through
+a `lax.scan` or `lax.while_loop` as they are, XLA:CPU updates each in its own kernel and
+copies each old value before the new one is written: a fixed cost per scalar at every
+iteration. Packed, the state is one vector per dtype, updated in one kernel each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._core import ActionNames, Actions, Callback, Metrics, StepLike
+from ._errors import ConfigError
+
+
+class _Layout(NamedTuple):
+    """Where each leaf of the wrapped callback's state lives: `leaves[i]` is (vector, offset,
+    size, shape) of leaf `i`; vector `j` holds the leaves of dtype `dtypes[j]`."""
+
+    treedef: Any
+    dtypes: tuple[np.dtype, ...]
+    leaves: tuple[tuple[int, int, int, tuple[int, ...]], ...]
+
+
+def _layout_of(state: Any) -> _Layout:
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    dtypes: list[np.dtype] = []
+    sizes: list[int] = []
+    specs = []
+    for leaf in leaves:
+        dtype, shape = np.dtype(leaf.dtype), tuple(int(d) for d in leaf.shape)
+        if dtype not in dtypes:
+            dtypes.append(dtype)
+            sizes.append(0)
+        vector, size = dtypes.index(dtype), math.prod(shape)
+        specs.append((vector, sizes[vector], size, shape))
+        sizes[vector] += size
+    return _Layout(treedef, tuple(dtypes), tuple(specs))
+
+
+class Packed(Callback):
+    """`callback` with its state stored as one vector per dtype: the same checks, actions
+    and values, for the carry of a compiled training loop.
+
+    Build it with [`fcb.packed`][]. `init`, `__call__`, `finalize` and `evaluated` take and
+    return the packed state (a tuple of 1-D arrays); `unpack(state)` gives the wrapped
+    callback's own state (to read it, or for [`fcb.state_dict`][] with the wrapped
+    callback), and `pack(state)` packs one.
+    """
+
+    callback: Callback
+    layout: _Layout = eqx.field(static=True, repr=False, metadata={"derived": True})
+
+    def __init__(self, callback: Callback):
+        if not isinstance(callback, Callback):
+            raise ConfigError(
+                f"fcb.packed: `callback` must be an fcb.Callback, got "
+                f"{type(callback).__name__}: {callback!r}."
+            )
+        self.callback = callback
+        self.layout = _layout_of(jax.eval_shape(callback.init))
+
+    def pack(self, state: Any) -> tuple[jax.Array, ...]:
+        """The wrapped callback's `state` as one vector per dtype."""
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        if treedef != self.layout.treedef:
+            raise ConfigError(
+                f"fcb.packed: the state of {type(self.callback).__name__} has structure "
+                f"{treedef}, its init() had {self.layout.treedef}; a packed state keeps the "
+                f"structure of init()."
+            )
+        parts: list[list[Any]] = [[] for _ in self.layout.dtypes]
+        for (vector, _, _, shape), leaf in zip(self.layout.leaves, leaves, strict=True):
+            dtype = self.layout.dtypes[vector]
+            if np.dtype(leaf.dtype) != dtype or tuple(np.shape(leaf)) != shape:
+                raise ConfigError(
+                    f"fcb.packed: a state leaf of {type(self.callback).__name__} is "
+                    f"{np.dtype(leaf.dtype)}{list(np.shape(leaf))}, its init() made it "
+                    f"{dtype}{list(shape)}; a packed state keeps the dtypes and shapes of init()."
+                )
+            parts[vector].append(jnp.ravel(leaf))
+        return tuple(jnp.concatenate(part) for part in parts)
+
+    def unpack(self, state: tuple[Any, ...]) -> Any:
+        """The wrapped callback's state held in the packed `state` (JAX or NumPy arrays)."""
+        leaves = [
+            state[vector][offset : offset + size].reshape(shape)
+            for vector, offset, size, shape in self.layout.leaves
+        ]
+        return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
+
+    def init(self) -> tuple[jax.Array, ...]:
+        return self.pack(self.callback.init())
+
+    def __call__(
+        self, state: tuple[Any, ...], metrics: Metrics, *, step: StepLike
+    ) -> tuple[tuple[jax.Array, ...], Actions]:
+        inner, actions = self.callback(self.unpack(state), metrics, step=step)
+        return self.pack(inner), actions
+
+    def finalize(self, state: tuple[Any, ...]) -> tuple[tuple[jax.Array, ...], Actions]:
+        inner, actions = self.callback.finalize(self.unpack(state))
+        return self.pack(inner), actions
+
+    def evaluated(
+        self, state: tuple[Any, ...], request: str, results: Metrics, *, step: StepLike
+    ) -> tuple[tuple[jax.Array, ...], Actions]:
+        inner, actions = self.callback.evaluated(self.unpack(state), request, results, step=step)
+        return self.pack(inner), actions
+
+    def action_names(self) -> ActionNames:
+        return self.callback.action_names()
+
+    def stop_details(self, state: tuple[Any, ...]) -> str | None:
+        return self.callback.stop_details(self.unpack(state))
+
+    def unstopped(self, state: tuple[Any, ...]) -> tuple[jax.Array, ...]:
+        return self.pack(self.callback.unstopped(self.unpack(state)))
+
+
+def packed(callback: Callback) -> Packed:
+    """`callback` (a chain, usually) with its state packed into one vector per dtype, for
+    the carry of a compiled training loop (`lax.scan`, `lax.while_loop`).
+
+    The checks, actions and values are the wrapped callback's, bit for bit; only the state's
+    layout changes. In a loop that checks at every step this removes most of the callbacks'
+    cost on XLA:CPU (one kernel and one copy per state vector instead of per scalar; row B2 of
+    `benchmarks/RESULTS.md`). Outside compiled loops there is nothing to gain: the adapters
+    pack the state themselves.
+
+    >>> chain = fcb.chain(fcb.EarlyStopping("loss", patience=2),
+    ...                   fcb.ReduceLROnPlateau("loss", patience=1))
+    >>> callbacks = fcb.packed(chain)
+    >>> [v.dtype.name for v in callbacks.init()]
+    ['float32', 'int32']
+    >>> def step(state, loss_and_step):
+    ...     loss, i = loss_and_step
+    ...     state, actions = callbacks(state, {"loss": loss}, step=i)
+    ...     return state, actions.stop
+    >>> losses = jnp.asarray([0.9, 0.7, 0.8, 0.75, 0.72])
+    >>> state, stops = jax.lax.scan(step, callbacks.init(), (losses, jnp.arange(5)))
+    >>> stops.tolist()
+    [False, False, False, True, True]
+    >>> early_stopping_state = callbacks.unpack(state)[0]
+    >>> int(early_stopping_state.best_step)
+    1
+    """
+    return Packed(callback)
