@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch_training
 
@@ -66,6 +67,10 @@ def inspect(dirpath):
     return code, out.getvalue()
 
 
+def _resume_file(dirpath):
+    return fcb.torch.read_manifest(os.path.join(dirpath, "manifest.json"))["resume"]["file"]
+
+
 def slot_table(manifest):
     """What a resumed run must reproduce exactly: slots, last check, callbacks' state, resume
     point, and each file's size (the bytes differ only by nothing: same weights, same state)."""
@@ -78,7 +83,18 @@ def slot_table(manifest):
     }
 
 
-def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Torch arithmetic that is the same in this process and in the killed ones: one thread
+    in both (a matrix product's result may depend on how many threads split it), so a
+    resumed run can differ from the reference only by what its checkpoints hold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    torch.set_num_threads(threads)
+
+
+def test_random_kills_never_corrupt_and_resume_exactly(tmp_path, one_thread):
     reference, weights = torch_training.train(str(tmp_path / "reference"), hidden=HIDDEN)
     reference_table = slot_table(check_directory(str(tmp_path / "reference")))
     rng = random.Random(20261122)
@@ -98,6 +114,7 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
+                env=one_thread,
             )
             lines = rng.randrange(1, len(reference))  # at least one check: past the imports
             for _ in range(lines):
@@ -132,6 +149,7 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
                 outcomes["inspect_failed"] += 1
                 problems.append(f"run{kill}: fcb inspect exited {code}: {output}")
         # A run killed before its first manifest has nothing to resume: it starts again.
+        resumed_from = None if fresh else _resume_file(dirpath)
         resumed, resumed_weights = torch_training.train(dirpath, resume=not fresh, hidden=HIDDEN)
         table = slot_table(check_directory(dirpath))
         outcomes["resumed"] += not fresh
@@ -149,7 +167,10 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path):
         ]
         if differences:
             outcomes["divergent"] += 1
-            problems.append(f"run{kill} ({lines} checks seen): differs in {differences}")
+            problems.append(
+                f"run{kill} ({lines} checks seen, resumed from {resumed_from}): differs in "
+                f"{differences}"
+            )
     print(f"kills: {KILLS}, outcomes: {json.dumps(outcomes)}")
     for problem in problems:
         print(problem)
