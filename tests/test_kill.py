@@ -94,6 +94,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def resume_differences(dirpath, resume, reference, weights, reference_table, **train):
+    """Train `dirpath` to the end (resuming it when `resume`); what differs from the
+    uninterrupted run: decisions, weights, the manifest's slot table, the step files on
+    disk, `fcb inspect`."""
+    resumed, resumed_weights = torch_training.train(dirpath, resume=resume, hidden=HIDDEN, **train)
+    table = slot_table(check_directory(dirpath))
+    return [
+        name
+        for name, same in [
+            ("decisions", resumed == reference[len(reference) - len(resumed) :]),
+            ("weights", all(torch.equal(resumed_weights[k], v) for k, v in weights.items())),
+            *((f"manifest {key}", table[key] == reference_table[key]) for key in table),
+            ("step files", sorted(os.listdir(os.path.join(dirpath, "steps")))
+             == sorted(os.path.basename(f) for f in table["files"])),
+            ("fcb inspect", inspect(dirpath)[0] == 0),
+        ]
+        if not same
+    ]
+
+
 def test_random_kills_never_corrupt_and_resume_exactly(tmp_path, one_thread):
     reference, weights = torch_training.train(str(tmp_path / "reference"), hidden=HIDDEN)
     reference_table = slot_table(check_directory(str(tmp_path / "reference")))
@@ -150,21 +170,8 @@ def test_random_kills_never_corrupt_and_resume_exactly(tmp_path, one_thread):
                 problems.append(f"run{kill}: fcb inspect exited {code}: {output}")
         # A run killed before its first manifest has nothing to resume: it starts again.
         resumed_from = None if fresh else _resume_file(dirpath)
-        resumed, resumed_weights = torch_training.train(dirpath, resume=not fresh, hidden=HIDDEN)
-        table = slot_table(check_directory(dirpath))
+        differences = resume_differences(dirpath, not fresh, reference, weights, reference_table)
         outcomes["resumed"] += not fresh
-        differences = [
-            name
-            for name, same in [
-                ("decisions", resumed == reference[len(reference) - len(resumed) :]),
-                ("weights", all(torch.equal(resumed_weights[k], v) for k, v in weights.items())),
-                *((f"manifest {key}", table[key] == reference_table[key]) for key in table),
-                ("step files", sorted(os.listdir(os.path.join(dirpath, "steps")))
-                 == sorted(os.path.basename(f) for f in table["files"])),
-                ("fcb inspect", inspect(dirpath)[0] == 0),
-            ]
-            if not same
-        ]
         if differences:
             outcomes["divergent"] += 1
             problems.append(
@@ -191,3 +198,53 @@ def test_background_writes_are_byte_identical_to_direct_writes(tmp_path):
     assert files[0] == files[1]
     payload = fcb.torch.load_checkpoint(os.path.join(background, "last.pt"))
     assert hasattr(payload["model"], "_metadata")
+
+
+CRASH_SCRIPT = pathlib.Path(__file__).parent / "crash_at.py"
+CRASH_EPOCHS = 3
+CRASH_STRIDE = int(os.environ.get("FCB_CRASH_STRIDE", "7"))
+"""Kill before every 7th file-system operation (`FCB_CRASH_STRIDE=1`: before each one)."""
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["direct", "background"])
+def test_a_kill_before_any_file_operation_resumes_exactly(tmp_path, one_thread, background):
+    """Deterministic kill points: the run is SIGKILLed just before its Nth operation that
+    changes the disk (`tests/crash_at.py`), for N across the whole run; each directory is
+    left consistent and its resume ends as the uninterrupted run does."""
+    reference, weights = torch_training.train(
+        str(tmp_path / "reference"), hidden=HIDDEN, epochs=CRASH_EPOCHS
+    )
+    reference_table = slot_table(check_directory(str(tmp_path / "reference")))
+    options = ["--hidden", str(HIDDEN), "--epochs", str(CRASH_EPOCHS)]
+    options += ["--background"] if background else []
+    counted = subprocess.run(
+        [sys.executable, str(CRASH_SCRIPT), str(tmp_path / "counted"), *options],
+        env=one_thread, capture_output=True, text=True, check=True,
+    )
+    operations = int(counted.stderr.strip().splitlines()[-1].split()[-1])
+    assert operations > 10 * CRASH_EPOCHS, counted.stderr  # the counter sees the writes
+    problems, killed = [], 0
+    first = 1 + background * (CRASH_STRIDE // 2)  # the two writers are cut at other points
+    for point in range(first, operations + 1, CRASH_STRIDE):
+        dirpath = str(tmp_path / f"at{point}")
+        run = subprocess.run(
+            [sys.executable, str(CRASH_SCRIPT), dirpath, *options],
+            env=dict(one_thread, CRASH_AT=str(point)), capture_output=True, text=True,
+        )
+        if run.returncode != -signal.SIGKILL:
+            problems.append(f"at {point}: exited {run.returncode}: {run.stderr[-2000:]}")
+            continue
+        killed += 1
+        resume = os.path.exists(os.path.join(dirpath, "manifest.json"))
+        try:
+            if resume:
+                check_directory(dirpath)
+            differences = resume_differences(
+                dirpath, resume, reference, weights, reference_table, epochs=CRASH_EPOCHS
+            )
+        except (Missing, fcb.CheckpointCorruptError, AssertionError, RuntimeError) as error:
+            differences = [f"{type(error).__name__}: {error}"]
+        if differences:
+            problems.append(f"at {point} (resumed: {resume}): differs in {differences}")
+    assert not problems, problems
+    assert killed >= operations // CRASH_STRIDE, killed
