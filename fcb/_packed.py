@@ -138,8 +138,8 @@ def packed(callback: Callback) -> Packed:
     >>> chain = fcb.chain(fcb.EarlyStopping("loss", patience=2),
     ...                   fcb.ReduceLROnPlateau("loss", patience=1))
     >>> callbacks = fcb.packed(chain)
-    >>> [v.dtype.name for v in callbacks.init()]
-    ['float32', 'int32']
+    >>> tuple(v.dtype.name for v in callbacks.init())
+    ('float32', 'int32')
     >>> def step(state, loss_and_step):
     ...     loss, i = loss_and_step
     ...     state, actions = callbacks(state, {"loss": loss}, step=i)
