@@ -100,7 +100,7 @@ class DecisionsOnlyAdapter(InMemoryAdapter):
         ) -> None:
             store = session.store
             current = {name: s["step"] for name, s in store.manifest["slots"].items()}
-            plan = plan_checkpoints(actions, step, dict(session.runner.names.slot_models), current)
+            plan = plan_checkpoints(actions, step, session.runner.slot_models, current)
             if plan is not None:
                 store.manifest["slots"] = {
                     name: {"step": slot_step}

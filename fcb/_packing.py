@@ -35,7 +35,9 @@ class Packing:
     one transfer. Hashable (by structure and leaves), so it can be a static argument of `jit`.
     """
 
-    __slots__ = ("_hash", "_host_plan", "_views", "leaves", "nested", "size", "treedef")
+    __slots__ = (
+        "_hash", "_host_plan", "_scalar_plan", "_views", "leaves", "nested", "size", "treedef"
+    )
 
     def __init__(self, treedef: Any, leaves: tuple[_Leaf, ...]):
         self.treedef, self.leaves = treedef, leaves
@@ -56,13 +58,19 @@ class Packing:
             plan.append((view, leaf.offset, leaf.offset + leaf.size, leaf.shape or None, convert))
         self._host_plan = tuple(plan)
         self._views = frozenset(view for view, *_ in plan)
+        # All scalars, none narrowed (an Actions pytree): each leaf is one index of a view.
+        self._scalar_plan = (
+            tuple((view, (start, ...)) for view, start, _, _, _ in plan)
+            if all(shape is None and convert is None for _, _, _, shape, convert in plan)
+            else None
+        )
         self.nested = any(len(leaf.shape) > 1 for leaf in leaves)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return (
+        return other is self or (
             isinstance(other, Packing)
             and self._hash == other._hash
             and self.treedef == other.treedef
@@ -131,6 +139,8 @@ class Packing:
             views[_BOOL_VIEW] = buffer != 0
         if _UINT_VIEW in self._views:
             views[_UINT_VIEW] = buffer.view(np.uint32)
+        if self._scalar_plan is not None:
+            return [views[view][index] for view, index in self._scalar_plan]
         leaves = []
         for view, start, end, shape, convert in self._host_plan:
             value = views[view][start, ...] if shape is None else views[view][start:end]

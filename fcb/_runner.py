@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -40,6 +41,20 @@ def _encode_leaf(value: np.ndarray) -> Any:
 
 class _NotPackable(Exception):
     """Raised while tracing when a callback's state or actions cannot use packed buffers."""
+
+
+def _step_array(step: StepLike) -> np.ndarray:
+    """`step` as an int32 NumPy scalar, or a clear error."""
+    try:
+        step_array = np.asarray(step, np.int32)
+    except (OverflowError, TypeError, ValueError):
+        step_array = None
+    if step_array is None or (type(step) is not int and step_array != np.asarray(step)):
+        raise ConfigError(
+            f"Runner: `step` must be an integer below 2**31 (callbacks keep steps as "
+            f"int32), got step = {step!r}."
+        )
+    return step_array
 
 
 class _StateLayout(NamedTuple):
@@ -100,6 +115,10 @@ class Runner:
             )
         self.callback = callback
         self.names: ActionNames = callback.action_names()
+        self.slot_models: Mapping[str, tuple[str, ...]] = MappingProxyType(
+            dict(self.names.slot_models)
+        )
+        """Slot -> the submodules it saves (slots that save the whole model not listed)."""
         # The state is held as a pytree, as a packed buffer, or both; see `state`.
         self._tree: Any = None
         self._buffer: jax.Array | None = None
@@ -181,23 +200,17 @@ class Runner:
         as it was before the event).
         """
         host = self.host_metrics(metrics)
-        try:
-            step_array = np.asarray(step, np.int32)
-        except (OverflowError, TypeError, ValueError):
-            step_array = None
-        if step_array is None or (type(step) is not int and step_array != np.asarray(step)):
-            raise ConfigError(
-                f"Runner: `step` must be an integer below 2**31 (callbacks keep steps as "
-                f"int32), got step = {step!r}."
-            )
+        step_array = _step_array(step)
         packed = self._packed_state() if self._packed else None
         if packed is not None:
             buffer, packing = packed
             # Sorted, as a dict crossing jit would be: the callbacks see the same order.
             keys = tuple(sorted(host))
-            inputs = np.empty(len(keys) + 1, np.int32)
+            values = np.empty(len(keys) + 1, np.float32)
+            for i, key in enumerate(keys, 1):
+                values[i] = host[key]
+            inputs = values.view(np.int32)  # the step, then the metrics' bits
             inputs[0] = step_array
-            inputs[1:] = np.array([host[k] for k in keys], np.float32).view(np.int32)
             try:
                 new_buffer, action_buffer = self._check(buffer, inputs, keys, packing)
             except _NotPackable:

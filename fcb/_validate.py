@@ -221,6 +221,8 @@ def as_metric(owner: str, key: str, value: Any) -> Array:
 
 def host_metric(owner: str, key: str, value: Any) -> np.ndarray:
     """A metric value as a float32 NumPy scalar array (host side, for adapters)."""
+    if type(value) is float and not _FLOAT32_OVERFLOW <= abs(value) < math.inf:
+        return np.array(value, np.float32)  # the common case: what the line below gives
     return np.asarray(checked_metric(owner, key, value), np.float32).reshape(())
 
 

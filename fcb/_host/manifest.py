@@ -83,6 +83,18 @@ class Plan(NamedTuple):
     and the history's append must not leave a resumed history without it."""
 
 
+def _holds(slots: Mapping[str, Any], current: Mapping[str, int]) -> bool:
+    """Whether the slot table `slots` asks for exactly the steps `current` holds."""
+    held = 0
+    for name, step in slots.items():
+        wanted = int(step)
+        if wanted >= 0:
+            if current.get(name) != wanted:
+                return False
+            held += 1
+    return held == len(current)
+
+
 def plan_checkpoints(
     actions: Actions,
     step: int,
@@ -93,15 +105,14 @@ def plan_checkpoints(
 
     `current` is the slot -> step table the store holds now (empty slots omitted).
     """
+    archive = bool(actions.archive)
+    if not archive and not bool(actions.save) and _holds(actions.slots, current):
+        return None
     values = actions.slot_values
     slots = {
         name: (int(s), float(values[name]), slot_models.get(name))
         for name, s in actions.slots.items()
     }
-    wanted = {name: s for name, (s, _, _) in slots.items() if s >= 0}
-    archive = bool(actions.archive)
-    if not bool(actions.save) and not archive and wanted == dict(current):
-        return None
     variants = {models for (s, _, models) in slots.values() if s == step}
     if archive:
         variants.add(None)

@@ -336,7 +336,7 @@ class Session(ResumePoints):
         store = self.store
         assert store is not None
         current = {name: s["step"] for name, s in store.latest_manifest["slots"].items()}
-        plan = plan_checkpoints(actions, step, dict(self.runner.names.slot_models), current)
+        plan = plan_checkpoints(actions, step, self.runner.slot_models, current)
         if plan is None:
             return
         if plan.stop_message:

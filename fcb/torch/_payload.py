@@ -38,7 +38,7 @@ def number(owner: str, key: str, value: Any) -> Any:
                 f"{owner}: metric {key!r} must be a scalar, got a tensor of shape "
                 f"{tuple(value.shape)}. Reduce it first, e.g. x.mean()."
             )
-        return value.detach().item()
+        return value.item()  # a number, also of a tensor that requires grad
     return value
 
 
