@@ -7,12 +7,16 @@ most frequent check a loop can make), multiplies the learning rate by the chain'
 `lr_scale` (`fcb.scaled_lr`) and freezes the parameters once the chain asks to stop. The
 baseline is the same scan without the chain. Both are timed warm (compiled), alternately.
 
-A second row also keeps the best parameters in the loop carry (the in-memory checkpoint a
-compiled loop would hold: a select over every parameter at every step).
+B2b also keeps the best parameters in the loop carry (the in-memory checkpoint a compiled
+loop would hold), as `fcb.InMemorySlot` does: one vector per dtype, copied when the
+`best_model` slot takes the current step. B2bs keeps them as a select over every parameter
+array at every step instead, to show what that costs.
 
-B2 and B2b carry the chain's state as `fcb.packed` does (one vector per dtype: the way to
-run callbacks in a compiled loop); B2u and B2bu carry it leaf by leaf, as `chain()` returns
-it, to show what packing saves. All five loops are timed in one interleaved run.
+B2, B2b and B2bs carry the chain's state as `fcb.packed` does (one vector per dtype: the
+way to run callbacks in a compiled loop); B2u and B2bu carry it leaf by leaf, as `chain()`
+returns it (B2bu also selects every array), to show what packing saves. All six loops are
+timed in one interleaved run, and every loop that keeps the best parameters must end with
+the same ones.
 
 Run: python benchmarks/b2_scan.py [--quick]
 """
@@ -85,13 +89,18 @@ def baseline_loop(steps: int) -> Callable[..., Any]:
     return jax.jit(train)
 
 
-def callback_loop(steps: int, callbacks: fcb.Callback, keep_best: bool) -> Callable[..., Any]:
+def callback_loop(steps: int, callbacks: fcb.Callback, keep_best: str) -> Callable[..., Any]:
+    """`keep_best`: "" (not kept), "slot" (`fcb.InMemorySlot`), "select" (every array)."""
+
     def train(params: Any, x: jax.Array, y: jax.Array) -> Any:
         def step(carry: Any, i: jax.Array) -> Any:
             params, lr, state, stopped, best = carry
             loss, grads = jax.value_and_grad(loss_fn)(params, x[i % BATCHES], y[i % BATCHES])
             state, actions = callbacks(state, {"loss": loss}, step=i)
-            if keep_best:  # the parameters that produced the best loss so far
+            # the parameters that produced the best loss so far
+            if keep_best == "slot":
+                best = best.update(actions, params, step=i)
+            elif keep_best == "select":
                 is_best = actions.slots["best_model"] == i
                 best = jax.tree_util.tree_map(lambda b, p: jnp.where(is_best, p, b), best, params)
             step_lr = jnp.where(stopped, 0.0, lr)
@@ -99,21 +108,25 @@ def callback_loop(steps: int, callbacks: fcb.Callback, keep_best: bool) -> Calla
             lr = fcb.scaled_lr(lr, actions)
             return (params, lr, state, stopped | actions.stop, best), loss
 
-        carry = (params, jnp.float32(0.05), callbacks.init(), jnp.asarray(False), params)
+        best = fcb.InMemorySlot("best_model", params) if keep_best == "slot" else params
+        carry = (params, jnp.float32(0.05), callbacks.init(), jnp.asarray(False), best)
         (params, _, _, stopped, best), losses = jax.lax.scan(step, carry, jnp.arange(steps))
-        return params, losses, stopped, best
+        return params, losses, stopped, best.value() if keep_best == "slot" else best
 
     return jax.jit(train)
 
 
 VARIANTS = {
-    # row id: (keep the best parameters in the carry, carry the chain's state packed)
-    "B2": (False, True),
-    "B2b": (True, True),
-    "B2u": (False, False),
-    "B2bu": (True, False),
+    # row id: (how the best parameters are kept in the carry, carry the chain's state packed)
+    "B2": ("", True),
+    "B2b": ("slot", True),
+    "B2bs": ("select", True),
+    "B2u": ("", False),
+    "B2bu": ("select", False),
 }
 TARGETS = {"B2": 1.02, "B2b": 1.05}
+KEPT = {"slot": ", best parameters kept in the carry by fcb.InMemorySlot",
+        "select": ", best parameters kept in the carry by a select of every array"}
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -125,11 +138,13 @@ def run(quick: bool = False) -> list[Row]:
         for row, (keep_best, packed) in VARIANTS.items()
     }
     loops["peer"] = baseline_loop(steps)
-    # Packing changes how the state is carried, not one decision or parameter.
-    for keep_best in (False, True):
-        a, b = (loops[row] for row, v in VARIANTS.items() if v[0] == keep_best)
-        same = jax.tree_util.tree_map(jnp.array_equal, a(params, x, y), b(params, x, y))
-        assert all(jax.tree_util.tree_leaves(same)), "packed and unpacked loops differ"
+    # Packing, and how the best parameters are kept, change how the carry is laid out, not
+    # one decision or parameter.
+    for kept in (False, True):
+        a, *others = (loops[row] for row, v in VARIANTS.items() if bool(v[0]) == kept)
+        for b in others:
+            same = jax.tree_util.tree_map(jnp.array_equal, a(params, x, y), b(params, x, y))
+            assert all(jax.tree_util.tree_leaves(same)), "the loops' results differ"
     times = interleaved(
         {
             name: (lambda loop=loop: timed(lambda: jax.block_until_ready(loop(params, x, y))))
@@ -146,7 +161,7 @@ def run(quick: bool = False) -> list[Row]:
         what = (
             "EarlyStopping + ModelCheckpoint + ReduceLROnPlateau checked at every step inside a "
             f"jitted lax.scan (MLP {FEATURES}-{HIDDEN}-{HIDDEN}-1, batch {BATCH}, {steps} steps)"
-            + (", best parameters kept in the carry" if keep_best else "")
+            + KEPT.get(keep_best, "")
             + (", state carried by fcb.packed" if packed else ", state carried leaf by leaf")
         )
         rows.append(

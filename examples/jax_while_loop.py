@@ -63,8 +63,8 @@ class Carry(NamedTuple):
     w: Any
     lr: Any
     callbacks: Any  # the chain's state
-    best_w: Any  # the weights BestCheckpoint's slots hold
-    tolerance_w: Any
+    best: fcb.InMemorySlot  # the weights BestCheckpoint's slots hold
+    tolerance: fcb.InMemorySlot
     val_losses: Any
 
 
@@ -75,8 +75,8 @@ def initial_carry(callbacks, features):
         w=w,
         lr=jnp.float32(LR),
         callbacks=callbacks.init(),
-        best_w=w,
-        tolerance_w=w,
+        best=fcb.InMemorySlot(BEST, w),
+        tolerance=fcb.InMemorySlot(TOLERANCE, w),
         val_losses=jnp.full((MAX_EPOCHS,), jnp.nan, jnp.float32),
     )
 
@@ -88,14 +88,13 @@ def one_epoch(callbacks, data, carry: Carry) -> tuple[Carry, fcb.Actions]:
     val_loss = loss_fn(w, x_val, y_val)
     metrics = {"val_loss": val_loss, "train_loss": train_loss}
     state, actions = callbacks(carry.callbacks, metrics, step=carry.epoch)
-    taken = {slot: actions.slots[slot] == carry.epoch for slot in (BEST, TOLERANCE)}
     new = Carry(
         epoch=carry.epoch + 1,
         w=w,
         lr=fcb.scaled_lr(carry.lr, actions),
         callbacks=state,
-        best_w=jnp.where(taken[BEST], w, carry.best_w),
-        tolerance_w=jnp.where(taken[TOLERANCE], w, carry.tolerance_w),
+        best=carry.best.update(actions, w, step=carry.epoch),
+        tolerance=carry.tolerance.update(actions, w, step=carry.epoch),
         val_losses=carry.val_losses.at[carry.epoch].set(val_loss),
     )
     return new, actions
@@ -144,7 +143,7 @@ def main() -> None:
     (_, _), (x_val, y_val) = data
     print(
         f"best epoch {int(best.best_step)} (val_loss {float(best.best):.4f}, carried weights "
-        f"give {float(loss_fn(compiled.best_w, x_val, y_val)):.4f}); tolerance-1 best epoch "
+        f"give {float(loss_fn(compiled.best.value(), x_val, y_val)):.4f}); tolerance-1 best epoch "
         f"{int(best.tolerances.best_step[0])}; final learning rate {float(compiled.lr):.4g}"
     )
     same = int(stop.stopped_step) == int(eager.callbacks["stop"].stopped_step)

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     )
     from ._grid import Grid as Grid, grid as grid
     from ._host.evaluation import EvaluatedSlot as EvaluatedSlot
+    from ._in_memory_slot import InMemorySlot as InMemorySlot
     from ._model_checkpoint import (
         ModelCheckpoint as ModelCheckpoint,
         ModelCheckpointState as ModelCheckpointState,
@@ -123,6 +124,7 @@ _PUBLIC_MODULES = {
     "ModelCheckpoint": "._model_checkpoint",
     "ModelCheckpointState": "._model_checkpoint",
     "Outcome": "._monitor",
+    "InMemorySlot": "._in_memory_slot",
     "Packed": "._packed",
     "packed": "._packed",
     "ReduceLROnPlateau": "._reduce_lr_on_plateau",
@@ -183,6 +185,7 @@ __all__ = [
     "EarlyStoppingState",
     "EvaluatedSlot",
     "Grid",
+    "InMemorySlot",
     "MetricShapeError",
     "MetricTypeError",
     "Metrics",

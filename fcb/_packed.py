@@ -45,6 +45,40 @@ def _layout_of(state: Any) -> _Layout:
     return _Layout(treedef, tuple(dtypes), tuple(specs))
 
 
+def pack_as(layout: _Layout, tree: Any, what: str, made: str, owner: str) -> tuple[Any, ...]:
+    """Traceable: `tree` (of `layout`'s structure, dtypes and shapes) as one vector per
+    dtype; a `ConfigError` of `owner` naming `what` differs from the pytree `made` it."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if treedef != layout.treedef:
+        raise ConfigError(
+            f"{owner}: {what} has structure {treedef}, {made} had {layout.treedef}; a "
+            f"packed pytree keeps the structure of {made}."
+        )
+    parts: list[list[Any]] = [[] for _ in layout.dtypes]
+    for (vector, _, _, shape), leaf in zip(layout.leaves, leaves, strict=True):
+        dtype = layout.dtypes[vector]
+        if np.dtype(leaf.dtype) != dtype or tuple(np.shape(leaf)) != shape:
+            raise ConfigError(
+                f"{owner}: a leaf of {what} is {np.dtype(leaf.dtype)}{list(np.shape(leaf))}, "
+                f"{made} made it {dtype}{list(shape)}; a packed pytree keeps the dtypes and "
+                f"shapes of {made}."
+            )
+        parts[vector].append(jnp.ravel(leaf))
+    return tuple(jnp.concatenate(part) for part in parts)
+
+
+def unpack_from(layout: _Layout, vectors: tuple[Any, ...]) -> Any:
+    """The pytree held in the vectors of `layout` (JAX or NumPy arrays; vectors batched by
+    `vmap` give leaves with the same leading axes)."""
+    leaves = [
+        vectors[vector][..., offset : offset + size].reshape(
+            (*np.shape(vectors[vector])[:-1], *shape)
+        )
+        for vector, offset, size, shape in layout.leaves
+    ]
+    return jax.tree_util.tree_unflatten(layout.treedef, leaves)
+
+
 class Packed(Callback):
     """`callback` with its state stored as one vector per dtype: the same checks, actions
     and values, for the carry of a compiled training loop.
@@ -69,32 +103,12 @@ class Packed(Callback):
 
     def pack(self, state: Any) -> tuple[jax.Array, ...]:
         """The wrapped callback's `state` as one vector per dtype."""
-        leaves, treedef = jax.tree_util.tree_flatten(state)
-        if treedef != self.layout.treedef:
-            raise ConfigError(
-                f"fcb.packed: the state of {type(self.callback).__name__} has structure "
-                f"{treedef}, its init() had {self.layout.treedef}; a packed state keeps the "
-                f"structure of init()."
-            )
-        parts: list[list[Any]] = [[] for _ in self.layout.dtypes]
-        for (vector, _, _, shape), leaf in zip(self.layout.leaves, leaves, strict=True):
-            dtype = self.layout.dtypes[vector]
-            if np.dtype(leaf.dtype) != dtype or tuple(np.shape(leaf)) != shape:
-                raise ConfigError(
-                    f"fcb.packed: a state leaf of {type(self.callback).__name__} is "
-                    f"{np.dtype(leaf.dtype)}{list(np.shape(leaf))}, its init() made it "
-                    f"{dtype}{list(shape)}; a packed state keeps the dtypes and shapes of init()."
-                )
-            parts[vector].append(jnp.ravel(leaf))
-        return tuple(jnp.concatenate(part) for part in parts)
+        name = type(self.callback).__name__
+        return pack_as(self.layout, state, f"the state of {name}", "init()", "fcb.packed")
 
     def unpack(self, state: tuple[Any, ...]) -> Any:
         """The wrapped callback's state held in the packed `state` (JAX or NumPy arrays)."""
-        leaves = [
-            state[vector][offset : offset + size].reshape(shape)
-            for vector, offset, size, shape in self.layout.leaves
-        ]
-        return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
+        return unpack_from(self.layout, state)
 
     def init(self) -> tuple[jax.Array, ...]:
         return self.pack(self.callback.init())

@@ -36,11 +36,14 @@ def test_while_loop_stops_where_the_eager_loop_stops(patience):
     assert stopped == int(eager.callbacks["stop"].stopped_step)
     assert int(compiled.epoch) == stopped + 1  # the loop ran exactly the checks it needed
     chex.assert_trees_all_equal(compiled.callbacks, eager.callbacks)
-    chex.assert_trees_all_equal(compiled.best_w, eager.best_w)
-    # The carried best weights are those of BestCheckpoint's best step.
+    chex.assert_trees_all_equal(compiled.best, eager.best)
+    chex.assert_trees_all_equal(compiled.tolerance, eager.tolerance)
+    # The carried best weights are those of BestCheckpoint's best step (and its tolerance's).
     (_, _), (x_val, y_val) = DATA
     best = compiled.callbacks["best"]
-    assert float(while_loop.loss_fn(compiled.best_w, x_val, y_val)) == pytest.approx(
+    assert int(compiled.best.step) == int(best.best_step)
+    assert int(compiled.tolerance.step) == int(best.tolerances.best_step[0])
+    assert float(while_loop.loss_fn(compiled.best.value(), x_val, y_val)) == pytest.approx(
         float(best.best), rel=1e-6
     )
 
