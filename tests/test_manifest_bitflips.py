@@ -414,13 +414,13 @@ def test_a_malformed_manifest_without_a_checksum_is_refused_the_same(torch_writt
 
 RAW_CASES = [
     # (id, replace this text of the manifest, with this, message)
-    ("integer too long to read", '"event_step": 4', '"event_step": ' + "7" * 5000,
+    ("integer too long to read", '"event_step":4', '"event_step":' + "7" * 5000,
      r"is not valid JSON \(an integer of 5000 digits\)"),
-    ("NaN", '"event_step": 4', '"event_step": NaN',
+    ("NaN", '"event_step":4', '"event_step":NaN',
      r"is not valid JSON \(NaN is not strict JSON; fcb spells non-finite numbers"),
-    ("number out of range", '"event_step": 4', '"event_step": 1e999',
+    ("number out of range", '"event_step":4', '"event_step":1e999',
      r"is not valid JSON \(the number '1e999' is out of range\)"),
-    ("nested too deeply", '"archive": [', '"archive": ' + "[" * 100_000,
+    ("nested too deeply", '"archive":[', '"archive":' + "[" * 100_000,
      r"is not valid JSON \(nested too deeply\)"),
 ]
 
