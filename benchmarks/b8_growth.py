@@ -5,6 +5,11 @@ EarlyStopping), all monitoring `val_loss`, driven event by event with saves stub
 sides, as in B1: fcb through `TorchAdapter.on_validation_end` (one jitted dispatch for the whole
 chain), Lightning through each callback's `on_validation_end` with a stub trainer.
 
+Two more rows split the one-callback event: B8.1r is `Runner.check` alone (the metric's
+conversion, the jitted dispatch, the actions read back), B8.1d the jitted dispatch of the
+chain's program alone (its inputs built beforehand, the packed actions read back to the
+host): what any event of fcb's costs before the adapter applies the actions.
+
 Run: python benchmarks/b8_growth.py [--quick]
 """
 
@@ -12,14 +17,52 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, cli, interleaved, median, ratios, spread, us
+import numpy as np
+from _common import Row, cli, interleaved, median, ratios, spread, timed, us
 from b1_host_cost import PATIENCE, FcbSide, LightningSide, metric_sequence
 
 import fcb
 
 COUNTS = (1, 4, 16)
+
+
+class RunnerSide:
+    """The one-callback chain's `Runner.check` alone (`part="runner"`), or its jitted
+    program's dispatch alone (`part="dispatch"`), over the same metrics and steps."""
+
+    def __init__(self, metrics: list[Any], part: str):
+        self.runner = fcb.Runner(fcb_chain(1))
+        self.values = [float(m) for m in metrics]
+        self.part, self.step = part, 0
+        self.runner.check({"val_loss": 1.0}, step=0)  # compiled, the state packed
+
+    def events(self, count: int) -> float:
+        runner, values, start = self.runner, self.values, self.step + 1
+        self.step += count
+        if self.part == "runner":
+
+            def loop() -> None:
+                for step in range(start, start + count):
+                    runner.check({"val_loss": values[step - 1]}, step=step)
+
+            return timed(loop) / count
+        buffer, packing = runner._packed_state()
+        keys = ("val_loss",)
+        inputs = [
+            np.array([step, np.float32(values[step - 1]).view(np.int32)], np.int32)
+            for step in range(start, start + count)
+        ]
+
+        def dispatch() -> None:
+            state = buffer
+            for packed_inputs in inputs:
+                state, actions = runner._check(state, packed_inputs, keys, packing)
+                np.asarray(actions)
+
+        return timed(dispatch) / count
 
 
 def fcb_chain(count: int) -> fcb.Callback:
@@ -34,6 +77,14 @@ def fcb_chain(count: int) -> fcb.Callback:
     return fcb.named_chain(**callbacks)  # named: each callback's events get its own prefix
 
 
+PARTS = {
+    "runner": ("B8.1r", "host cost per event, 1 callback: Runner.check alone (metric conversion, "
+               "the jitted dispatch, the actions read back)"),
+    "dispatch": ("B8.1d", "host cost per event, 1 callback: the jitted dispatch of the chain's "
+                 "program alone (inputs built beforehand, the packed actions read back)"),
+}
+
+
 def run(quick: bool = False) -> list[Row]:
     events, repeats = (20, 2) if quick else (200, 21)
     counts = COUNTS[:2] if quick else COUNTS
@@ -44,6 +95,9 @@ def run(quick: bool = False) -> list[Row]:
         peer = LightningSide(metrics, callbacks=count, scheduler=False, save_last=False)
         subjects[f"fcb-{count}"] = lambda side=ours: side.events(events)
         subjects[f"peer-{count}"] = lambda side=peer: side.events(events)
+    for part in PARTS:
+        alone = RunnerSide(metrics, part)
+        subjects[part] = lambda side=alone: side.events(events)
     times = interleaved(subjects, repeats=repeats, warmup=2)
     rows = []
     for count in counts:
@@ -60,6 +114,20 @@ def run(quick: bool = False) -> list[Row]:
                 target="",
                 met=None,
                 note=spread(per_repeat),
+            )
+        )
+    for part, (row, what) in PARTS.items():
+        per_repeat = ratios(times[part], times["peer-1"])
+        rows.append(
+            Row(
+                id=row,
+                what=what,
+                fcb=us(median(times[part])),
+                peer=us(median(times["peer-1"])),
+                ratio=median(per_repeat),
+                target="",
+                met=None,
+                note=f"against Lightning's one-callback event; {spread(per_repeat)}",
             )
         )
     first, last = counts[0], counts[-1]
