@@ -279,10 +279,14 @@ def grid(factory: Callable[..., Callback], /, **options: Any) -> Grid:
     # factory that is not elementwise in its options (one that reduces an array option) is
     # then built under vmap instead of giving every configuration the same wrong value
     checked = sorted({0, size // 2, size - 1})
-    if batched is None or not all(
-        _same_members(batched, i, factory, fixed, dict(zip(table.names, table.values[i])))
-        for i in checked
-    ):
+
+    def alone(index: int) -> Callback:  # the first is `base`, built above
+        if index == 0:
+            return base
+        config = dict(zip(table.names, table.values[index], strict=True))
+        return _build(factory, {**fixed, **config}, config)
+
+    if batched is None or not all(_same_members(batched, i, alone(i)) for i in checked):
         _check_each_value(factory, fixed, axes, base)
         batched = _build_under_vmap(factory, fixed, list(axes), columns)
     _check_batch(base, batched, size, list(axes))

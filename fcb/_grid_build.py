@@ -140,16 +140,9 @@ def _build_from_arrays(
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base), leaves)
 
 
-def _same_members(
-    batched: Callback,
-    index: int,
-    factory: Callable[..., Any],
-    fixed: Mapping[str, Any],
-    config: Mapping[str, Any],
-) -> bool:
-    """Configuration `index` (`config`) of the batch equals that configuration built on its
+def _same_members(batched: Callback, index: int, alone: Callback) -> bool:
+    """Configuration `index` of the batch equals `alone`, that configuration built on its
     own."""
-    alone = _build(factory, {**fixed, **config}, config)
     return all(
         np.array_equal(np.asarray(many)[index], np.asarray(one), equal_nan=True)
         if eqx.is_array(one)
