@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ._core import Callback
 from ._monitor import MODES, Mode
+from ._program_cache import cached_value
 
 
 def monitored(callback: Callback) -> list[tuple[str, Mode]]:
@@ -74,6 +75,11 @@ def read_keys(callback: Callback, available: Sequence[str]) -> list[str]:
     A strict callback whose key is not offered raises [`fcb.MissingMetricError`][] here,
     listing the history's keys.
     """
-    recorder = _KeyRecorder(available)
-    jax.eval_shape(lambda: callback(callback.init(), recorder, step=jnp.int32(0)))
-    return list(recorder.read)
+    def trace() -> list[str]:
+        recorder = _KeyRecorder(available)
+        jax.eval_shape(lambda: callback(callback.init(), recorder, step=jnp.int32(0)))
+        return list(recorder.read)
+
+    # kept on disk beside fcb.replay's programs (`fcb._program_cache`): a fresh process with
+    # a compilation cache skips the trace
+    return cached_value("fcb.read_keys", trace, callback, {"available": list(available)})

@@ -21,6 +21,7 @@ from ._core import NO_STEP, Callback, StopReason
 from ._errors import ConfigError, MissingMetricError
 from ._grid import Grid, batch_of_one, grid as grid  # re-exported: fcb.cli imports it here
 from ._monitor import Mode, improves, worst_value
+from ._program_cache import cached_call
 from ._replay_history import HistoryLike, is_study, load_history
 from ._replay_result import ReplayResult
 from ._replay_study import StudyReplay, replay_study
@@ -79,8 +80,7 @@ def _keep_running(running: Bool[Array, " b"], new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(pick, new, old)
 
 
-@eqx.filter_jit
-def _replay_batch(
+def _replay_batch_loop(
     callback: Callback,
     monitor: str | None,
     mode: Mode,
@@ -172,6 +172,34 @@ def _replay_batch(
     return jax.lax.while_loop(running, check, initial)
 
 
+_replay_batch = eqx.filter_jit(_replay_batch_loop)
+
+
+def _run_batch(
+    callback: Callback,
+    monitor: str | None,
+    mode: Mode,
+    columns: Mapping[str, Any],
+    steps: np.ndarray,
+    size: int,
+) -> _Carry:
+    """`_replay_batch`, its executable loaded from disk when an earlier process compiled the
+    same program (`fcb._program_cache`: only for callbacks made of fcb's own classes)."""
+    dynamic, static = eqx.partition(callback, eqx.is_array)
+
+    def program(dynamic: Any, columns: Any, steps: Any) -> _Carry:
+        return _replay_batch_loop(eqx.combine(dynamic, static), monitor, mode, columns, steps, size)
+
+    return cached_call(
+        "fcb.replay",
+        program,
+        (dynamic, dict(columns), steps),
+        static,
+        {"monitor": monitor, "mode": mode, "size": size},
+        lambda: _replay_batch(callback, monitor, mode, columns, steps, size),
+    )
+
+
 DEFAULT_CHUNK_SIZE = 8_192
 """Configurations `fcb.replay` runs at once; a larger grid runs in chunks of equal size."""
 
@@ -197,7 +225,7 @@ def _replay_chunks(
     on the host: memory is bounded by a chunk (and the history), time grows linearly with the
     configurations. Each configuration runs alone (`vmap`): chunking changes no result."""
     if size <= chunk_size:
-        return jax.device_get(_replay_batch(callback, monitor, mode, columns, steps, size))
+        return jax.device_get(_run_batch(callback, monitor, mode, columns, steps, size))
     per, bounds = _chunk_bounds(size, chunk_size)
     host = jax.device_get(callback)  # slicing NumPy leaves compiles no side program
 
@@ -212,7 +240,7 @@ def _replay_chunks(
         return jax.tree_util.tree_map(take, host)
 
     finals = [
-        jax.device_get(_replay_batch(chunk(a, b), monitor, mode, columns, steps, per))
+        jax.device_get(_run_batch(chunk(a, b), monitor, mode, columns, steps, per))
         for a, b in bounds
     ]
     return jax.tree_util.tree_map(

@@ -193,7 +193,7 @@ def float_param(
 def optional_float_param(owner: str, field: str, value: Any, *, disabled: float) -> Array:
     """A threshold that may be None; None becomes `disabled`, a value that never triggers."""
     if value is None:
-        return jnp.asarray(disabled, jnp.float32)
+        return _leaf(disabled, np.float32)
     return float_param(owner, field, value, allow_inf=True)
 
 

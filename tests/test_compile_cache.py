@@ -27,18 +27,25 @@ _SETTINGS = (
 
 # Runs the `fcb` command as the console script does, and writes how many programs XLA
 # compiled: every compile request (JAX's backend-compile event, also recorded for a program
-# loaded from the persistent cache) minus those the cache served.
+# loaded from the persistent cache) minus those the cache served; how many functions JAX
+# traced and lowered; and how many programs and traced values fcb's own cache loaded.
 _COUNTING_COMMAND = textwrap.dedent(
     """
     import atexit, json, sys
     import jax.monitoring as monitoring
-    counts = {"requests": 0, "cache_hits": 0}
+    counts = {"requests": 0, "cache_hits": 0, "traced": 0, "lowered": 0, "fcb_hits": 0}
     def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             counts["requests"] += 1
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            counts["traced"] += 1
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            counts["lowered"] += 1
     def on_event(event, **kwargs):
         if event == "/jax/compilation_cache/cache_hits":
             counts["cache_hits"] += 1
+        if event == "/fcb/program_cache/hits":
+            counts["fcb_hits"] += 1
     monitoring.register_event_duration_secs_listener(on_duration)
     monitoring.register_event_listener(on_event)
     out = sys.argv.pop(1)
@@ -56,7 +63,8 @@ def _environment(cache_home, **extra):
 
 
 def _fcb_process(tmp_path, env, *argv):
-    """Run `fcb ARGV` in a fresh process: (stdout, programs compiled, programs loaded)."""
+    """Run `fcb ARGV` in a fresh process: (stdout, programs compiled, programs loaded from
+    JAX's cache, the counts)."""
     counts = tmp_path / f"counts-{len(list(tmp_path.iterdir()))}.json"
     done = subprocess.run(
         [sys.executable, "-c", _COUNTING_COMMAND, str(counts), *argv],
@@ -64,7 +72,7 @@ def _fcb_process(tmp_path, env, *argv):
     )
     assert done.returncode == 0, done.stderr
     found = json.loads(counts.read_text())
-    return done.stdout, found["requests"] - found["cache_hits"], found["cache_hits"]
+    return done.stdout, found["requests"] - found["cache_hits"], found["cache_hits"], found
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +87,27 @@ def test_a_warm_cache_process_compiles_nothing_for_the_demo_replay(demo_history,
     work = tmp_path / "counts"
     work.mkdir()
     argv = ("replay", demo_history, "--monitor", "val_loss", "--patience", "1:5")
-    cold_out, cold_compiled, cold_loaded = _fcb_process(work, _environment(cache_home), *argv)
-    assert cold_compiled > 0 and cold_loaded == 0
+    cold_out, cold_compiled, cold_loaded, cold = _fcb_process(
+        work, _environment(cache_home), *argv
+    )
+    assert cold_compiled > 0 and cold_loaded == 0 and cold["fcb_hits"] == 0
     cache_dir = cache_home / "fcb" / "jax-compile"
-    assert len(list(cache_dir.iterdir())) >= cold_compiled
-    warm_out, warm_compiled, warm_loaded = _fcb_process(work, _environment(cache_home), *argv)
-    assert warm_compiled == 0
-    assert warm_loaded == cold_compiled
+    assert len(list(cache_dir.glob("*-cache"))) >= cold_compiled
+    # fcb's program cache: the replay's loop and the trace that finds its metric keys
+    assert len(list((cache_dir / "fcb-programs").iterdir())) == 2
+    warm_out, warm_compiled, warm_loaded, warm = _fcb_process(
+        work, _environment(cache_home), *argv
+    )
+    # the replay's loop and its metric keys come from fcb's cache: the process traces,
+    # lowers and compiles nothing, and asks JAX's cache for nothing
+    assert cold["traced"] >= 2 and cold["lowered"] >= 1
+    assert warm_compiled == 0 and warm_loaded == 0 and warm["fcb_hits"] == 2
+    assert warm["traced"] == 0 and warm["lowered"] == 0
     assert warm_out == cold_out and "best val_loss" in warm_out
     # turned off: the next process compiles again and writes nothing to its cache directory
     off_home = tmp_path / "off"
     env = _environment(off_home, FCB_COMPILE_CACHE="0")
-    off_out, off_compiled, off_loaded = _fcb_process(work, env, *argv)
+    off_out, off_compiled, off_loaded, _ = _fcb_process(work, env, *argv)
     assert off_compiled == cold_compiled and off_loaded == 0
     assert off_out == cold_out and not off_home.exists()
 
