@@ -49,6 +49,7 @@ from ._files import atomic_write
 
 FORMAT = b"fcb-program 1\n"
 SUBDIRECTORY = "fcb-programs"
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
 HIT_EVENT = "/fcb/program_cache/hits"
 """A `jax.monitoring` event recorded each time a program or a value is loaded from disk."""
 _MEMORY_ENTRIES = 16
@@ -121,9 +122,9 @@ def cached_value(
 
 
 def _directory() -> str | None:
-    configured = getattr(jax.config, "jax_compilation_cache_dir")
-    enabled = getattr(jax.config, "jax_enable_compilation_cache")
-    if not configured or not enabled or _turned_off():
+    config: Any = jax.config  # its settings are attributes set at run time
+    configured = config.jax_compilation_cache_dir
+    if not configured or not config.jax_enable_compilation_cache or _turned_off():
         return None
     if jax.process_count() != 1 or jax.device_count() != 1:
         return None
@@ -152,7 +153,21 @@ def _machine() -> dict[str, Any]:
     """What the process runs (read once: none of it changes while it runs)."""
     import jaxlib
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    device = jax.devices()[0]
+    return {
+        "fcb": source_digest(PACKAGE),
+        "python": sys.version,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "equinox": eqx.__version__,
+        "numpy": np.__version__,
+        "platform": [platform.system(), platform.machine(), _cpu_features()],
+        "backend": [device.platform, device.device_kind, device.client.platform_version],
+    }
+
+
+def source_digest(package: str) -> str:
+    """The SHA-256 of every `.py` file under `package`: their paths and contents."""
     source = hashlib.sha256()
     paths = sorted(
         os.path.join(root, file)
@@ -166,17 +181,7 @@ def _machine() -> dict[str, Any]:
         relative = os.path.relpath(path, package).encode()
         source.update(len(relative).to_bytes(8, "little") + relative)
         source.update(len(data).to_bytes(8, "little") + data)
-    device = jax.devices()[0]
-    return {
-        "fcb": source.hexdigest(),
-        "python": sys.version,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "equinox": eqx.__version__,
-        "numpy": np.__version__,
-        "platform": [platform.system(), platform.machine(), _cpu_features()],
-        "backend": [device.platform, device.device_kind, device.client.platform_version],
-    }
+    return source.hexdigest()
 
 
 def _cpu_features() -> str:
@@ -246,7 +251,7 @@ def _plain(value: Any) -> Any:
     if type(value) in (tuple, list):
         return [type(value).__name__, [_plain(v) for v in value]]
     if type(value) is dict and all(type(k) is str for k in value):
-        return ["dict", [[k, _plain(v)] for k, v in sorted(value.items())]]
+        return ["dict", [[k, _plain(v)] for k, v in value.items()]]  # in order: code may iterate it
     if type(value).__name__ == "_Missing" and type(value).__module__.startswith("equinox."):
         return ["missing"]  # equinox's marker for a module without wrapper fields
     raise _NotCacheable(value)
