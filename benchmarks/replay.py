@@ -95,9 +95,9 @@ def time_fcb(history: np.ndarray, patience: np.ndarray, min_delta: np.ndarray):
 def time_cold(args: argparse.Namespace, cache: str | None = None) -> dict[str, float]:
     """Median seconds over fresh processes of each part ("imports", "collect", "build",
     "cold": grid build + replay, the last two timed together): a process compiles
-    fcb.replay's function only once. `cache`: "empty" gives each process an empty JAX
-    persistent compilation cache (`fcb.enable_compile_cache`), "warm" one that a first
-    (untimed) process filled; None, no cache."""
+    fcb.replay's function only once. `cache`: "empty" gives each process empty compile
+    caches (`fcb.enable_compile_cache`: JAX's persistent compilation cache and fcb's program
+    cache), "warm" ones that a first (untimed) process filled; None, no cache."""
     runs = []
     shared = tempfile.mkdtemp(prefix="fcb-bench-cache-") if cache == "warm" else None
     for repeat in range(args.cold_repeats + (1 if shared else 0)):
@@ -284,10 +284,11 @@ def main() -> None:
     }
     if empty_s is not None and warm_cache_s is not None:
         fresh = f"median of {args.cold_repeats} fresh processes"
-        kinds["ce"] = (f"compile included, JAX's persistent compilation cache empty "
-                       f"(fcb.enable_compile_cache; {fresh})", empty_s)
-        kinds["cw"] = (f"compile included, JAX's persistent compilation cache warm (filled by "
-                       f"an earlier process; {fresh})", warm_cache_s)
+        kinds["ce"] = (f"compile included, compile caches empty (fcb.enable_compile_cache: "
+                       f"JAX's persistent cache and fcb's program cache; {fresh})", empty_s)
+        kinds["cw"] = (f"compile included, compile caches warm (filled by an earlier process: "
+                       f"the replay's executable loaded, nothing traced; {fresh})",
+                       warm_cache_s)
     peers = [("", "Lightning", lightning_total, 1000.0)]
     if flax_total is not None:
         peers.append(("f", "flax", flax_total, 30.0))

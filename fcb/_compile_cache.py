@@ -60,6 +60,10 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> str | No
     whatever its compile time or size (`jax_persistent_cache_min_compile_time_secs = 0`,
     `jax_persistent_cache_min_entry_size_bytes = -1`): fcb's programs compile in well under
     JAX's default threshold of one second, which would keep them out of the cache.
+    `fcb.replay` also keeps its loop's executable in `fcb-programs/` inside that directory,
+    keyed before tracing (fcb's source, the versions, the settings, the callbacks' classes
+    and values), so that a warm process traces nothing either; callbacks with classes or
+    functions of the user's own are traced as usual.
 
     A cache directory configured already (`JAX_COMPILATION_CACHE_DIR` or
     `jax.config.update("jax_compilation_cache_dir", ...)`) is respected: when `path` is
