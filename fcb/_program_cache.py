@@ -87,7 +87,10 @@ def cached_call(
         path = os.path.join(directory, f"{digest}.program")
         compiled = _load(path, key, args)
         if compiled is None:
-            compiled = jax.jit(program).lower(*args).compile()
+            try:
+                compiled = jax.jit(program).lower(*args).compile()
+            except Exception:  # what `jax.jit` refuses (a state leaf that is not an array)
+                return fallback()  # takes the ordinary path, which raises any real error
             _store(path, key, compiled)
         else:
             jax.monitoring.record_event(HIT_EVENT)

@@ -187,12 +187,12 @@ def _run_batch(
     same program (`fcb._program_cache`: only for callbacks made of fcb's own classes)."""
     dynamic, static = eqx.partition(callback, eqx.is_array)
 
-    def program(dynamic: Any, columns: Any, steps: Any) -> _Carry:
+    def _replay_batch_cached(dynamic: Any, columns: Any, steps: Any) -> _Carry:
         return _replay_batch_loop(eqx.combine(dynamic, static), monitor, mode, columns, steps, size)
 
     return cached_call(
         "fcb.replay",
-        program,
+        _replay_batch_cached,
         (dynamic, dict(columns), steps),
         static,
         {"monitor": monitor, "mode": mode, "size": size},

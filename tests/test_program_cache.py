@@ -294,3 +294,18 @@ def test_a_directory_that_cannot_be_written_is_no_error(cache_dir):
     result = fcb.replay(batch, history)
     jax.config.update("jax_compilation_cache_dir", None)
     _assert_same(result, fcb.replay(batch, history))
+
+
+def test_a_program_jax_jit_refuses_takes_the_ordinary_path(cache_dir, monkeypatch):
+    batch, history = _grids()[0], _history(9, 15)
+    expected = fcb.replay(batch, history)
+    _program_cache._loaded.clear()
+    for path in cache_dir.iterdir():
+        path.unlink()
+
+    def refuse(function):
+        raise TypeError("not a valid JAX type")
+
+    monkeypatch.setattr(_program_cache.jax, "jit", refuse)
+    _assert_same(fcb.replay(batch, history), expected)
+    assert not list(cache_dir.glob("*.program"))
