@@ -131,12 +131,14 @@ class Packing:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def host_leaves(self, buffer: np.ndarray) -> list[np.ndarray]:
-        """The leaves stored in a host copy of the buffer, as NumPy arrays (views)."""
+        """The leaves stored in a host copy of the buffer, as NumPy arrays (views; read-only
+        when `buffer` is)."""
         views: list[Any] = [buffer, None, None, None]
         if _FLOAT_VIEW in self._views:
             views[_FLOAT_VIEW] = buffer.view(np.float32)
         if _BOOL_VIEW in self._views:
             views[_BOOL_VIEW] = buffer != 0
+            views[_BOOL_VIEW].flags.writeable = buffer.flags.writeable
         if _UINT_VIEW in self._views:
             views[_UINT_VIEW] = buffer.view(np.uint32)
         if self._scalar_plan is not None:
@@ -146,7 +148,10 @@ class Packing:
             value = views[view][start, ...] if shape is None else views[view][start:end]
             if shape is not None:
                 value = value.reshape(shape)
-            leaves.append(value if convert is None else value.astype(convert))
+            if convert is not None:
+                value = value.astype(convert)
+                value.flags.writeable = buffer.flags.writeable
+            leaves.append(value)
         return leaves
 
     def host_values(self, buffer: np.ndarray) -> list[Any]:

@@ -39,6 +39,11 @@ def _encode_leaf(value: np.ndarray) -> Any:
     return _encode_values(value)
 
 
+_HOST_ACTIONS_KEPT = 256
+"""How many distinct packed actions a `Runner` keeps read as host `Actions` (most checks
+repeat one of a few: nothing happened, a new best, a stop)."""
+
+
 class _NotPackable(Exception):
     """Raised while tracing when a callback's state or actions cannot use packed buffers."""
 
@@ -126,6 +131,7 @@ class Runner:
         self._packed = True
         self.state = callback.init()
         self._action_packings: dict[tuple[Any, ...], Packing] = {}
+        self._host_actions_read: dict[tuple[Packing, bytes], Actions] = {}
         self._layouts: dict[Packing, _StateLayout] = {}
         self._check = jax.jit(self._packed_check, static_argnums=(2, 3))
         self._check_tree = jax.jit(lambda state, metrics, step: callback(state, metrics, step=step))
@@ -216,9 +222,7 @@ class Runner:
             except _NotPackable:
                 self._packed = False
             else:
-                actions = self._action_packings[keys, packing].unpack_host(
-                    np.asarray(action_buffer)
-                )
+                actions = self._host_actions(self._action_packings[keys, packing], action_buffer)
                 if not self.names.evaluate or not any(actions.evaluate.values()):
                     self._tree, self._buffer = None, new_buffer
                     return actions
@@ -226,6 +230,23 @@ class Runner:
                 return self._answer(state, actions, host, step_array, evaluate, on_host=True)
         state, actions = self._check_tree(self.state, host, step_array)
         return self._answer(state, actions, host, step_array, evaluate, on_host=False)
+
+    def _host_actions(self, packing: Packing, buffer: jax.Array) -> Actions:
+        """The actions packed in `buffer`, as NumPy values. Actions are immutable and their
+        leaves read-only, so the same bits give the same `Actions` object: a check that
+        repeats a recent outcome skips building it."""
+        host = np.asarray(buffer)
+        if host.flags.writeable:  # a view of nothing else, frozen
+            host = host.copy()
+            host.flags.writeable = False
+        key = (packing, host.tobytes())
+        actions = self._host_actions_read.get(key)
+        if actions is None:
+            if len(self._host_actions_read) >= _HOST_ACTIONS_KEPT:
+                self._host_actions_read.clear()
+            actions = packing.unpack_host(host)
+            self._host_actions_read[key] = actions
+        return actions
 
     def _answer(
         self,
