@@ -39,11 +39,6 @@ def _encode_leaf(value: np.ndarray) -> Any:
     return _encode_values(value)
 
 
-_HOST_ACTIONS_KEPT = 256
-"""How many distinct packed actions a `Runner` keeps read as host `Actions` (most checks
-repeat one of a few: nothing happened, a new best, a stop)."""
-
-
 class _NotPackable(Exception):
     """Raised while tracing when a callback's state or actions cannot use packed buffers."""
 
@@ -131,7 +126,7 @@ class Runner:
         self._packed = True
         self.state = callback.init()
         self._action_packings: dict[tuple[Any, ...], Packing] = {}
-        self._host_actions_read: dict[tuple[Packing, bytes], Actions] = {}
+        self._last_actions: tuple[Packing | None, bytes, Any] = (None, b"", None)
         self._layouts: dict[Packing, _StateLayout] = {}
         self._check = jax.jit(self._packed_check, static_argnums=(2, 3))
         self._check_tree = jax.jit(lambda state, metrics, step: callback(state, metrics, step=step))
@@ -233,19 +228,18 @@ class Runner:
 
     def _host_actions(self, packing: Packing, buffer: jax.Array) -> Actions:
         """The actions packed in `buffer`, as NumPy values. Actions are immutable and their
-        leaves read-only, so the same bits give the same `Actions` object: a check that
-        repeats a recent outcome skips building it."""
+        leaves read-only, so a check with the outcome of the one before (nothing happened,
+        again) gets the same `Actions` object without building it."""
         host = np.asarray(buffer)
         if host.flags.writeable:  # a view of nothing else, frozen
             host = host.copy()
             host.flags.writeable = False
-        key = (packing, host.tobytes())
-        actions = self._host_actions_read.get(key)
-        if actions is None:
-            if len(self._host_actions_read) >= _HOST_ACTIONS_KEPT:
-                self._host_actions_read.clear()
-            actions = packing.unpack_host(host)
-            self._host_actions_read[key] = actions
+        bits = host.tobytes()
+        last_packing, last_bits, last_actions = self._last_actions
+        if packing is last_packing and bits == last_bits:
+            return last_actions
+        actions = packing.unpack_host(host)
+        self._last_actions = (packing, bits, actions)
         return actions
 
     def _answer(
