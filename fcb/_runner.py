@@ -93,7 +93,8 @@ class Runner:
 
     Metrics are converted to float32 NumPy scalars once, on the host, so the jitted function
     sees the same types at every event and never retraces (a new set of metric keys compiles
-    once more, then is cached). Actions come back as NumPy values.
+    once more, then is cached). Actions come back as read-only NumPy values; a check whose
+    outcome is that of the check before returns the same `Actions` object.
 
     Between events the state stays on the device, packed with the metrics into a few flat
     buffers (see `Packing`), so an event costs one dispatch and one small transfer however
