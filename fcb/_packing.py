@@ -130,15 +130,16 @@ class Packing:
             leaves.append(value.reshape(spec.shape))
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
-    def host_leaves(self, buffer: np.ndarray) -> list[np.ndarray]:
-        """The leaves stored in a host copy of the buffer, as NumPy arrays (views; read-only
-        when `buffer` is)."""
+    def host_leaves(self, buffer: np.ndarray, *, read_only: bool = False) -> list[np.ndarray]:
+        """The leaves stored in a host copy of the buffer, as NumPy arrays (views; all
+        read-only with `read_only`, for a read-only `buffer`)."""
         views: list[Any] = [buffer, None, None, None]
         if _FLOAT_VIEW in self._views:
             views[_FLOAT_VIEW] = buffer.view(np.float32)
         if _BOOL_VIEW in self._views:
             views[_BOOL_VIEW] = buffer != 0
-            views[_BOOL_VIEW].flags.writeable = buffer.flags.writeable
+            if read_only:
+                views[_BOOL_VIEW].flags.writeable = False
         if _UINT_VIEW in self._views:
             views[_UINT_VIEW] = buffer.view(np.uint32)
         if self._scalar_plan is not None:
@@ -150,7 +151,8 @@ class Packing:
                 value = value.reshape(shape)
             if convert is not None:
                 value = value.astype(convert)
-                value.flags.writeable = buffer.flags.writeable
+                if read_only:
+                    value.flags.writeable = False
             leaves.append(value)
         return leaves
 
@@ -173,8 +175,10 @@ class Packing:
             for view, start, end, shape, _ in self._host_plan
         ]
 
-    def unpack_host(self, buffer: np.ndarray) -> Any:
-        return jax.tree_util.tree_unflatten(self.treedef, self.host_leaves(buffer))
+    def unpack_host(self, buffer: np.ndarray, *, read_only: bool = False) -> Any:
+        return jax.tree_util.tree_unflatten(
+            self.treedef, self.host_leaves(buffer, read_only=read_only)
+        )
 
 
 pack = jax.jit(lambda packing, tree: packing.pack(tree), static_argnums=0)
