@@ -244,7 +244,7 @@ class Runner:
         if self._memo_paused:
             self._memo_paused -= 1
             return packing.unpack_host(host)
-        if host.flags.writeable:  # a view of nothing else, frozen
+        if host.flags.writeable:  # shared between checks: a frozen copy of our own
             host = host.copy()
             host.flags.writeable = False
         bits = host.tobytes()
