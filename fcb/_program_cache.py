@@ -19,7 +19,9 @@ arrays is a plain one (None, a bool, a number, a string, an enum, a NumPy dtype,
 lists and string-keyed dicts of them); a user's class or function leaves the call to the
 ordinary path (traced and compiled, JAX's own cache included). On a single device and a
 single process only. The file repeats the full key and carries the SHA-256 of its payload;
-a file that does not match, or does not load, is compiled again and replaced. Files live in
+a file that does not match, or does not load, is compiled again and replaced, and one that
+loads but fails on its first run is deleted (that call takes the ordinary path). An
+executable that JAX's own persistent cache served is never stored (see `_compile`). Files live in
 `fcb-programs/` inside JAX's cache directory, and only while one is configured and
 `FCB_COMPILE_CACHE` does not turn the cache off.
 """
@@ -52,8 +54,9 @@ SUBDIRECTORY = "fcb-programs"
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 HIT_EVENT = "/fcb/program_cache/hits"
 """A `jax.monitoring` event recorded each time a program or a value is loaded from disk."""
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _MEMORY_ENTRIES = 16
-_loaded: OrderedDict[str, Any] = OrderedDict()  # key digest -> jax.stages.Compiled
+_loaded: OrderedDict[str, _Entry] = OrderedDict()  # key digest -> the program in memory
 
 
 class _NotCacheable(Exception):
@@ -82,22 +85,80 @@ def cached_call(
     except _NotCacheable:
         return fallback()
     digest = hashlib.sha256(key).hexdigest()
-    compiled = _loaded.get(digest)
-    if compiled is None:
+    entry = _loaded.get(digest)
+    if entry is None:
         path = os.path.join(directory, f"{digest}.program")
         compiled = _load(path, key, args)
-        if compiled is None:
+        if compiled is not None:
+            jax.monitoring.record_event(HIT_EVENT)
+            entry = _Entry(compiled, path)
+        else:
             try:
-                compiled = jax.jit(program).lower(*args).compile()
+                compiled, whole = _compile(program, args, digest)
             except Exception:  # what `jax.jit` refuses (a state leaf that is not an array)
                 return fallback()  # takes the ordinary path, which raises any real error
-            _store(path, key, compiled)
-        else:
-            jax.monitoring.record_event(HIT_EVENT)
-        _loaded[digest] = compiled
+            if whole:
+                _store(path, key, compiled)
+            entry = _Entry(compiled, None)
+        _loaded[digest] = entry
         while len(_loaded) > _MEMORY_ENTRIES:
             _loaded.popitem(last=False)
-    return compiled(*args)
+    if entry.unproven is None:
+        return entry.compiled(*args)
+    # A program read from disk runs to its end once before it is trusted: one that cannot
+    # run is deleted and the call takes the ordinary path.
+    try:
+        out = jax.block_until_ready(entry.compiled(*args))
+    except jax.errors.JaxRuntimeError:
+        _loaded.pop(digest, None)
+        _discard(entry.unproven)
+        return fallback()
+    entry.unproven = None
+    return out
+
+
+class _Entry:
+    """A program in memory, and the file it was read from until its first run succeeds."""
+
+    __slots__ = ("compiled", "unproven")
+
+    def __init__(self, compiled: Any, unproven: str | None) -> None:
+        self.compiled = compiled
+        self.unproven = unproven
+
+
+_jax_cache_hits = [0]
+
+
+def _count_jax_cache_hit(event: str, **kwargs: Any) -> None:
+    if event == _JAX_CACHE_HIT:
+        _jax_cache_hits[0] += 1
+
+
+@functools.lru_cache(maxsize=1)
+def _listen_for_jax_cache_hits() -> None:
+    jax.monitoring.register_event_listener(_count_jax_cache_hit)
+
+
+def _compile(program: Callable[..., Any], args: tuple[Any, ...], digest: str) -> tuple[Any, bool]:
+    """`program` compiled for `args`, and whether the executable is whole enough to store.
+
+    An executable that JAX's own persistent cache served is not: on XLA:CPU, serialising it
+    again drops kernels, and the file it makes loads but fails when run ("Function ... not
+    found"). The program is named after its key, so JAX's entry for it (written as it
+    compiles) is one that only this key reads; JAX serves it only when this key's file is
+    gone, and then the executable is used in this process and not stored.
+    """
+    _listen_for_jax_cache_hits()
+
+    def named(*arrays: Any) -> Any:
+        return program(*arrays)
+
+    named.__name__ = named.__qualname__ = f"{program.__name__}_{digest[:16]}"
+    lowered = jax.jit(named).lower(*args)
+    before = _jax_cache_hits[0]
+    compiled = lowered.compile()
+    return compiled, _jax_cache_hits[0] == before
 
 
 def cached_value(
@@ -327,6 +388,14 @@ def _write(path: str, key: bytes, payload: bytes) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: f.write(FORMAT + header + b"\n" + key + payload))
+    except OSError:
+        return
+
+
+def _discard(path: str) -> None:
+    """Remove a stored file that proved unusable (already gone, or not removable: no error)."""
+    try:
+        os.remove(path)
     except OSError:
         return
 

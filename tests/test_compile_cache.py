@@ -62,12 +62,12 @@ def _environment(cache_home, **extra):
     return env
 
 
-def _fcb_process(tmp_path, env, *argv):
-    """Run `fcb ARGV` in a fresh process: (stdout, programs compiled, programs loaded from
-    JAX's cache, the counts)."""
+def _fcb_process(tmp_path, env, *argv, preamble=""):
+    """Run `fcb ARGV` in a fresh process (after the code `preamble`): (stdout, programs
+    compiled, programs loaded from JAX's cache, the counts)."""
     counts = tmp_path / f"counts-{len(list(tmp_path.iterdir()))}.json"
     done = subprocess.run(
-        [sys.executable, "-c", _COUNTING_COMMAND, str(counts), *argv],
+        [sys.executable, "-c", textwrap.dedent(preamble) + _COUNTING_COMMAND, str(counts), *argv],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -110,6 +110,70 @@ def test_a_warm_cache_process_compiles_nothing_for_the_demo_replay(demo_history,
     off_out, off_compiled, off_loaded, _ = _fcb_process(work, env, *argv)
     assert off_compiled == cold_compiled and off_loaded == 0
     assert off_out == cold_out and not off_home.exists()
+
+
+_REPLAY = ("--monitor", "val_loss", "--patience", "1:5")
+
+
+def _programs(cache_home):
+    return sorted((cache_home / "fcb" / "jax-compile" / "fcb-programs").glob("*.program"))
+
+
+def test_a_program_jax_serves_is_used_and_not_stored(demo_history, tmp_path):
+    # XLA:CPU cannot serialise again an executable its persistent cache served: the file
+    # loads, then fails when run. A replay whose program file is gone gets that executable
+    # from JAX's cache, runs it and stores nothing; every later process still runs.
+    cache_home, work = tmp_path / "cache", tmp_path / "counts"
+    work.mkdir()
+    env = _environment(cache_home)
+    cold_out, _, _, _ = _fcb_process(work, env, "replay", demo_history, *_REPLAY)
+    [program] = _programs(cache_home)
+    program.unlink()
+    served_out, _, served_loaded, _ = _fcb_process(work, env, "replay", demo_history, *_REPLAY)
+    assert served_loaded >= 1 and _programs(cache_home) == []
+    after_out, _, _, _ = _fcb_process(work, env, "replay", demo_history, *_REPLAY)
+    assert served_out == after_out == cold_out and "best val_loss" in cold_out
+
+
+def test_a_new_key_for_the_same_program_stores_a_whole_one(demo_history, tmp_path):
+    # A setting in fcb's key that does not change the program (here, how JAX filters
+    # tracebacks): the lowered program is the same, but it is named after fcb's key, so
+    # JAX's cache does not serve it and the executable stored is whole.
+    cache_home, work = tmp_path / "cache", tmp_path / "counts"
+    work.mkdir()
+    cold_out, _, _, _ = _fcb_process(work, _environment(cache_home), "replay", demo_history,
+                                     *_REPLAY)
+    changed = _environment(cache_home, JAX_TRACEBACK_FILTERING="off")
+    first_out, _, _, _ = _fcb_process(work, changed, "replay", demo_history, *_REPLAY)
+    assert len(_programs(cache_home)) == 2
+    warm_out, warm_compiled, _, warm = _fcb_process(work, changed, "replay", demo_history,
+                                                    *_REPLAY)
+    assert warm_compiled == 0 and warm["fcb_hits"] == 2 and warm["traced"] == 0
+    assert warm_out == first_out == cold_out
+
+
+_STORES_WHAT_JAX_SERVED = """
+    import fcb._program_cache as program_cache
+    compile_ = program_cache._compile
+    program_cache._compile = lambda *args: (compile_(*args)[0], True)
+"""
+
+
+def test_a_stored_program_that_fails_to_run_is_deleted_and_the_replay_runs(
+    demo_history, tmp_path
+):
+    cache_home, work = tmp_path / "cache", tmp_path / "counts"
+    work.mkdir()
+    env = _environment(cache_home)
+    cold_out, _, _, _ = _fcb_process(work, env, "replay", demo_history, *_REPLAY)
+    [program] = _programs(cache_home)
+    program.unlink()
+    # a file made from the executable JAX's cache served: it loads, then cannot run
+    _fcb_process(work, env, "replay", demo_history, *_REPLAY, preamble=_STORES_WHAT_JAX_SERVED)
+    assert _programs(cache_home) == [program]
+    out, _, _, counts = _fcb_process(work, env, "replay", demo_history, *_REPLAY)
+    assert counts["fcb_hits"] == 2  # the metric keys, and the program that then failed
+    assert out == cold_out and _programs(cache_home) == []
 
 
 @pytest.fixture
