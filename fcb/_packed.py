@@ -1,9 +1,14 @@
-"""fcb.packed: a callback whose state is one vector per dtype, for compiled training loops.
+"""fcb.packed: a callback whose state is a few vectors (one per dtype, of at most 8 leaves
+each), for compiled training loops.
 
 A chain's state is a dozen scalars (best values, steps, wait counts, flags). Carried through
 a `lax.scan` or `lax.while_loop` as they are, each is a buffer of the loop's carry, which
 XLA:CPU updates and copies one by one at every iteration: a fixed cost per scalar. Packed,
 the state is one vector per dtype, so the carry holds a few buffers instead.
+
+A vector holds at most `MAX_LEAVES_PER_VECTOR` leaves: XLA:CPU fuses a concatenate of at
+most 8 operands with the computations of its operands into one kernel, and runs a larger
+one as a kernel of its own after one kernel per operand (row B2 of `benchmarks/RESULTS.md`).
 """
 
 from __future__ import annotations
@@ -22,26 +27,40 @@ from ._errors import ConfigError
 
 class _Layout(NamedTuple):
     """Where each leaf of the wrapped callback's state lives: `leaves[i]` is (vector, offset,
-    size, shape) of leaf `i`; vector `j` holds the leaves of dtype `dtypes[j]`."""
+    size, shape) of leaf `i`; vector `j` holds leaves of dtype `dtypes[j]` (a dtype may
+    have several vectors)."""
 
     treedef: Any
     dtypes: tuple[np.dtype, ...]
     leaves: tuple[tuple[int, int, int, tuple[int, ...]], ...]
 
 
-def _layout_of(state: Any) -> _Layout:
+MAX_LEAVES_PER_VECTOR = 8
+"""The most leaves `fcb.packed` puts in one vector: XLA:CPU's limit for fusing a
+concatenate (`kMaxConcatenateArguments` in its instruction fusion)."""
+
+
+def _layout_of(state: Any, max_leaves: int | None = None) -> _Layout:
+    """One vector per dtype, in the order the dtypes first appear; with `max_leaves`, a
+    dtype's leaves past every `max_leaves` start another vector of that dtype."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
     dtypes: list[np.dtype] = []
     sizes: list[int] = []
+    counts: list[int] = []
+    open_vector: dict[np.dtype, int] = {}  # the vector a dtype's next leaf goes to
     specs = []
     for leaf in leaves:
         dtype, shape = np.dtype(leaf.dtype), tuple(int(d) for d in leaf.shape)
-        if dtype not in dtypes:
+        vector = open_vector.get(dtype)
+        if vector is None or (max_leaves is not None and counts[vector] >= max_leaves):
+            vector = open_vector[dtype] = len(dtypes)
             dtypes.append(dtype)
             sizes.append(0)
-        vector, size = dtypes.index(dtype), math.prod(shape)
+            counts.append(0)
+        size = math.prod(shape)
         specs.append((vector, sizes[vector], size, shape))
         sizes[vector] += size
+        counts[vector] += 1
     return _Layout(treedef, tuple(dtypes), tuple(specs))
 
 
@@ -80,8 +99,8 @@ def unpack_from(layout: _Layout, vectors: tuple[Any, ...]) -> Any:
 
 
 class Packed(Callback):
-    """`callback` with its state stored as one vector per dtype: the same checks, actions
-    and values, for the carry of a compiled training loop.
+    """`callback` with its state stored as one vector per dtype (of at most 8 leaves
+    each): the same checks, actions and values, for the carry of a compiled training loop.
 
     Build it with [`fcb.packed`][]. `init`, `__call__`, `finalize` and `evaluated` take and
     return the packed state (a tuple of 1-D arrays); `unpack(state)` gives the wrapped
@@ -99,10 +118,11 @@ class Packed(Callback):
                 f"{type(callback).__name__}: {callback!r}."
             )
         self.callback = callback
-        self.layout = _layout_of(jax.eval_shape(callback.init))
+        self.layout = _layout_of(jax.eval_shape(callback.init), MAX_LEAVES_PER_VECTOR)
 
     def pack(self, state: Any) -> tuple[jax.Array, ...]:
-        """The wrapped callback's `state` as one vector per dtype."""
+        """The wrapped callback's `state` as packed vectors (one per dtype, of at most 8
+        leaves each)."""
         name = type(self.callback).__name__
         return pack_as(self.layout, state, f"the state of {name}", "init()", "fcb.packed")
 
@@ -140,8 +160,9 @@ class Packed(Callback):
 
 
 def packed(callback: Callback) -> Packed:
-    """`callback` (a chain, usually) with its state packed into one vector per dtype, for
-    the carry of a compiled training loop (`lax.scan`, `lax.while_loop`).
+    """`callback` (a chain, usually) with its state packed into one vector per dtype (of
+    at most 8 leaves each), for the carry of a compiled training loop (`lax.scan`,
+    `lax.while_loop`).
 
     The checks, actions and values are the wrapped callback's, bit for bit; only the state's
     layout changes. In a loop that checks at every step this removes most of the callbacks'

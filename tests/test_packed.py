@@ -3,6 +3,7 @@ carried as one vector per dtype."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import chex
@@ -74,13 +75,20 @@ def test_jit_scan_and_eager_agree(name):
     fcb.testing.assert_resume_equivalent(callbacks, history, splits=(1, 4, 7))
 
 
-def test_the_state_is_one_vector_per_dtype_and_reads_back():
+def test_the_state_is_one_vector_per_dtype_of_8_leaves_at_most_and_reads_back():
     chain = CHAINS["lightning trio"]()
     callbacks = fcb.packed(chain)
     state = callbacks.init()
     leaves = jax.tree_util.tree_leaves(chain.init())
     assert isinstance(state, tuple)
-    assert sorted(v.dtype.name for v in state) == sorted({leaf.dtype.name for leaf in leaves})
+    # a vector per dtype for every 8 leaves (XLA:CPU fuses a concatenate of 8 operands)
+    per_dtype = collections.Counter(leaf.dtype.name for leaf in leaves)
+    assert max(per_dtype.values()) > 8  # the trio's int32 leaves take two vectors
+    assert sorted(v.dtype.name for v in state) == sorted(
+        name for name, count in per_dtype.items() for _ in range(-(-count // 8))
+    )
+    held = collections.Counter(vector for vector, *_ in callbacks.layout.leaves)
+    assert max(held.values()) <= 8
     assert all(v.ndim == 1 for v in state)
     assert sum(v.size for v in state) == sum(leaf.size for leaf in leaves)
     state, _ = callbacks(state, {"loss": jnp.float32(0.5)}, step=3)
