@@ -7,10 +7,18 @@ is read in one copy. The legacy Gaussian cache (`has_gauss`, `gauss`) lives in t
 `RandomState` itself; where it lives is found once per process on a scratch `RandomState`
 (by setting values and seeing where they appear) and checked against `get_state()`; if
 anything does not match exactly, every capture uses `get_state()`.
+
+Python's `random` keeps its Mersenne Twister in the `random.Random` object too (a C int,
+the position, then the 624-word key); where is found the same way, on a scratch generator,
+and each generator's first read is checked against `getstate()`. The key is saved as one
+int64 tensor, not as `getstate()`'s tuple of 625 ints: `torch.save` calls back into Python
+for every object it pickles, which made the tuple cost a small checkpoint's save more than
+its model did.
 """
 
 from __future__ import annotations
 
+import _random
 import ctypes
 import random
 import struct
@@ -118,6 +126,88 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 NUMPY = NumpyState()
 
 
+def _random_offset() -> int | None:
+    """Where a `random.Random` keeps its position (a C int) followed by its 624-word key, as
+    an offset into the object; `None` unless found unambiguously."""
+    if sys.implementation.name != "cpython":
+        return None
+    scratch = random.Random()
+    size = _random.Random.__basicsize__
+    words = tuple(range(0x9E3779B9, 0x9E3779B9 + _WORDS * 7919, 7919))
+    found: set[int] | None = None
+    for position in (_WORDS, 17):
+        scratch.setstate((random.Random.VERSION, (*words, position), None))
+        raw = ctypes.string_at(id(scratch), size)
+        key = struct.pack(f"{_WORDS}I", *words)
+        here = {
+            offset - 4
+            for offset in range(4, size - len(key) + 1, 4)
+            if raw[offset : offset + len(key)] == key
+            and struct.unpack_from("i", raw, offset - 4)[0] == position
+        }
+        found = here if found is None else found & here
+    return next(iter(found)) if found is not None and len(found) == 1 else None
+
+
+class PythonRandomState:
+    """Captures of the generator behind `random.getstate()`, equal to its key and position."""
+
+    def __init__(self) -> None:
+        self.exact = True
+        """False once a direct read was found to differ from `getstate()` (never again)."""
+        self._offset: int | None = None
+        self._calibrated = False
+        self._source: Any = None
+        self._view = np.zeros(0, np.uint32)
+        """The position, then the key, as a view of the generator's memory."""
+
+    def capture(self) -> dict[str, Any]:
+        """`{"state": <int64 tensor of getstate()'s 625 ints>, "version", "gauss_next"}`."""
+        generator = getattr(random.getstate, "__self__", None)
+        if not self.exact or not isinstance(generator, random.Random):
+            return _random_slow()
+        if not self._calibrated:
+            self._offset, self._calibrated = _random_offset(), True
+        if self._offset is None:
+            return _random_slow()
+        checked = self._source is generator
+        if not checked:  # held: the memory read stays its
+            self._source = generator
+            memory = (ctypes.c_uint32 * (_WORDS + 1)).from_address(id(generator) + self._offset)
+            self._view = np.ctypeslib.as_array(memory)
+        view = self._view
+        state = np.empty(_WORDS + 1, np.int64)
+        state[:_WORDS] = view[1:]
+        state[_WORDS] = view[:1].view(np.int32)[0]
+        read = {
+            "state": torch.from_numpy(state),
+            "version": generator.VERSION,
+            "gauss_next": generator.gauss_next,  # type: ignore[attr-defined]  # set in seed()
+        }
+        if not checked:
+            slow = _random_slow()
+            if not (torch.equal(read["state"], slow["state"]) and _plain(read) == _plain(slow)):
+                self.exact = False
+                return slow
+        return read
+
+
+def _random_slow() -> dict[str, Any]:
+    version, state, gauss_next = random.getstate()
+    return {
+        "state": torch.from_numpy(np.array(state, np.int64)),
+        "version": version,
+        "gauss_next": gauss_next,
+    }
+
+
+def _plain(capture: Mapping[str, Any]) -> tuple[Any, ...]:
+    return capture["version"], capture["gauss_next"]
+
+
+PYTHON_RANDOM = PythonRandomState()
+
+
 def rng_state() -> dict[str, Any]:
     """The random generators a training step may draw from, in a form every weights-only
     load reads: torch's CPU generator, CUDA's (once CUDA is in use: a process that never
@@ -131,7 +221,7 @@ def rng_state() -> dict[str, Any]:
             "has_gauss": has_gauss,
             "cached_gaussian": cached,
         },
-        "random": random.getstate(),
+        "random": PYTHON_RANDOM.capture(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -157,4 +247,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             )
         )
     if "random" in state:
-        random.setstate(state["random"])
+        saved_random = state["random"]
+        if isinstance(saved_random, Mapping):  # the key as a tensor
+            saved_random = (
+                saved_random["version"],
+                tuple(saved_random["state"].tolist()),
+                saved_random["gauss_next"],
+            )
+        random.setstate(saved_random)  # or the tuple of `random.getstate()` itself
