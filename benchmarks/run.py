@@ -64,6 +64,7 @@ BENCHMARKS = [
     Benchmark("B10", "b10_compile_cache"),
     Benchmark("B11", "batch_hook"),
     Benchmark("B12", "b12_sharded_save", ([], ["--saves", "2", "--width", "256"])),
+    Benchmark("B13", "b13_import"),
 ]
 
 
