@@ -70,3 +70,11 @@ def test_rows_are_read_from_a_script_table_and_from_the_replay_report():
         ("B3f", 190.0, True),
         ("B3fc", 41.0, True),
     ]
+
+
+def test_the_diagnostic_of_b8_runs_quick(capsys):
+    parts = _load("b8_parts")
+    assert parts.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for case in ("the slot plan (_write)", "interrupts", "a jitted call of the same shape"):
+        assert case in out, out
