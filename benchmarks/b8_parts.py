@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
     events, repeats = QUICK if parser.parse_args(argv).quick else (EVENTS, REPEATS)
-    metrics = metric_sequence(events * (repeats + 3) * 12)
+    # 1,000 to warm up, then each of the 11 cases once to warm up and once per repeat
+    metrics = metric_sequence(1000 + events * (repeats + 1) * 12)
     b8_growth.PATIENCE = len(metrics)  # the events here outnumber B8's patience: no stop
     side = FcbSide(b8_growth.fcb_chain(1), metrics)
     side.events(1000)
