@@ -145,7 +145,7 @@ def test_another_random_generator_is_checked_again(monkeypatch):
     monkeypatch.setattr(random, "setstate", other.setstate)
     capture = rng.PYTHON_RANDOM.capture()
     assert_same_random_capture(capture)
-    assert rng.PYTHON_RANDOM._source is other
+    assert rng.PYTHON_RANDOM._source[0] is other
     monkeypatch.undo()
     assert_same_random_capture(rng.PYTHON_RANDOM.capture())
 

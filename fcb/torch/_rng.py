@@ -67,49 +67,95 @@ def _gauss_offsets() -> tuple[int, int] | None:
     return (flags[0], gauss[0]) if len(flags) == 1 else None
 
 
-class NumpyState:
-    """Captures of NumPy's global generator equal to `np.random.get_state(legacy=True)`."""
+class _DirectRead:
+    """Captures of a generator's state read straight from its memory, trusted only where
+    exact: where the state lives is found once per process (`_locate`; `None`: not found),
+    the first read of each generator is compared with the generator's own getter (`_slow`),
+    and one difference makes every later capture use the getter."""
 
     def __init__(self) -> None:
         self.exact = True
-        """False once a direct read was found to differ from `get_state()` (never again)."""
-        self._offsets: tuple[int, int] | None = None
+        """False once a direct read was found to differ from the getter (never again)."""
+        self._layout: Any = None
         self._calibrated = False
-        self._source: tuple[Any, Any] = (None, None)  # the RandomState and its generator
-        self._views: tuple[np.ndarray, Any, Any] = (np.zeros(0), None, None)
-        """The key and position, `has_gauss` and `gauss`, as views of their memory."""
+        self._source: tuple[Any, ...] = ()
+        """The objects read (held, so the memory read stays theirs)."""
+        self._views: Any = None
 
-    def capture(self) -> tuple[np.ndarray, int, int, float]:
-        """`(key, pos, has_gauss, gauss)` of the global generator: read directly where
-        that is exact (the first read of each generator is compared with `get_state()`),
-        else through `get_state()`."""
-        legacy = np.random.mtrand._rand
-        generator = legacy._bit_generator
-        if not self.exact or type(generator) is not np.random.MT19937:
-            return _slow()
+    def capture(self) -> Any:
+        source = self._current()
+        if not self.exact or source is None:
+            return self._slow()
         if not self._calibrated:
-            self._offsets, self._calibrated = _gauss_offsets(), True
-        if self._offsets is None:
-            return _slow()
-        checked = self._source[0] is legacy and self._source[1] is generator
-        if not checked:  # both held: the memory read stays theirs
-            self._source = (legacy, generator)
-            memory = (ctypes.c_uint32 * (_WORDS + 1)).from_address(generator.ctypes.state_address)
-            flag, gauss = self._offsets
-            self._views = (
-                np.ctypeslib.as_array(memory),
-                ctypes.c_int.from_address(id(legacy) + flag),
-                ctypes.c_double.from_address(id(legacy) + gauss),
-            )
-        words, flag, gauss = self._views
-        position = int(words[_WORDS:].view(np.int32)[0])
-        read = (words[:_WORDS].copy(), position, flag.value, gauss.value)
+            self._layout, self._calibrated = self._locate(), True
+        if self._layout is None:
+            return self._slow()
+        checked = len(source) == len(self._source) and all(
+            a is b for a, b in zip(source, self._source, strict=True)
+        )
         if not checked:
-            slow = _slow()
-            if not _same(read, slow):
+            self._source, self._views = source, self._view(source, self._layout)
+        read = self._read(source, self._views)
+        if not checked:
+            slow = self._slow()
+            if not self._same(read, slow):
                 self.exact = False
                 return slow
         return read
+
+    # what each generator supplies
+    def _current(self) -> tuple[Any, ...] | None:
+        """The objects holding the state (`None`: a generator not read directly)."""
+        raise NotImplementedError
+
+    def _locate(self) -> Any:
+        raise NotImplementedError
+
+    def _view(self, source: tuple[Any, ...], layout: Any) -> Any:
+        raise NotImplementedError
+
+    def _read(self, source: tuple[Any, ...], views: Any) -> Any:
+        raise NotImplementedError
+
+    def _slow(self) -> Any:
+        raise NotImplementedError
+
+    def _same(self, read: Any, slow: Any) -> bool:
+        raise NotImplementedError
+
+
+class NumpyState(_DirectRead):
+    """Captures of NumPy's global generator equal to `np.random.get_state(legacy=True)`:
+    `(key, pos, has_gauss, gauss)`."""
+
+    def _current(self) -> tuple[Any, ...] | None:
+        legacy = np.random.mtrand._rand
+        generator = legacy._bit_generator
+        return (legacy, generator) if type(generator) is np.random.MT19937 else None
+
+    def _locate(self) -> tuple[int, int] | None:
+        return _gauss_offsets()
+
+    def _view(self, source: tuple[Any, ...], layout: tuple[int, int]) -> Any:
+        legacy, generator = source
+        memory = (ctypes.c_uint32 * (_WORDS + 1)).from_address(generator.ctypes.state_address)
+        flag, gauss = layout
+        return (  # the key and position, `has_gauss` and `gauss`
+            np.ctypeslib.as_array(memory),
+            ctypes.c_int.from_address(id(legacy) + flag),
+            ctypes.c_double.from_address(id(legacy) + gauss),
+        )
+
+    def _read(self, source: tuple[Any, ...], views: Any) -> tuple[np.ndarray, int, int, float]:
+        words, flag, gauss = views
+        position = int(words[_WORDS:].view(np.int32)[0])
+        return words[:_WORDS].copy(), position, flag.value, gauss.value
+
+    def _slow(self) -> tuple[np.ndarray, int, int, float]:
+        return _slow()
+
+    def _same(self, read: Any, slow: Any) -> bool:
+        return _same(read, slow)
 
 
 def _slow(generator: Any = np.random) -> tuple[np.ndarray, int, int, float]:
@@ -134,11 +180,11 @@ def _random_offset() -> int | None:
     scratch = random.Random()
     size = _random.Random.__basicsize__
     words = tuple(range(0x9E3779B9, 0x9E3779B9 + _WORDS * 7919, 7919))
+    key = struct.pack(f"{_WORDS}I", *words)
     found: set[int] | None = None
     for position in (_WORDS, 17):
         scratch.setstate((random.Random.VERSION, (*words, position), None))
         raw = ctypes.string_at(id(scratch), size)
-        key = struct.pack(f"{_WORDS}I", *words)
         here = {
             offset - 4
             for offset in range(4, size - len(key) + 1, 4)
@@ -149,60 +195,45 @@ def _random_offset() -> int | None:
     return next(iter(found)) if found is not None and len(found) == 1 else None
 
 
-class PythonRandomState:
-    """Captures of the generator behind `random.getstate()`, equal to its key and position."""
+class PythonRandomState(_DirectRead):
+    """Captures of the generator behind `random.getstate()`: `{"state": <int64 tensor of
+    getstate()'s 625 ints>, "version", "gauss_next"}`."""
 
-    def __init__(self) -> None:
-        self.exact = True
-        """False once a direct read was found to differ from `getstate()` (never again)."""
-        self._offset: int | None = None
-        self._calibrated = False
-        self._source: Any = None
-        self._view = np.zeros(0, np.uint32)
-        """The position, then the key, as a view of the generator's memory."""
-
-    def capture(self) -> dict[str, Any]:
-        """`{"state": <int64 tensor of getstate()'s 625 ints>, "version", "gauss_next"}`."""
+    def _current(self) -> tuple[Any, ...] | None:
         generator = getattr(random.getstate, "__self__", None)
-        if not self.exact or not isinstance(generator, random.Random):
-            return _random_slow()
-        if not self._calibrated:
-            self._offset, self._calibrated = _random_offset(), True
-        if self._offset is None:
-            return _random_slow()
-        checked = self._source is generator
-        if not checked:  # held: the memory read stays its
-            self._source = generator
-            memory = (ctypes.c_uint32 * (_WORDS + 1)).from_address(id(generator) + self._offset)
-            self._view = np.ctypeslib.as_array(memory)
-        view = self._view
+        return (generator,) if isinstance(generator, random.Random) else None
+
+    def _locate(self) -> int | None:
+        return _random_offset()
+
+    def _view(self, source: tuple[Any, ...], layout: int) -> np.ndarray:
+        memory = (ctypes.c_uint32 * (_WORDS + 1)).from_address(id(source[0]) + layout)
+        return np.ctypeslib.as_array(memory)  # the position, then the key
+
+    def _read(self, source: tuple[Any, ...], views: np.ndarray) -> dict[str, Any]:
+        (generator,) = source
         state = np.empty(_WORDS + 1, np.int64)
-        state[:_WORDS] = view[1:]
-        state[_WORDS] = view[:1].view(np.int32)[0]
-        read = {
+        state[:_WORDS] = views[1:]
+        state[_WORDS] = views[:1].view(np.int32)[0]
+        return {
             "state": torch.from_numpy(state),
             "version": generator.VERSION,
-            "gauss_next": generator.gauss_next,  # type: ignore[attr-defined]  # set in seed()
+            "gauss_next": generator.gauss_next,
         }
-        if not checked:
-            slow = _random_slow()
-            if not (torch.equal(read["state"], slow["state"]) and _plain(read) == _plain(slow)):
-                self.exact = False
-                return slow
-        return read
 
+    def _slow(self) -> dict[str, Any]:
+        version, state, gauss_next = random.getstate()
+        return {
+            "state": torch.from_numpy(np.array(state, np.int64)),
+            "version": version,
+            "gauss_next": gauss_next,
+        }
 
-def _random_slow() -> dict[str, Any]:
-    version, state, gauss_next = random.getstate()
-    return {
-        "state": torch.from_numpy(np.array(state, np.int64)),
-        "version": version,
-        "gauss_next": gauss_next,
-    }
-
-
-def _plain(capture: Mapping[str, Any]) -> tuple[Any, ...]:
-    return capture["version"], capture["gauss_next"]
+    def _same(self, read: Any, slow: Any) -> bool:
+        return bool(torch.equal(read["state"], slow["state"])) and (
+            read["version"],
+            read["gauss_next"],
+        ) == (slow["version"], slow["gauss_next"])
 
 
 PYTHON_RANDOM = PythonRandomState()
